@@ -1,0 +1,277 @@
+//! Wiring: from a validated config to running listeners, and back down.
+//!
+//! `start` does everything that can fail before any port is bound (state
+//! file, certificates, token file), then binds, then spawns. `Running` is a
+//! handle tests and `main` use to learn the bound addresses and to shut down.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpSocket};
+
+use crate::admin::Admin;
+use crate::auth::Tokens;
+use crate::config::Config;
+use crate::control::{Control, ControlParts};
+use crate::metrics::Metrics;
+use crate::proxy::Proxy;
+use crate::server::{Drain, Limits, Server};
+use crate::store::{FileStore, StateStore};
+use crate::tls::ServerTls;
+
+/// Options beside the config.
+#[derive(Debug, Clone, Default)]
+pub struct StartOptions {
+    /// The config file, for reloads (None: demo mode, no reload).
+    pub config_path: Option<PathBuf>,
+    /// Start from `initial` even if the state file is unreadable (it is
+    /// moved aside, not deleted).
+    pub ignore_state: bool,
+}
+
+/// Why the proxy did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// State file unreadable or corrupt (SPEC §7).
+    #[error(
+        "{0} (start with --ignore-state to start from `initial`; the file is then moved aside)"
+    )]
+    State(#[from] crate::store::StoreError),
+    /// Certificate, key or token file unusable.
+    #[error("{0}")]
+    Files(String),
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        /// Which listener.
+        what: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Anything else.
+    #[error("{0}")]
+    Other(String),
+}
+
+/// A running proxy.
+pub struct Running {
+    /// Bound address of the plain listener.
+    pub proxy_addr: SocketAddr,
+    /// Bound address of the TLS listener, if any.
+    pub tls_addr: Option<SocketAddr>,
+    /// Bound address of the admin listener.
+    pub admin_addr: SocketAddr,
+    /// The control plane.
+    pub control: Arc<Control>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    drain: Drain,
+    admin_drain: Drain,
+    ready: Arc<AtomicBool>,
+    drain_timeout: Duration,
+}
+
+async fn bind(addr: SocketAddr, what: &'static str) -> Result<TcpListener, StartError> {
+    let err = |source| StartError::Bind { what, addr, source };
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+    .map_err(err)?;
+    socket.set_reuseaddr(true).map_err(err)?;
+    socket.set_nodelay(true).map_err(err)?;
+    socket.bind(addr).map_err(err)?;
+    socket.listen(4096).map_err(err)
+}
+
+/// Starts the proxy described by `config`. Must run inside a tokio runtime.
+pub async fn start(config: Config, opts: StartOptions) -> Result<Running, StartError> {
+    let metrics = Arc::new(Metrics::new());
+
+    // 1. Everything that can fail on a file, before binding anything.
+    let store = FileStore::new(config.state.path.clone());
+    let stored = match store.load() {
+        Ok(s) => s,
+        Err(e) if opts.ignore_state => {
+            let aside = store.set_aside().ok();
+            tracing::warn!(
+                error = %e,
+                moved_to = %aside.as_deref().map(|p| p.display().to_string()).unwrap_or_default(),
+                "ignoring the state file (--ignore-state): starting from `initial`"
+            );
+            None
+        }
+        Err(e) => return Err(StartError::State(e)),
+    };
+    let tls = match config.proxy.tls_listen {
+        Some(_) => Some(Arc::new(ServerTls::new(
+            crate::tls::server_config(&config.proxy.tls)
+                .map_err(|e| StartError::Files(e.join("\n")))?,
+        ))),
+        None => None,
+    };
+    let tokens = match &config.admin.token_file {
+        Some(f) => Tokens::load(f).map_err(StartError::Files)?,
+        None => Tokens::none(),
+    };
+    if !tokens.required() && !config.admin.listen.ip().is_loopback() {
+        return Err(StartError::Files(format!(
+            "admin.listen {} is not loopback: set admin.token_file",
+            config.admin.listen
+        )));
+    }
+
+    // 2. Bind.
+    let proxy_listener = bind(config.proxy.listen, "proxy.listen").await?;
+    let tls_listener = match config.proxy.tls_listen {
+        Some(a) => Some(bind(a, "proxy.tls_listen").await?),
+        None => None,
+    };
+    let admin_listener = bind(config.admin.listen, "admin.listen").await?;
+    let local = |l: &TcpListener| l.local_addr().map_err(|e| StartError::Other(e.to_string()));
+    let proxy_addr = local(&proxy_listener)?;
+    let tls_addr = match &tls_listener {
+        Some(l) => Some(local(l)?),
+        None => None,
+    };
+    let admin_addr = local(&admin_listener)?;
+
+    // 3. Control plane and first routing table.
+    let limits = Limits {
+        header_read_timeout: config.proxy.header_read_timeout,
+        idle_timeout: config.proxy.idle_timeout,
+        max_request_header_bytes: config.proxy.max_request_header_bytes,
+        max_headers: 128,
+        max_concurrent_streams: 256,
+    };
+    let drain_timeout = config.proxy.drain_timeout;
+    let control = Control::start(ControlParts {
+        config,
+        config_path: opts.config_path,
+        stored,
+        store: Arc::new(store) as Arc<dyn StateStore>,
+        metrics: Arc::clone(&metrics),
+        tls: tls.clone(),
+        tokens: Arc::new(ArcSwap::from_pointee(tokens)),
+    })
+    .await
+    .map_err(StartError::Other)?;
+
+    // 4. Serve.
+    let drain = Drain::new();
+    let proxy = Arc::new(Proxy::new(
+        control.table(),
+        control.changes(),
+        Arc::clone(&metrics),
+    ));
+    let server = Arc::new(Server::new(proxy, Arc::clone(&metrics), limits));
+    tokio::spawn(Arc::clone(&server).serve_plain(proxy_listener, drain.watcher(), drain.token()));
+    if let (Some(l), Some(acceptor)) = (tls_listener, tls) {
+        tokio::spawn(Arc::clone(&server).serve_tls(l, acceptor, drain.watcher(), drain.token()));
+    }
+    let ready = Arc::new(AtomicBool::new(true));
+    let admin = Arc::new(Admin::new(
+        Arc::clone(&control),
+        Arc::clone(&metrics),
+        Arc::clone(&ready),
+    ));
+    let admin_drain = Drain::new();
+    tokio::spawn(serve_admin(
+        admin_listener,
+        admin,
+        admin_drain.watcher(),
+        admin_drain.token(),
+    ));
+
+    tracing::info!(
+        proxy = %proxy_addr,
+        tls = %tls_addr.map(|a| a.to_string()).unwrap_or_else(|| "-".into()),
+        admin = %admin_addr,
+        "switchyard ready"
+    );
+    Ok(Running {
+        proxy_addr,
+        tls_addr,
+        admin_addr,
+        control,
+        metrics,
+        drain,
+        admin_drain,
+        ready,
+        drain_timeout,
+    })
+}
+
+impl Running {
+    /// Graceful shutdown (SPEC §7): readiness fails, listeners stop
+    /// accepting, connections finish their requests (HTTP/1.1 closes,
+    /// HTTP/2 gets GOAWAY), bounded by `drain_timeout`. Returns true if
+    /// everything finished in time.
+    pub async fn shutdown(self) -> bool {
+        self.ready.store(false, Ordering::Relaxed);
+        tracing::info!(timeout = ?self.drain_timeout, "draining");
+        let clean = self.drain.drain(self.drain_timeout).await;
+        self.admin_drain.drain(Duration::from_secs(1)).await;
+        if clean {
+            tracing::info!("drained; exiting");
+        } else {
+            tracing::warn!("drain_timeout reached with connections still open; exiting");
+        }
+        clean
+    }
+}
+
+async fn serve_admin(
+    listener: TcpListener,
+    admin: Arc<Admin>,
+    mut drain: tokio::sync::watch::Receiver<()>,
+    token: crate::server::DrainToken,
+) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            a = listener.accept() => match a {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = drain.changed() => return,
+        };
+        let admin = Arc::clone(&admin);
+        let mut conn_drain = drain.clone();
+        let token = token.clone();
+        tokio::spawn(async move {
+            let _token = token;
+            let svc = service_fn(move |req| {
+                let admin = Arc::clone(&admin);
+                async move { admin.handle(req, peer).await }
+            });
+            let mut builder = http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .max_buf_size(64 * 1024);
+            let conn = builder.serve_connection(TokioIo::new(stream), svc);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = conn_drain.changed() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+        });
+    }
+}

@@ -1,0 +1,99 @@
+//! Admin API tokens (SPEC §4): one per line in `token_file`, `NAME:SECRET`
+//! or a bare `SECRET` (named `admin`). Blank lines and `#` comments are
+//! skipped. Secrets are compared in constant time.
+
+use std::path::Path;
+
+use crate::routing::constant_time_eq;
+
+/// The accepted tokens; empty means the API is open (no `token_file`).
+#[derive(Debug, Default)]
+pub struct Tokens {
+    entries: Vec<(String, Vec<u8>)>,
+    required: bool,
+}
+
+impl Tokens {
+    /// No token file: every caller is allowed.
+    pub fn none() -> Tokens {
+        Tokens::default()
+    }
+
+    /// Reads a token file; the error names the file and line.
+    pub fn load(path: &Path) -> Result<Tokens, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("{}: cannot read token file: {e}", path.display()))?;
+        Tokens::parse(&text).map_err(|(line, msg)| format!("{}:{line}: {msg}", path.display()))
+    }
+
+    /// Parses token file text.
+    pub fn parse(text: &str) -> Result<Tokens, (usize, String)> {
+        let mut entries = Vec::new();
+        for (i, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let (name, secret) = match line.split_once(':') {
+                Some((n, s)) => (n.trim(), s.trim()),
+                None => ("admin", line),
+            };
+            if name.is_empty()
+                || !name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.@".contains(&b))
+            {
+                return Err((i + 1, format!("invalid token name `{name}`")));
+            }
+            if secret.len() < 8 {
+                return Err((
+                    i + 1,
+                    format!("token `{name}`: secret shorter than 8 characters"),
+                ));
+            }
+            entries.push((name.to_string(), secret.as_bytes().to_vec()));
+        }
+        if entries.is_empty() {
+            return Err((1, "no token in file".into()));
+        }
+        Ok(Tokens {
+            entries,
+            required: true,
+        })
+    }
+
+    /// Is a token required?
+    pub fn required(&self) -> bool {
+        self.required
+    }
+
+    /// The name of the token in `Authorization: Bearer TOKEN`, if valid.
+    /// Every entry is compared, so timing does not tell which matched.
+    pub fn check(&self, authorization: Option<&[u8]>) -> Option<&str> {
+        let given = authorization?.strip_prefix(b"Bearer ")?.trim_ascii();
+        let mut found = None;
+        for (name, secret) in &self.entries {
+            if constant_time_eq(given, secret) && found.is_none() {
+                found = Some(name.as_str());
+            }
+        }
+        found
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_and_check() {
+        let t = Tokens::parse("# pipelines\nci:abcdefgh12\n\nsecret-for-admin\n").expect("parse");
+        assert_eq!(t.check(Some(b"Bearer abcdefgh12")), Some("ci"));
+        assert_eq!(t.check(Some(b"Bearer secret-for-admin")), Some("admin"));
+        assert_eq!(t.check(Some(b"Bearer nope")), None);
+        assert_eq!(t.check(Some(b"abcdefgh12")), None);
+        assert_eq!(t.check(None), None);
+        assert!(Tokens::parse("a:short").is_err());
+        assert!(Tokens::parse("\n# only comments\n").is_err());
+    }
+}

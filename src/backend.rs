@@ -1,0 +1,434 @@
+//! One backend: its health, its passive-ejection record, its in-flight
+//! count, and its pool of idle upstream connections.
+//!
+//! A `Backend` lives as long as some routing snapshot (or in-flight request)
+//! holds it; the control plane reuses the same `Arc<Backend>` across
+//! snapshots while the backend stays in its pool, so health and pooled
+//! connections survive switches and reloads. When a backend leaves its pool
+//! it is [`retire`](Backend::retire)d: idle connections are dropped at once,
+//! busy ones finish their request and are then closed instead of pooled.
+//!
+//! The request path touches only atomics and a lock-free queue here.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use crossbeam_queue::ArrayQueue;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use prometheus::IntGauge;
+use tokio::net::TcpStream;
+
+use crate::config::{BackendAddr, Scheme};
+use crate::tls::UpstreamTls;
+
+/// Idle upstream connections kept per backend.
+const MAX_IDLE_PER_BACKEND: usize = 512;
+/// An idle upstream connection older than this is closed rather than reused
+/// (backends commonly close idle keep-alive connections after 60-75 s).
+const MAX_IDLE_AGE_MS: u64 = 50_000;
+
+/// Milliseconds since the process started: a cheap monotonic clock for
+/// atomics (ejection deadlines, idle ages).
+pub fn now_ms() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    let start = *START.get_or_init(Instant::now);
+    u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Health as judged by active checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Health {
+    /// Added through the API and not checked yet: takes no traffic.
+    Unknown = 0,
+    /// Takes traffic.
+    Healthy = 1,
+    /// Failed its checks: takes no traffic.
+    Unhealthy = 2,
+}
+
+impl Health {
+    fn from_u8(v: u8) -> Health {
+        match v {
+            1 => Health::Healthy,
+            2 => Health::Unhealthy,
+            _ => Health::Unknown,
+        }
+    }
+}
+
+/// The body of a request sent upstream: the client's body streamed through,
+/// or a small body held in memory (replayable on retry).
+pub enum UpstreamBody {
+    /// Streamed from the client.
+    Incoming(Incoming),
+    /// Held in memory (empty, or small enough to replay).
+    Full(Option<Bytes>),
+}
+
+impl UpstreamBody {
+    /// No body.
+    pub const fn empty() -> UpstreamBody {
+        UpstreamBody::Full(None)
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            UpstreamBody::Incoming(b) => Pin::new(b).poll_frame(cx),
+            UpstreamBody::Full(b) => Poll::Ready(b.take().map(|d| Ok(Frame::data(d)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::Incoming(b) => b.is_end_stream(),
+            UpstreamBody::Full(b) => b.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpstreamBody::Incoming(b) => b.size_hint(),
+            UpstreamBody::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
+            UpstreamBody::Full(None) => SizeHint::with_exact(0),
+        }
+    }
+}
+
+/// Why a connection to a backend could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// Name resolution failed or gave nothing.
+    #[error("cannot resolve {host}: {source}")]
+    Resolve {
+        /// The host.
+        host: String,
+        /// Why.
+        source: io::Error,
+    },
+    /// TCP connect failed (refused, unreachable, ...).
+    #[error("connect failed: {0}")]
+    Io(io::Error),
+    /// TCP connect (or TLS handshake) exceeded `connect_timeout`.
+    #[error("connect timed out")]
+    Timeout,
+    /// TLS handshake failed.
+    #[error("TLS handshake failed: {0}")]
+    Tls(io::Error),
+    /// HTTP/1 handshake failed.
+    #[error("HTTP handshake failed: {0}")]
+    Handshake(hyper::Error),
+}
+
+/// A pooled HTTP/1.1 connection to a backend.
+pub struct UpstreamConn {
+    /// Send side of the connection; the connection task runs separately.
+    pub sender: http1::SendRequest<UpstreamBody>,
+    idle_since_ms: u64,
+}
+
+/// One backend of one pool of one service.
+pub struct Backend {
+    /// Where it is.
+    pub addr: BackendAddr,
+    /// `addr` as text (metric label, logs, admin API).
+    pub label: String,
+    /// Pre-resolved IP address when `addr.host` is an IP literal.
+    ip: Option<SocketAddr>,
+    tls: Option<Arc<UpstreamTls>>,
+    health: AtomicU8,
+    /// Until when (in [`now_ms`]) passive ejection keeps it out.
+    ejected_until_ms: AtomicU64,
+    consecutive_failures: AtomicU32,
+    ejections: AtomicU32,
+    in_flight: AtomicUsize,
+    retired: AtomicBool,
+    idle: ArrayQueue<UpstreamConn>,
+    healthy_gauge: IntGauge,
+}
+
+impl Backend {
+    /// A backend starting in `health`, reached over TLS when `tls` is set.
+    pub fn new(
+        addr: BackendAddr,
+        tls: Option<Arc<UpstreamTls>>,
+        health: Health,
+        healthy_gauge: IntGauge,
+    ) -> Backend {
+        let ip = addr
+            .host
+            .parse::<std::net::IpAddr>()
+            .ok()
+            .map(|ip| SocketAddr::new(ip, addr.port));
+        let label = addr.to_string();
+        healthy_gauge.set(i64::from(health == Health::Healthy));
+        Backend {
+            addr,
+            label,
+            ip,
+            tls,
+            health: AtomicU8::new(health as u8),
+            ejected_until_ms: AtomicU64::new(0),
+            consecutive_failures: AtomicU32::new(0),
+            ejections: AtomicU32::new(0),
+            in_flight: AtomicUsize::new(0),
+            retired: AtomicBool::new(false),
+            idle: ArrayQueue::new(MAX_IDLE_PER_BACKEND),
+            healthy_gauge,
+        }
+    }
+
+    /// Can it take a new request now (healthy, not ejected, not retired)?
+    #[inline]
+    pub fn is_available(&self, now_ms: u64) -> bool {
+        self.health.load(Ordering::Relaxed) == Health::Healthy as u8
+            && self.ejected_until_ms.load(Ordering::Relaxed) <= now_ms
+    }
+
+    /// Health as judged by active checks.
+    pub fn health(&self) -> Health {
+        Health::from_u8(self.health.load(Ordering::Relaxed))
+    }
+
+    /// Sets health (active checks). Returns true if it changed.
+    pub fn set_health(&self, h: Health) -> bool {
+        let old = self.health.swap(h as u8, Ordering::Relaxed);
+        self.healthy_gauge
+            .set(i64::from(h == Health::Healthy && !self.is_ejected()));
+        if h == Health::Healthy {
+            // A passing check ends a passive ejection early.
+            self.ejected_until_ms.store(0, Ordering::Relaxed);
+        }
+        old != h as u8
+    }
+
+    /// TLS settings for `https://` backends.
+    pub fn tls(&self) -> Option<&Arc<UpstreamTls>> {
+        self.tls.as_ref()
+    }
+
+    /// Is it passively ejected right now?
+    pub fn is_ejected(&self) -> bool {
+        self.ejected_until_ms.load(Ordering::Relaxed) > now_ms()
+    }
+
+    /// Requests in flight to it (until their response body ends).
+    #[inline]
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Counts a request as in flight until the guard drops.
+    #[inline]
+    pub fn start_request(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(Arc::clone(self))
+    }
+
+    /// A request to it succeeded.
+    #[inline]
+    pub fn record_success(&self) {
+        if self.consecutive_failures.load(Ordering::Relaxed) != 0 {
+            self.consecutive_failures.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// A request to it failed (connect error, reset, 5xx). After `threshold`
+    /// consecutive failures it is ejected for `base * 2^(ejections)` (capped
+    /// at `max`), if `may_eject` allows. Returns true if this ejected it.
+    pub fn record_failure(
+        &self,
+        threshold: u32,
+        base: Duration,
+        max: Duration,
+        may_eject: impl FnOnce() -> bool,
+    ) -> bool {
+        let n = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if n < threshold || self.is_ejected() || !may_eject() {
+            return false;
+        }
+        self.consecutive_failures.store(0, Ordering::Relaxed);
+        let k = self.ejections.fetch_add(1, Ordering::Relaxed).min(16);
+        let dur = base.saturating_mul(1u32 << k.min(10)).min(max);
+        let until = now_ms() + u64::try_from(dur.as_millis()).unwrap_or(u64::MAX / 2);
+        self.ejected_until_ms.store(until, Ordering::Relaxed);
+        self.healthy_gauge.set(0);
+        true
+    }
+
+    /// Forget past ejections (after a long healthy stretch).
+    pub fn reset_ejections(&self) {
+        self.ejections.store(0, Ordering::Relaxed);
+    }
+
+    /// Takes the backend out of service: idle connections close now, busy
+    /// ones close when their request ends.
+    pub fn retire(&self) {
+        self.retired.store(true, Ordering::Relaxed);
+        self.healthy_gauge.set(0);
+        while self.idle.pop().is_some() {}
+    }
+
+    /// Has it left its pool?
+    pub fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::Relaxed)
+    }
+
+    /// Number of idle pooled connections.
+    pub fn idle_connections(&self) -> usize {
+        self.idle.len()
+    }
+
+    /// A ready connection: a pooled one if any is usable, else a new one.
+    /// The `bool` says whether it was reused.
+    pub async fn checkout(
+        &self,
+        connect_timeout: Duration,
+    ) -> Result<(UpstreamConn, bool), ConnectError> {
+        let now = now_ms();
+        while let Some(conn) = self.idle.pop() {
+            if conn.sender.is_ready() && now.saturating_sub(conn.idle_since_ms) < MAX_IDLE_AGE_MS {
+                return Ok((conn, true));
+            }
+            // Closed by the backend, or too old: drop it.
+        }
+        let conn = self.connect(connect_timeout).await?;
+        Ok((conn, false))
+    }
+
+    /// Returns a connection whose exchange ended cleanly to the pool.
+    pub fn checkin(self: &Arc<Self>, mut conn: UpstreamConn) {
+        if self.is_retired() || conn.sender.is_closed() {
+            return;
+        }
+        conn.idle_since_ms = now_ms();
+        if conn.sender.is_ready() {
+            let _ = self.idle.push(conn);
+            return;
+        }
+        // The connection task has not caught up with the end of the
+        // response yet; pool it once it has (or drop it if it fails).
+        let me = Arc::clone(self);
+        tokio::spawn(async move {
+            let ready = tokio::time::timeout(Duration::from_secs(5), conn.sender.ready()).await;
+            if matches!(ready, Ok(Ok(()))) && !me.is_retired() {
+                let _ = me.idle.push(conn);
+            }
+        });
+    }
+
+    async fn connect(&self, connect_timeout: Duration) -> Result<UpstreamConn, ConnectError> {
+        let fut = async {
+            let tcp = match self.ip {
+                Some(ip) => TcpStream::connect(ip).await.map_err(ConnectError::Io)?,
+                None => {
+                    let addrs = tokio::net::lookup_host((self.addr.host.as_str(), self.addr.port))
+                        .await
+                        .map_err(|source| ConnectError::Resolve {
+                            host: self.addr.host.clone(),
+                            source,
+                        })?;
+                    let mut last = None;
+                    let mut stream = None;
+                    for a in addrs {
+                        match TcpStream::connect(a).await {
+                            Ok(s) => {
+                                stream = Some(s);
+                                break;
+                            }
+                            Err(e) => last = Some(e),
+                        }
+                    }
+                    match (stream, last) {
+                        (Some(s), _) => s,
+                        (None, Some(e)) => return Err(ConnectError::Io(e)),
+                        (None, None) => {
+                            return Err(ConnectError::Resolve {
+                                host: self.addr.host.clone(),
+                                source: io::Error::new(io::ErrorKind::NotFound, "no addresses"),
+                            })
+                        }
+                    }
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            match (&self.tls, self.addr.scheme) {
+                (Some(tls), Scheme::Https) => {
+                    let stream = tls
+                        .connect(&self.addr.host, tcp)
+                        .await
+                        .map_err(ConnectError::Tls)?;
+                    handshake(stream).await
+                }
+                _ => handshake(tcp).await,
+            }
+        };
+        tokio::time::timeout(connect_timeout, fut)
+            .await
+            .map_err(|_| ConnectError::Timeout)?
+    }
+}
+
+async fn handshake<T>(io: T) -> Result<UpstreamConn, ConnectError>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    let (sender, conn) = http1::Builder::new()
+        .writev(true)
+        .handshake(TokioIo::new(io))
+        .await
+        .map_err(ConnectError::Handshake)?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.with_upgrades().await {
+            tracing::debug!(error = %e, "upstream connection ended with an error");
+        }
+    });
+    Ok(UpstreamConn {
+        sender,
+        idle_since_ms: 0,
+    })
+}
+
+/// Counts one request against its backend until dropped (at the end of the
+/// response body, or when the exchange is abandoned).
+pub struct InFlight(Arc<Backend>);
+
+impl InFlight {
+    /// The backend.
+    pub fn backend(&self) -> &Arc<Backend> {
+        &self.0
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl std::fmt::Debug for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Backend")
+            .field("addr", &self.label)
+            .field("health", &self.health())
+            .field("in_flight", &self.in_flight())
+            .finish()
+    }
+}

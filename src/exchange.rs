@@ -1,0 +1,255 @@
+//! One request/response exchange, from request head to the end of the
+//! response body: the body type handed to hyper, and the bookkeeping that
+//! runs when the body ends (metrics, access log, returning the upstream
+//! connection to its pool, releasing in-flight counts).
+//!
+//! Everything is settled in `Drop`, so an exchange is accounted for exactly
+//! once however it ends: body complete, client gone, or an error response.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Uri};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+
+use crate::backend::{InFlight, UpstreamConn};
+use crate::color::Color;
+use crate::routing::{PoolChoice, Service};
+use crate::server::ActiveRequest;
+
+/// Fields only the access log needs; allocated only when it is on.
+pub struct LogFields {
+    /// Request method.
+    pub method: Method,
+    /// Request target.
+    pub uri: Uri,
+    /// Client address.
+    pub client: SocketAddr,
+    /// Why the proxy answered itself, if it did.
+    pub error: Option<String>,
+}
+
+/// The bookkeeping of one exchange, settled on drop.
+pub struct Exchange {
+    start: Instant,
+    /// The service that matched (metrics), if any.
+    pub service: Option<Arc<Service>>,
+    /// The pool choice (metrics and access log).
+    pub choice: Option<PoolChoice>,
+    /// Response status.
+    pub status: u16,
+    /// `x-request-id` of the request.
+    pub request_id: Option<HeaderValue>,
+    /// The backend serving it, counted in flight.
+    pub in_flight: Option<InFlight>,
+    /// The upstream connection, pooled again if the body ends cleanly.
+    pub upstream: Option<UpstreamConn>,
+    /// Access log fields, when the access log is on.
+    pub log: Option<Box<LogFields>>,
+    unmatched: Option<Arc<crate::metrics::Metrics>>,
+    bytes: u64,
+    eos: bool,
+    _active: ActiveRequest,
+}
+
+impl Exchange {
+    /// Starts the record of a request, holding its connection active.
+    pub fn new(start: Instant, active: ActiveRequest) -> Exchange {
+        Exchange {
+            start,
+            service: None,
+            choice: None,
+            status: 0,
+            request_id: None,
+            in_flight: None,
+            upstream: None,
+            log: None,
+            unmatched: None,
+            bytes: 0,
+            eos: false,
+            _active: active,
+        }
+    }
+
+    /// Counts this exchange under the "no service matched" series.
+    pub fn count_unmatched(&mut self, metrics: Arc<crate::metrics::Metrics>) {
+        self.unmatched = Some(metrics);
+    }
+}
+
+impl Drop for Exchange {
+    fn drop(&mut self) {
+        let elapsed = self.start.elapsed();
+        match (&self.service, &self.choice) {
+            (Some(svc), Some(choice)) => {
+                svc.pool_metrics(choice.color)
+                    .observe(self.status, elapsed.as_secs_f64());
+            }
+            _ => {
+                if let Some(m) = &self.unmatched {
+                    m.observe_unmatched(self.status);
+                }
+            }
+        }
+        if let (Some(conn), Some(flight)) = (self.upstream.take(), &self.in_flight) {
+            if self.eos {
+                flight.backend().checkin(conn);
+            }
+        }
+        if let Some(log) = &self.log {
+            let service = self.service.as_ref().map_or("-", |s| &s.name);
+            let (pool, decision, bucket) = match &self.choice {
+                Some(c) => (
+                    c.color.as_str(),
+                    c.decision.as_str(),
+                    c.bucket.map_or(-1, i32::from),
+                ),
+                None => ("-", "-", -1),
+            };
+            let backend = self
+                .in_flight
+                .as_ref()
+                .map_or("-", |f| f.backend().label.as_str());
+            let request_id = self
+                .request_id
+                .as_ref()
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-");
+            tracing::info!(
+                target: "switchyard::access",
+                request_id,
+                client = %log.client,
+                method = %log.method,
+                uri = %log.uri,
+                service,
+                pool,
+                decision,
+                bucket,
+                backend,
+                status = self.status,
+                duration_ms = elapsed.as_secs_f64() * 1000.0,
+                bytes = self.bytes,
+                complete = self.eos,
+                error = log.error.as_deref().unwrap_or(""),
+            );
+        }
+    }
+}
+
+/// The response body given to hyper: the backend's body streamed through,
+/// or a small body the proxy wrote itself.
+pub struct ProxyBody {
+    inner: Inner,
+    exchange: Option<Exchange>,
+}
+
+enum Inner {
+    Upstream(Incoming),
+    Full(Option<Bytes>),
+}
+
+impl ProxyBody {
+    /// Streams the backend's body.
+    pub fn upstream(body: Incoming, exchange: Exchange) -> ProxyBody {
+        ProxyBody {
+            inner: Inner::Upstream(body),
+            exchange: Some(exchange),
+        }
+    }
+
+    /// A body written by the proxy.
+    pub fn full(bytes: impl Into<Bytes>, exchange: Option<Exchange>) -> ProxyBody {
+        ProxyBody {
+            inner: Inner::Full(Some(bytes.into())),
+            exchange,
+        }
+    }
+
+    /// No body.
+    pub fn empty(exchange: Option<Exchange>) -> ProxyBody {
+        ProxyBody {
+            inner: Inner::Full(None),
+            exchange,
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Some(ex) = &mut self.exchange {
+            ex.eos = true;
+        }
+        // Settle now rather than whenever hyper drops the body.
+        self.exchange = None;
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        let polled = match &mut this.inner {
+            Inner::Upstream(b) => Pin::new(b).poll_frame(cx),
+            Inner::Full(b) => Poll::Ready(b.take().map(|d| Ok(Frame::data(d)))),
+        };
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(data), Some(ex)) = (frame.data_ref(), &mut this.exchange) {
+                    ex.bytes += data.len() as u64;
+                }
+                if this.inner_is_end() {
+                    this.finish();
+                }
+            }
+            Poll::Ready(None) => this.finish(),
+            Poll::Ready(Some(Err(_))) | Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner_is_end()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.inner {
+            Inner::Upstream(b) => b.size_hint(),
+            Inner::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
+            Inner::Full(None) => SizeHint::with_exact(0),
+        }
+    }
+}
+
+impl ProxyBody {
+    fn inner_is_end(&self) -> bool {
+        match &self.inner {
+            Inner::Upstream(b) => b.is_end_stream(),
+            Inner::Full(b) => b.is_none(),
+        }
+    }
+}
+
+impl Drop for ProxyBody {
+    fn drop(&mut self) {
+        // A body hyper never polled (HEAD, 204, 304) but that is complete
+        // still counts as cleanly ended: its connection may be reused.
+        if self.inner_is_end() {
+            if let Some(ex) = &mut self.exchange {
+                ex.eos = true;
+            }
+        }
+    }
+}
+
+/// Static pool names for headers.
+pub fn pool_header(color: Color) -> HeaderValue {
+    HeaderValue::from_static(color.as_str())
+}

@@ -1,0 +1,322 @@
+//! Prometheus metrics (SPEC §5), owned by one [`Metrics`] value created at
+//! start and passed down (no globals).
+//!
+//! The request path never formats a label: every service and pool resolves
+//! its counters once into a [`PoolMetrics`] when the service is built, and a
+//! request only bumps atomics through those handles.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::color::Color;
+
+/// Upper bounds of the request duration histogram, in seconds.
+const DURATION_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0,
+];
+
+/// Kinds of upstream error (`kind` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamErrorKind {
+    /// Could not connect.
+    Connect,
+    /// Connect or response head timed out.
+    Timeout,
+    /// Connection broke mid-exchange.
+    Reset,
+    /// TLS handshake failed.
+    Tls,
+}
+
+impl UpstreamErrorKind {
+    const ALL: [UpstreamErrorKind; 4] = [
+        UpstreamErrorKind::Connect,
+        UpstreamErrorKind::Timeout,
+        UpstreamErrorKind::Reset,
+        UpstreamErrorKind::Tls,
+    ];
+
+    /// Label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpstreamErrorKind::Connect => "connect",
+            UpstreamErrorKind::Timeout => "timeout",
+            UpstreamErrorKind::Reset => "reset",
+            UpstreamErrorKind::Tls => "tls",
+        }
+    }
+}
+
+/// Every metric of SPEC §5, registered in one registry.
+pub struct Metrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    duration: HistogramVec,
+    upstream_errors: IntCounterVec,
+    backend_healthy: IntGaugeVec,
+    pool_weight: prometheus::GaugeVec,
+    routing_changes: IntCounterVec,
+    failovers: IntCounterVec,
+    /// `switchyard_open_connections{listener}`.
+    pub open_connections: IntGaugeVec,
+    config_reloads: IntCounterVec,
+    /// `switchyard_requests_total{service="",pool=""}`: no service matched.
+    unmatched: [IntCounter; 5],
+    /// Upgraded connections closed because their pool stopped taking traffic.
+    pub upgrades_drained: IntCounter,
+    /// Connections cut by the header read or idle timeout, by reason.
+    pub timeouts: IntCounterVec,
+    /// Retries sent to another backend.
+    pub retries: IntCounterVec,
+    /// Passive ejections of backends.
+    pub ejections: IntCounterVec,
+}
+
+fn must<T>(r: prometheus::Result<T>) -> T {
+    // Metric definitions are static; a failure here is a programming error
+    // caught by the first test run, never an input problem.
+    #[allow(clippy::expect_used)]
+    r.expect("static metric definition")
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let c = must(IntCounterVec::new(Opts::new(name, help), labels));
+            must(registry.register(Box::new(c.clone())));
+            c
+        };
+        let gauge = |name: &str, help: &str, labels: &[&str]| {
+            let g = must(IntGaugeVec::new(Opts::new(name, help), labels));
+            must(registry.register(Box::new(g.clone())));
+            g
+        };
+        let requests = counter(
+            "switchyard_requests_total",
+            "Requests answered, by service, pool and status class.",
+            &["service", "pool", "code"],
+        );
+        let duration = must(HistogramVec::new(
+            HistogramOpts::new(
+                "switchyard_request_duration_seconds",
+                "Time from request head to the end of the response body.",
+            )
+            .buckets(DURATION_BUCKETS.to_vec()),
+            &["service", "pool"],
+        ));
+        must(registry.register(Box::new(duration.clone())));
+        let upstream_errors = counter(
+            "switchyard_upstream_errors_total",
+            "Upstream failures by kind: connect, timeout, reset, tls.",
+            &["service", "pool", "kind"],
+        );
+        let backend_healthy = gauge(
+            "switchyard_backend_healthy",
+            "1 if the backend takes traffic (healthy and not ejected), else 0.",
+            &["service", "pool", "backend"],
+        );
+        let pool_weight = must(prometheus::GaugeVec::new(
+            Opts::new(
+                "switchyard_pool_weight",
+                "Traffic share of the pool, 0..100.",
+            ),
+            &["service", "pool"],
+        ));
+        must(registry.register(Box::new(pool_weight.clone())));
+        let routing_changes = counter(
+            "switchyard_routing_changes_total",
+            "Accepted routing changes, by action.",
+            &["service", "action"],
+        );
+        let failovers = counter(
+            "switchyard_failovers_total",
+            "Requests sent to the other pool because theirs had no healthy backend.",
+            &["service", "from"],
+        );
+        let open_connections = gauge(
+            "switchyard_open_connections",
+            "Open client connections, by listener.",
+            &["listener"],
+        );
+        let config_reloads = counter(
+            "switchyard_config_reloads_total",
+            "Config reloads, by result.",
+            &["result"],
+        );
+        for r in ["ok", "error"] {
+            config_reloads.with_label_values(&[r]);
+        }
+        let upgrades_drained = must(IntCounter::new(
+            "switchyard_upgrades_drained_total",
+            "Upgraded (WebSocket) connections closed drain_timeout after their pool stopped taking traffic.",
+        ));
+        must(registry.register(Box::new(upgrades_drained.clone())));
+        let timeouts = counter(
+            "switchyard_client_timeouts_total",
+            "Client connections closed by a timeout: header_read, idle.",
+            &["kind"],
+        );
+        let retries = counter(
+            "switchyard_retries_total",
+            "Requests retried on another backend after a failure before any response.",
+            &["service", "pool"],
+        );
+        let ejections = counter(
+            "switchyard_backend_ejections_total",
+            "Passive ejections of backends after consecutive failures.",
+            &["service", "pool"],
+        );
+        let unmatched = ["1xx", "2xx", "3xx", "4xx", "5xx"]
+            .map(|class| requests.with_label_values(&["", "", class]));
+        Metrics {
+            registry,
+            requests,
+            duration,
+            upstream_errors,
+            backend_healthy,
+            pool_weight,
+            routing_changes,
+            failovers,
+            open_connections,
+            config_reloads,
+            unmatched,
+            upgrades_drained,
+            timeouts,
+            retries,
+            ejections,
+        }
+    }
+
+    /// The text exposition of every metric.
+    pub fn render(&self) -> Vec<u8> {
+        let mut buf = Vec::with_capacity(16 * 1024);
+        // Encoding into a Vec cannot fail for well-formed metrics.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        buf
+    }
+
+    /// Counts a request no service matched (or refused before routing).
+    pub fn observe_unmatched(&self, status: u16) {
+        let class = usize::from((status / 100).clamp(1, 5) - 1);
+        self.unmatched[class].inc();
+    }
+
+    /// Handles for one pool of one service.
+    pub fn pool(&self, service: &str, color: Color) -> PoolMetrics {
+        let pool = color.as_str();
+        PoolMetrics {
+            requests: ["1xx", "2xx", "3xx", "4xx", "5xx"]
+                .map(|class| self.requests.with_label_values(&[service, pool, class])),
+            duration: self.duration.with_label_values(&[service, pool]),
+            upstream_errors: UpstreamErrorKind::ALL.map(|k| {
+                self.upstream_errors
+                    .with_label_values(&[service, pool, k.as_str()])
+            }),
+            failovers_from: self.failovers.with_label_values(&[service, pool]),
+            retries: self.retries.with_label_values(&[service, pool]),
+            ejections: self.ejections.with_label_values(&[service, pool]),
+        }
+    }
+
+    /// `switchyard_backend_healthy` handle for one backend.
+    pub fn backend_healthy(&self, service: &str, color: Color, backend: &str) -> IntGauge {
+        self.backend_healthy
+            .with_label_values(&[service, color.as_str(), backend])
+    }
+
+    /// Drops the series of a backend that left its pool.
+    pub fn forget_backend(&self, service: &str, color: Color, backend: &str) {
+        let _ = self
+            .backend_healthy
+            .remove_label_values(&[service, color.as_str(), backend]);
+    }
+
+    /// Sets `switchyard_pool_weight` for both pools of a service.
+    pub fn set_weights(&self, service: &str, weights: crate::state::Weights) {
+        for c in Color::ALL {
+            self.pool_weight
+                .with_label_values(&[service, c.as_str()])
+                .set(weights.percent(c));
+        }
+    }
+
+    /// Counts an accepted routing change.
+    pub fn routing_change(&self, service: &str, action: &str) {
+        self.routing_changes
+            .with_label_values(&[service, action])
+            .inc();
+    }
+
+    /// Counts a reload.
+    pub fn config_reload(&self, ok: bool) {
+        self.config_reloads
+            .with_label_values(&[if ok { "ok" } else { "error" }])
+            .inc();
+    }
+
+    /// Drops every series of a service that left the config.
+    pub fn forget_service(&self, service: &str) {
+        for c in Color::ALL {
+            let pool = c.as_str();
+            for class in ["1xx", "2xx", "3xx", "4xx", "5xx"] {
+                let _ = self.requests.remove_label_values(&[service, pool, class]);
+            }
+            let _ = self.duration.remove_label_values(&[service, pool]);
+            for k in UpstreamErrorKind::ALL {
+                let _ = self
+                    .upstream_errors
+                    .remove_label_values(&[service, pool, k.as_str()]);
+            }
+            let _ = self.pool_weight.remove_label_values(&[service, pool]);
+            let _ = self.failovers.remove_label_values(&[service, pool]);
+            let _ = self.retries.remove_label_values(&[service, pool]);
+            let _ = self.ejections.remove_label_values(&[service, pool]);
+        }
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Pre-resolved metric handles of one pool of one service.
+pub struct PoolMetrics {
+    requests: [IntCounter; 5],
+    duration: Histogram,
+    upstream_errors: [IntCounter; 4],
+    /// Failovers away from this pool.
+    pub failovers_from: IntCounter,
+    /// Retries within this pool.
+    pub retries: IntCounter,
+    /// Ejections of this pool's backends.
+    pub ejections: IntCounter,
+}
+
+impl PoolMetrics {
+    /// Counts one answered request.
+    #[inline]
+    pub fn observe(&self, status: u16, seconds: f64) {
+        let class = usize::from((status / 100).clamp(1, 5) - 1);
+        self.requests[class].inc();
+        self.duration.observe(seconds);
+    }
+
+    /// Counts one upstream error.
+    #[inline]
+    pub fn upstream_error(&self, kind: UpstreamErrorKind) {
+        let i = match kind {
+            UpstreamErrorKind::Connect => 0,
+            UpstreamErrorKind::Timeout => 1,
+            UpstreamErrorKind::Reset => 2,
+            UpstreamErrorKind::Tls => 3,
+        };
+        self.upstream_errors[i].inc();
+    }
+}

@@ -1,0 +1,580 @@
+//! Client connections: accept loop, protocol detection, per-connection
+//! timeouts and graceful shutdown.
+//!
+//! Each connection runs in its own task that polls the hyper connection and,
+//! beside it, one lazily re-armed timer that enforces two bounds hyper does
+//! not separate: `header_read_timeout` (from the first byte of a request
+//! head to its end: slowloris) and `idle_timeout` (keep-alive with no
+//! request). [`ConnActivity`] is what the timer reads: the IO wrapper marks
+//! when a request head starts arriving, and every request holds an
+//! [`ActiveRequest`] until its response body ends.
+//!
+//! Shutdown follows the dropped-sender pattern: dropping the
+//! `watch::Sender` tells every connection to finish gracefully (HTTP/1.1
+//! closes after the current response, HTTP/2 sends GOAWAY); every task
+//! holds a [`DrainToken`], and shutdown waits until all are gone or
+//! `drain_timeout` passes.
+
+use std::convert::Infallible;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hyper::server::conn::{http1, http2};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use prometheus::IntGauge;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+
+use crate::backend::now_ms;
+use crate::metrics::Metrics;
+use crate::proxy::{ClientInfo, Proxy};
+
+/// The HTTP/2 connection preface.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Limits of client connections (from `[proxy]`).
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Request head must arrive within this from its first byte.
+    pub header_read_timeout: Duration,
+    /// Keep-alive connections with no request are closed after this (0 = never).
+    pub idle_timeout: Duration,
+    /// Largest request header section (431 above).
+    pub max_request_header_bytes: usize,
+    /// Largest number of request headers.
+    pub max_headers: usize,
+    /// Concurrent streams per HTTP/2 connection.
+    pub max_concurrent_streams: u32,
+}
+
+/// Keeps shutdown waiting while it lives. Clone it into every task that
+/// must finish (or be cut at the deadline) before the process exits.
+#[derive(Clone, Debug)]
+pub struct DrainToken(#[allow(dead_code)] mpsc::Sender<()>);
+
+/// Tells tasks to stop and waits for them.
+pub struct Drain {
+    signal: Option<watch::Sender<()>>,
+    token: Option<DrainToken>,
+    done: mpsc::Receiver<()>,
+}
+
+impl Drain {
+    /// A drain with no tasks yet.
+    pub fn new() -> Drain {
+        let (signal, _) = watch::channel(());
+        let (tx, done) = mpsc::channel(1);
+        Drain {
+            signal: Some(signal),
+            token: Some(DrainToken(tx)),
+            done,
+        }
+    }
+
+    /// A receiver that fires (with `Err`) when shutdown starts.
+    pub fn watcher(&self) -> watch::Receiver<()> {
+        match &self.signal {
+            Some(s) => s.subscribe(),
+            None => watch::channel(()).1,
+        }
+    }
+
+    /// A token for a task shutdown must wait for.
+    pub fn token(&self) -> DrainToken {
+        match &self.token {
+            Some(t) => t.clone(),
+            None => DrainToken(mpsc::channel(1).0),
+        }
+    }
+
+    /// Signals every task and waits until all tokens are dropped or
+    /// `deadline` passes. Returns true if everything finished in time.
+    pub async fn drain(mut self, deadline: Duration) -> bool {
+        drop(self.signal.take());
+        drop(self.token.take());
+        tokio::time::timeout(deadline, self.done.recv())
+            .await
+            .is_ok()
+    }
+}
+
+impl Default for Drain {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// What the per-connection timer reads.
+#[derive(Debug)]
+pub struct ConnActivity {
+    in_flight: AtomicU32,
+    /// When the current state began (idle since / head started), in `now_ms`.
+    since_ms: AtomicU64,
+    reading_head: AtomicBool,
+}
+
+impl ConnActivity {
+    fn new() -> Arc<ConnActivity> {
+        Arc::new(ConnActivity {
+            in_flight: AtomicU32::new(0),
+            since_ms: AtomicU64::new(now_ms()),
+            reading_head: AtomicBool::new(false),
+        })
+    }
+
+    /// A request started on this connection.
+    pub fn begin(self: &Arc<Self>) -> ActiveRequest {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.reading_head.store(false, Ordering::Relaxed);
+        ActiveRequest(Arc::clone(self))
+    }
+
+    /// Bytes arrived; if the connection was idle, a request head starts.
+    #[inline]
+    fn on_read(&self) {
+        if self.in_flight.load(Ordering::Relaxed) == 0 && !self.reading_head.load(Ordering::Relaxed)
+        {
+            self.since_ms.store(now_ms(), Ordering::Relaxed);
+            self.reading_head.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Holds its connection busy until dropped (end of the response body).
+#[derive(Debug)]
+pub struct ActiveRequest(Arc<ConnActivity>);
+
+impl ActiveRequest {
+    /// A guard on no connection (tests, internal requests).
+    pub fn detached() -> ActiveRequest {
+        ConnActivity::new().begin()
+    }
+}
+
+impl Drop for ActiveRequest {
+    fn drop(&mut self) {
+        if self.0.in_flight.fetch_sub(1, Ordering::Relaxed) == 1 {
+            self.0.since_ms.store(now_ms(), Ordering::Relaxed);
+        }
+    }
+}
+
+/// What the timer decides.
+#[derive(Debug, PartialEq, Eq)]
+enum Verdict {
+    /// Look again at this `now_ms`.
+    RecheckAt(u64),
+    /// The request head did not arrive in time.
+    HeaderTimeout,
+    /// Idle too long.
+    Idle,
+}
+
+fn judge(a: &ConnActivity, now: u64, limits: &Limits, track_heads: bool) -> Verdict {
+    let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX / 4);
+    let since = a.since_ms.load(Ordering::Relaxed);
+    if a.in_flight.load(Ordering::Relaxed) > 0 {
+        // Busy: look again later; the bounds restart when it goes idle.
+        return Verdict::RecheckAt(
+            now + ms(limits.header_read_timeout).min(ms(limits.idle_timeout).max(1000)),
+        );
+    }
+    if track_heads && a.reading_head.load(Ordering::Relaxed) {
+        let due = since + ms(limits.header_read_timeout);
+        return if now >= due {
+            Verdict::HeaderTimeout
+        } else {
+            Verdict::RecheckAt(due)
+        };
+    }
+    if limits.idle_timeout.is_zero() {
+        return Verdict::RecheckAt(now + 3_600_000);
+    }
+    let due = since + ms(limits.idle_timeout);
+    if now >= due {
+        Verdict::Idle
+    } else {
+        Verdict::RecheckAt(due)
+    }
+}
+
+/// The IO of a client connection, reporting reads to its [`ConnActivity`].
+struct TrackedIo<T> {
+    inner: T,
+    activity: Arc<ConnActivity>,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for TrackedIo<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.activity.on_read();
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for TrackedIo<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// HTTP protocol of a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// HTTP/1.x.
+    Http1,
+    /// HTTP/2 (prior knowledge or ALPN `h2`).
+    Http2,
+}
+
+/// Everything connection tasks share.
+pub struct Server {
+    proxy: Arc<Proxy>,
+    metrics: Arc<Metrics>,
+    limits: Limits,
+    http1: http1::Builder,
+    http2: http2::Builder<TokioExecutor>,
+}
+
+impl Server {
+    /// A server for `proxy` with `limits`.
+    pub fn new(proxy: Arc<Proxy>, metrics: Arc<Metrics>, limits: Limits) -> Server {
+        let mut h1 = http1::Builder::new();
+        h1.timer(TokioTimer::new())
+            // Our own timer enforces the header read bound from the first
+            // byte (hyper's would also cut idle keep-alive connections).
+            .header_read_timeout(None)
+            .max_header_size(limits.max_request_header_bytes)
+            .max_headers(limits.max_headers)
+            .writev(true)
+            .keep_alive(true);
+        let mut h2 = http2::Builder::new(TokioExecutor::new());
+        h2.timer(TokioTimer::new())
+            .max_concurrent_streams(limits.max_concurrent_streams)
+            .max_header_list_size(
+                u32::try_from(limits.max_request_header_bytes).unwrap_or(u32::MAX),
+            )
+            .max_pending_accept_reset_streams(Some(50))
+            .max_local_error_reset_streams(Some(256))
+            .keep_alive_interval(Some(Duration::from_secs(30)))
+            .keep_alive_timeout(Duration::from_secs(20));
+        Server {
+            proxy,
+            metrics,
+            limits,
+            http1: h1,
+            http2: h2,
+        }
+    }
+
+    /// Accepts plain connections on `listener` until `drain` signals.
+    pub async fn serve_plain(
+        self: Arc<Self>,
+        listener: TcpListener,
+        drain: watch::Receiver<()>,
+        token: DrainToken,
+    ) {
+        let gauge = self.metrics.open_connections.with_label_values(&["http"]);
+        self.accept_loop(listener, drain, token, gauge, None).await;
+    }
+
+    /// Accepts TLS connections on `listener` until `drain` signals.
+    pub async fn serve_tls(
+        self: Arc<Self>,
+        listener: TcpListener,
+        acceptor: Arc<crate::tls::ServerTls>,
+        drain: watch::Receiver<()>,
+        token: DrainToken,
+    ) {
+        let gauge = self.metrics.open_connections.with_label_values(&["https"]);
+        self.accept_loop(listener, drain, token, gauge, Some(acceptor))
+            .await;
+    }
+
+    async fn accept_loop(
+        self: Arc<Self>,
+        listener: TcpListener,
+        mut drain: watch::Receiver<()>,
+        token: DrainToken,
+        gauge: IntGauge,
+        tls: Option<Arc<crate::tls::ServerTls>>,
+    ) {
+        let mut backoff = Duration::from_millis(5);
+        loop {
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                _ = drain.changed() => break,
+            };
+            let (stream, peer) = match accepted {
+                Ok(x) => {
+                    backoff = Duration::from_millis(5);
+                    x
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            let me = Arc::clone(&self);
+            let conn_drain = drain.clone();
+            let conn_token = token.clone();
+            let gauge = gauge.clone();
+            let tls = tls.clone();
+            tokio::spawn(async move {
+                gauge.inc();
+                match tls {
+                    None => {
+                        me.serve_plain_conn(stream, peer, conn_drain, conn_token)
+                            .await
+                    }
+                    Some(acceptor) => {
+                        me.serve_tls_conn(stream, peer, acceptor, conn_drain, conn_token)
+                            .await
+                    }
+                }
+                gauge.dec();
+            });
+        }
+        // Dropping the listener here stops the kernel accepting for us.
+        drop(listener);
+    }
+
+    async fn serve_plain_conn(
+        &self,
+        stream: TcpStream,
+        peer: SocketAddr,
+        drain: watch::Receiver<()>,
+        token: DrainToken,
+    ) {
+        let proto =
+            match tokio::time::timeout(self.limits.header_read_timeout, detect(&stream)).await {
+                Ok(Ok(p)) => p,
+                Ok(Err(_)) => return,
+                Err(_) => {
+                    self.metrics
+                        .timeouts
+                        .with_label_values(&["header_read"])
+                        .inc();
+                    return;
+                }
+            };
+        let client = ClientInfo::new(peer, false, token);
+        self.serve_conn(stream, proto, client, drain).await;
+    }
+
+    async fn serve_tls_conn(
+        &self,
+        stream: TcpStream,
+        peer: SocketAddr,
+        acceptor: Arc<crate::tls::ServerTls>,
+        drain: watch::Receiver<()>,
+        token: DrainToken,
+    ) {
+        let accepted =
+            tokio::time::timeout(self.limits.header_read_timeout, acceptor.accept(stream)).await;
+        let tls = match accepted {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                tracing::debug!(client = %peer, error = %e, "TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                self.metrics
+                    .timeouts
+                    .with_label_values(&["header_read"])
+                    .inc();
+                return;
+            }
+        };
+        let proto = if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+            Protocol::Http2
+        } else {
+            Protocol::Http1
+        };
+        let client = ClientInfo::new(peer, true, token);
+        self.serve_conn(tls, proto, client, drain).await;
+    }
+
+    /// Serves one connection until it ends, times out, or drains.
+    async fn serve_conn<T>(
+        &self,
+        io: T,
+        proto: Protocol,
+        client: ClientInfo,
+        mut drain: watch::Receiver<()>,
+    ) where
+        T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        let activity = ConnActivity::new();
+        let io = TokioIo::new(TrackedIo {
+            inner: io,
+            activity: Arc::clone(&activity),
+        });
+        let client = Arc::new(client);
+        let proxy = Arc::clone(&self.proxy);
+        let act = Arc::clone(&activity);
+        let service = service_fn(move |req| {
+            let proxy = Arc::clone(&proxy);
+            let client = Arc::clone(&client);
+            let active = act.begin();
+            async move { Ok::<_, Infallible>(proxy.handle(req, &client, active).await) }
+        });
+        let track_heads = proto == Protocol::Http1;
+        let limits = &self.limits;
+        // The first request head is bounded from the accept.
+        activity.reading_head.store(track_heads, Ordering::Relaxed);
+
+        let timer = tokio::time::sleep(Duration::from_millis(0));
+        tokio::pin!(timer);
+        let mut draining = false;
+
+        macro_rules! drive {
+            ($conn:expr) => {{
+                let mut conn = std::pin::pin!($conn);
+                loop {
+                    tokio::select! {
+                        res = conn.as_mut() => {
+                            if let Err(e) = res {
+                                tracing::debug!(client = %peer_of(&activity, &limits), error = %e, "client connection ended with an error");
+                            }
+                            break;
+                        }
+                        _ = drain.changed(), if !draining => {
+                            draining = true;
+                            conn.as_mut().graceful_shutdown();
+                        }
+                        () = &mut timer => {
+                            match judge(&activity, now_ms(), limits, track_heads) {
+                                Verdict::RecheckAt(at) => {
+                                    let wait = Duration::from_millis(at.saturating_sub(now_ms()));
+                                    timer.as_mut().reset(tokio::time::Instant::now() + wait);
+                                }
+                                Verdict::HeaderTimeout => {
+                                    self.metrics.timeouts.with_label_values(&["header_read"]).inc();
+                                    break;
+                                }
+                                Verdict::Idle => {
+                                    self.metrics.timeouts.with_label_values(&["idle"]).inc();
+                                    if draining {
+                                        break;
+                                    }
+                                    draining = true;
+                                    conn.as_mut().graceful_shutdown();
+                                    timer.as_mut().reset(tokio::time::Instant::now() + Duration::from_secs(5));
+                                }
+                            }
+                        }
+                    }
+                }
+            }};
+        }
+
+        match proto {
+            Protocol::Http1 => drive!(self.http1.serve_connection(io, service).with_upgrades()),
+            Protocol::Http2 => drive!(self.http2.serve_connection(io, service)),
+        }
+    }
+}
+
+fn peer_of(_a: &ConnActivity, _l: &Limits) -> &'static str {
+    "-"
+}
+
+/// Tells HTTP/2 prior knowledge from HTTP/1 by peeking at the first bytes.
+async fn detect(stream: &TcpStream) -> io::Result<Protocol> {
+    let mut buf = [0u8; 24];
+    loop {
+        let n = stream.peek(&mut buf).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        if buf[..n] != H2_PREFACE[..n] {
+            return Ok(Protocol::Http1);
+        }
+        if n == H2_PREFACE.len() {
+            return Ok(Protocol::Http2);
+        }
+        // A prefix of the preface so far ("P", "PRI *", ...): wait for more.
+        // Rare (a real client sends the preface in one segment), and bounded
+        // by the caller's timeout.
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> Limits {
+        Limits {
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(90),
+            max_request_header_bytes: 65536,
+            max_headers: 100,
+            max_concurrent_streams: 100,
+        }
+    }
+
+    #[test]
+    fn timer_verdicts() {
+        let a = ConnActivity::new();
+        let l = limits();
+        let t0 = a.since_ms.load(Ordering::Relaxed);
+        assert_eq!(
+            judge(&a, t0 + 1_000, &l, true),
+            Verdict::RecheckAt(t0 + 90_000)
+        );
+        assert_eq!(judge(&a, t0 + 90_000, &l, true), Verdict::Idle);
+        a.reading_head.store(true, Ordering::Relaxed);
+        assert_eq!(judge(&a, t0 + 10_000, &l, true), Verdict::HeaderTimeout);
+        assert_eq!(
+            judge(&a, t0 + 10_000, &l, false),
+            Verdict::RecheckAt(t0 + 90_000)
+        );
+        let busy = a.begin();
+        assert!(matches!(
+            judge(&a, t0 + 500_000, &l, true),
+            Verdict::RecheckAt(_)
+        ));
+        drop(busy);
+        assert!(!a.reading_head.load(Ordering::Relaxed));
+    }
+}

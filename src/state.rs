@@ -1,0 +1,1010 @@
+//! Routing state and the one pure function that changes it.
+//!
+//! The dynamic state of every service is plain data: its weights, its
+//! generation, the backends of its two pools, and its history. Every change
+//! (admin API, SIGHUP reload, and the controllers of later issues) is a
+//! [`Command`] given to [`apply`], which either returns the new state of that
+//! service or refuses with a [`CommandError`] and changes nothing. The caller
+//! ([`crate::control`]) then persists the new state and publishes a new
+//! routing snapshot, in that order.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::fmt;
+use std::time::SystemTime;
+
+use serde::de::{self, Deserializer};
+use serde::ser::{SerializeMap, Serializer};
+use serde::{Deserialize, Serialize};
+
+use crate::color::Color;
+use crate::config::{BackendAddr, Config, ServiceConfig};
+
+/// How many history entries a service keeps (oldest dropped first).
+pub const HISTORY_LIMIT: usize = 500;
+
+/// Traffic weights of one service, held as the green share in basis points
+/// (0..=10000, so 0.01 % steps); blue gets the rest, so they always sum to 100 %.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Weights {
+    green_bp: u16,
+}
+
+/// Which pool is live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Live {
+    /// One pool has 100 %.
+    Full(Color),
+    /// Both pools take traffic.
+    Split,
+}
+
+impl Live {
+    /// `"blue"`, `"green"` or `"split"`, as in the service object.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Live::Full(c) => c.as_str(),
+            Live::Split => "split",
+        }
+    }
+}
+
+impl Weights {
+    /// All traffic to `color`.
+    pub const fn full(color: Color) -> Weights {
+        match color {
+            Color::Blue => Weights { green_bp: 0 },
+            Color::Green => Weights { green_bp: 10_000 },
+        }
+    }
+
+    /// Green share in basis points; `None` above 10000.
+    pub const fn from_green_bp(green_bp: u16) -> Option<Weights> {
+        if green_bp <= 10_000 {
+            Some(Weights { green_bp })
+        } else {
+            None
+        }
+    }
+
+    /// Green share as a percentage (`10`, `12.5`); an error message names
+    /// what is wrong with it (range, more than two decimals, not finite).
+    pub fn from_green_percent(pct: f64) -> Result<Weights, String> {
+        if !pct.is_finite() || !(0.0..=100.0).contains(&pct) {
+            return Err(format!("must be a number from 0 to 100, got {pct}"));
+        }
+        let bp = (pct * 100.0).round();
+        if (bp - pct * 100.0).abs() > 1e-6 {
+            return Err(format!("at most two decimals (0.01 % steps), got {pct}"));
+        }
+        // In range by the check above, so the cast is exact.
+        Ok(Weights {
+            green_bp: bp as u16,
+        })
+    }
+
+    /// Green share in basis points (0..=10000).
+    pub const fn green_bp(self) -> u16 {
+        self.green_bp
+    }
+
+    /// Share of `color` in basis points.
+    pub const fn bp(self, color: Color) -> u16 {
+        match color {
+            Color::Blue => 10_000 - self.green_bp,
+            Color::Green => self.green_bp,
+        }
+    }
+
+    /// Share of `color` as a percentage (0..=100, two decimals).
+    pub fn percent(self, color: Color) -> f64 {
+        f64::from(self.bp(color)) / 100.0
+    }
+
+    /// Which pool is live.
+    pub const fn live(self) -> Live {
+        match self.green_bp {
+            0 => Live::Full(Color::Blue),
+            10_000 => Live::Full(Color::Green),
+            _ => Live::Split,
+        }
+    }
+
+    /// Does `color` take any traffic?
+    pub const fn takes_traffic(self, color: Color) -> bool {
+        self.bp(color) > 0
+    }
+
+    /// The pool a request with this bucket (0..=9999) goes to: buckets
+    /// below the green share go green. Raising the green share only ever
+    /// moves buckets from blue to green (SPEC §3).
+    #[inline]
+    pub const fn pick(self, bucket: u16) -> Color {
+        if bucket < self.green_bp {
+            Color::Green
+        } else {
+            Color::Blue
+        }
+    }
+}
+
+/// A percentage as JSON: an integer when whole (`90`), else two decimals (`12.5`).
+fn serialize_percent<S: Serializer>(bp: u16, s: S) -> Result<S::Ok, S::Error> {
+    if bp % 100 == 0 {
+        s.serialize_u64(u64::from(bp / 100))
+    } else {
+        s.serialize_f64(f64::from(bp) / 100.0)
+    }
+}
+
+impl Serialize for Weights {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        struct Pct(u16);
+        impl Serialize for Pct {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                serialize_percent(self.0, s)
+            }
+        }
+        let mut m = s.serialize_map(Some(2))?;
+        m.serialize_entry("blue", &Pct(self.bp(Color::Blue)))?;
+        m.serialize_entry("green", &Pct(self.bp(Color::Green)))?;
+        m.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for Weights {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Raw {
+            blue: f64,
+            green: f64,
+        }
+        let raw = Raw::deserialize(d)?;
+        let w = Weights::from_green_percent(raw.green).map_err(de::Error::custom)?;
+        if (w.percent(Color::Blue) - raw.blue).abs() > 1e-6 {
+            return Err(de::Error::custom(format!(
+                "weights must sum to 100, got blue {} + green {}",
+                raw.blue, raw.green
+            )));
+        }
+        Ok(w)
+    }
+}
+
+impl fmt::Display for Weights {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "blue {}% / green {}%",
+            self.percent(Color::Blue),
+            self.percent(Color::Green)
+        )
+    }
+}
+
+/// The backends of one pool, and where they came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolState {
+    /// The backends serving now.
+    #[serde(with = "addr_list")]
+    pub backends: Vec<BackendAddr>,
+    /// The config file's list when this state was last reconciled with it.
+    /// If the file's list changes, the file wins; otherwise `backends` (which
+    /// the API may have replaced) stands. So the latest writer wins.
+    #[serde(with = "addr_list")]
+    pub config: Vec<BackendAddr>,
+}
+
+/// What kind of change a history entry records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    /// The service first appeared (from `initial`).
+    Init,
+    /// All traffic to one pool.
+    Switch,
+    /// Weights set.
+    Split,
+    /// Back to the previous pool or generation.
+    Rollback,
+    /// A pool's backends replaced (API, or config reload).
+    Pool,
+}
+
+impl Action {
+    /// Lowercase name, as in JSON and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Init => "init",
+            Action::Switch => "switch",
+            Action::Split => "split",
+            Action::Rollback => "rollback",
+            Action::Pool => "pool",
+        }
+    }
+}
+
+/// A pool replacement recorded in history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolChange {
+    /// The pool replaced.
+    pub color: Color,
+    /// Backends before.
+    #[serde(with = "addr_list")]
+    pub from: Vec<BackendAddr>,
+    /// Backends after.
+    #[serde(with = "addr_list")]
+    pub to: Vec<BackendAddr>,
+}
+
+/// One accepted change.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    /// Generation this change produced.
+    pub generation: u64,
+    /// When, RFC 3339 UTC.
+    pub at: String,
+    /// What kind of change.
+    pub action: Action,
+    /// Weights before.
+    pub from: Weights,
+    /// Weights after.
+    pub to: Weights,
+    /// Free text given by the caller.
+    pub reason: Option<String>,
+    /// Token name, client address, or `config`.
+    pub actor: String,
+    /// For `pool` changes: which pool, old and new backends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<PoolChange>,
+}
+
+/// The dynamic state of one service.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServiceState {
+    /// Current weights.
+    pub weights: Weights,
+    /// Bumped by every accepted change.
+    pub generation: u64,
+    /// The pool last live at 100 % before the current state: where
+    /// `rollback` goes.
+    pub previous: Option<Color>,
+    /// Blue and green.
+    pub pools: Pools,
+    /// Oldest first (the API shows newest first).
+    pub history: VecDeque<HistoryEntry>,
+}
+
+/// The two pools of a service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pools {
+    /// Blue pool.
+    pub blue: PoolState,
+    /// Green pool.
+    pub green: PoolState,
+}
+
+impl Pools {
+    /// One pool.
+    pub fn get(&self, color: Color) -> &PoolState {
+        match color {
+            Color::Blue => &self.blue,
+            Color::Green => &self.green,
+        }
+    }
+
+    /// One pool, mutably.
+    pub fn get_mut(&mut self, color: Color) -> &mut PoolState {
+        match color {
+            Color::Blue => &mut self.blue,
+            Color::Green => &mut self.green,
+        }
+    }
+}
+
+/// The dynamic state of every service, by name.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RoutingState {
+    /// By service name.
+    pub services: BTreeMap<String, ServiceState>,
+}
+
+/// Who asked for a change, why and when. Not part of the decision, except
+/// `if_match`.
+#[derive(Debug, Clone)]
+pub struct ChangeMeta {
+    /// Token name or client address.
+    pub actor: String,
+    /// Free text for history.
+    pub reason: Option<String>,
+    /// When the change was asked.
+    pub at: SystemTime,
+    /// `If-Match: "<generation>"`: refuse unless the generation is this one.
+    pub if_match: Option<u64>,
+}
+
+/// A change to one service's routing.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Command {
+    /// All traffic to `to`.
+    Switch {
+        /// Target pool.
+        to: Color,
+        /// Skip the healthy-backend gate.
+        force: bool,
+    },
+    /// Set weights.
+    Split {
+        /// New weights.
+        weights: Weights,
+        /// Skip the healthy-backend gate.
+        force: bool,
+    },
+    /// Back to the previous pool, or to the weights of a generation.
+    Rollback {
+        /// A generation still in history.
+        to_generation: Option<u64>,
+    },
+    /// Replace a pool's backends.
+    SetPool {
+        /// The pool.
+        color: Color,
+        /// New backends (non-empty, no duplicates).
+        backends: Vec<BackendAddr>,
+        /// Allow replacing a pool that takes traffic.
+        force: bool,
+    },
+}
+
+impl Command {
+    /// The action recorded in history and metrics.
+    pub fn action(&self) -> Action {
+        match self {
+            Command::Switch { .. } => Action::Switch,
+            Command::Split { .. } => Action::Split,
+            Command::Rollback { .. } => Action::Rollback,
+            Command::SetPool { .. } => Action::Pool,
+        }
+    }
+}
+
+/// Why a command was refused. The state is unchanged in every case.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum CommandError {
+    /// No such service.
+    #[error("unknown service `{0}`")]
+    UnknownService(String),
+    /// A field of the request is invalid.
+    #[error("{field}: {message}")]
+    BadField {
+        /// The JSON field at fault.
+        field: &'static str,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// Target pool has no healthy backend (without `force`).
+    #[error("pool {0} has no healthy backend (use \"force\": true to override)")]
+    NoHealthyBackend(Color),
+    /// Replacing a pool that serves traffic (without `force`).
+    #[error("pool {color} takes {percent}% of traffic; switch away first or use \"force\": true")]
+    PoolTakesTraffic {
+        /// The pool.
+        color: Color,
+        /// Its current share.
+        percent: f64,
+    },
+    /// `If-Match` is stale.
+    #[error("generation is {current}, not {expected} (If-Match)")]
+    StaleGeneration {
+        /// What the caller expected.
+        expected: u64,
+        /// What it is.
+        current: u64,
+    },
+    /// Nothing to roll back to.
+    #[error("nothing to roll back to: no earlier state had one pool live at 100%")]
+    NothingToRollBack,
+}
+
+/// Read-only facts `apply` needs about the running backends.
+pub trait HealthView {
+    /// Does the pool have at least one backend that can take traffic now?
+    fn pool_has_healthy(&self, service: &str, color: Color) -> bool;
+}
+
+/// Every pool healthy (tests, and `check`).
+pub struct AllHealthy;
+
+impl HealthView for AllHealthy {
+    fn pool_has_healthy(&self, _: &str, _: Color) -> bool {
+        true
+    }
+}
+
+/// The result of an accepted command.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// The service state changed (new generation, history appended).
+    Changed(ServiceState),
+    /// The command asked for what already is; nothing to persist.
+    Unchanged,
+}
+
+/// Applies `cmd` to the service `name` in `state`. Pure: the result depends
+/// only on the arguments, and a refusal changes nothing.
+pub fn apply(
+    state: &RoutingState,
+    name: &str,
+    cmd: &Command,
+    meta: &ChangeMeta,
+    health: &dyn HealthView,
+) -> Result<Outcome, CommandError> {
+    let current = state
+        .services
+        .get(name)
+        .ok_or_else(|| CommandError::UnknownService(name.to_string()))?;
+    if let Some(expected) = meta.if_match {
+        if expected != current.generation {
+            return Err(CommandError::StaleGeneration {
+                expected,
+                current: current.generation,
+            });
+        }
+    }
+    let gate = |weights: Weights, force: bool| -> Result<(), CommandError> {
+        if force {
+            return Ok(());
+        }
+        for color in Color::ALL {
+            if weights.bp(color) > current.weights.bp(color)
+                && !health.pool_has_healthy(name, color)
+            {
+                return Err(CommandError::NoHealthyBackend(color));
+            }
+        }
+        // Only a pool whose share grows is gated: moving traffic away from
+        // a pool that went unhealthy must stay possible.
+        Ok(())
+    };
+
+    let mut next = current.clone();
+    let mut pool_change = None;
+    match cmd {
+        Command::Switch { to, force } => {
+            let w = Weights::full(*to);
+            if w == current.weights {
+                return Ok(Outcome::Unchanged);
+            }
+            gate(w, *force)?;
+            next.weights = w;
+        }
+        Command::Split { weights, force } => {
+            if *weights == current.weights {
+                return Ok(Outcome::Unchanged);
+            }
+            gate(*weights, *force)?;
+            next.weights = *weights;
+        }
+        Command::Rollback { to_generation } => {
+            let w = match to_generation {
+                Some(g) => {
+                    let entry = current
+                        .history
+                        .iter()
+                        .find(|e| e.generation == *g)
+                        .ok_or_else(|| CommandError::BadField {
+                            field: "to_generation",
+                            message: match current.history.front() {
+                                Some(oldest) => format!(
+                                    "generation {g} is not in history (kept: {} to {})",
+                                    oldest.generation, current.generation
+                                ),
+                                None => format!("generation {g} is not in history"),
+                            },
+                        })?;
+                    entry.to
+                }
+                None => Weights::full(current.previous.ok_or(CommandError::NothingToRollBack)?),
+            };
+            if w == current.weights {
+                return Ok(Outcome::Unchanged);
+            }
+            next.weights = w;
+        }
+        Command::SetPool {
+            color,
+            backends,
+            force,
+        } => {
+            if backends.is_empty() {
+                return Err(CommandError::BadField {
+                    field: "backends",
+                    message: "must not be empty".into(),
+                });
+            }
+            for (i, b) in backends.iter().enumerate() {
+                if backends[..i].contains(b) {
+                    return Err(CommandError::BadField {
+                        field: "backends",
+                        message: format!("`{b}` is listed twice"),
+                    });
+                }
+            }
+            let pool = next.pools.get_mut(*color);
+            if pool.backends == *backends {
+                return Ok(Outcome::Unchanged);
+            }
+            if !force && current.weights.takes_traffic(*color) {
+                return Err(CommandError::PoolTakesTraffic {
+                    color: *color,
+                    percent: current.weights.percent(*color),
+                });
+            }
+            pool_change = Some(PoolChange {
+                color: *color,
+                from: std::mem::replace(&mut pool.backends, backends.clone()),
+                to: backends.clone(),
+            });
+        }
+    }
+    if let Live::Full(c) = current.weights.live() {
+        if next.weights != current.weights {
+            next.previous = Some(c);
+        }
+    }
+    next.generation = current.generation + 1;
+    let entry = HistoryEntry {
+        generation: next.generation,
+        at: humantime::format_rfc3339_seconds(meta.at).to_string(),
+        action: cmd.action(),
+        from: current.weights,
+        to: next.weights,
+        reason: meta.reason.clone(),
+        actor: meta.actor.clone(),
+        pool: pool_change,
+    };
+    push_history(&mut next, entry);
+    Ok(Outcome::Changed(next))
+}
+
+fn push_history(state: &mut ServiceState, entry: HistoryEntry) {
+    state.history.push_back(entry);
+    while state.history.len() > HISTORY_LIMIT {
+        state.history.pop_front();
+    }
+}
+
+/// Brings `state` in line with `config`: services new to the config start
+/// from `initial`, services gone from it are dropped, and a pool whose list
+/// in the file changed since the state last saw it takes the file's list
+/// (recorded as a `pool` change by `config`). Weights and generations of
+/// existing services are kept. Pure, like [`apply`].
+pub fn reconcile(state: &RoutingState, config: &Config, at: SystemTime) -> RoutingState {
+    let mut out = RoutingState::default();
+    for svc in &config.services {
+        let next = match state.services.get(&svc.name) {
+            None => initial_state(svc, at),
+            Some(cur) => reconcile_service(cur, svc, at),
+        };
+        out.services.insert(svc.name.clone(), next);
+    }
+    out
+}
+
+fn initial_state(svc: &ServiceConfig, at: SystemTime) -> ServiceState {
+    let weights = Weights::full(svc.initial);
+    let pool = |c: Color| PoolState {
+        backends: svc.pool(c).to_vec(),
+        config: svc.pool(c).to_vec(),
+    };
+    let mut state = ServiceState {
+        weights,
+        generation: 1,
+        previous: None,
+        pools: Pools {
+            blue: pool(Color::Blue),
+            green: pool(Color::Green),
+        },
+        history: VecDeque::new(),
+    };
+    push_history(
+        &mut state,
+        HistoryEntry {
+            generation: 1,
+            at: humantime::format_rfc3339_seconds(at).to_string(),
+            action: Action::Init,
+            from: weights,
+            to: weights,
+            reason: Some(format!("service added, initial pool {}", svc.initial)),
+            actor: "config".into(),
+            pool: None,
+        },
+    );
+    state
+}
+
+fn reconcile_service(cur: &ServiceState, svc: &ServiceConfig, at: SystemTime) -> ServiceState {
+    let mut next = cur.clone();
+    for color in Color::ALL {
+        let file = svc.pool(color);
+        let pool = next.pools.get_mut(color);
+        if pool.config.as_slice() == file {
+            continue;
+        }
+        let from = std::mem::replace(&mut pool.backends, file.to_vec());
+        pool.config = file.to_vec();
+        if from.as_slice() == file {
+            // The API had already set what the file now says.
+            continue;
+        }
+        next.generation += 1;
+        let generation = next.generation;
+        push_history(
+            &mut next,
+            HistoryEntry {
+                generation,
+                at: humantime::format_rfc3339_seconds(at).to_string(),
+                action: Action::Pool,
+                from: cur.weights,
+                to: cur.weights,
+                reason: Some("config file changed".into()),
+                actor: "config".into(),
+                pool: Some(PoolChange {
+                    color,
+                    from,
+                    to: file.to_vec(),
+                }),
+            },
+        );
+    }
+    next
+}
+
+/// Backend lists as strings in JSON (`"10.0.0.7:8080"`, `"https://h:443"`).
+mod addr_list {
+    use super::*;
+
+    pub(super) fn serialize<S: Serializer>(v: &[BackendAddr], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(v.iter().map(|a| a.to_string()))
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Vec<BackendAddr>, D::Error> {
+        let raw = Vec::<String>::deserialize(d)?;
+        raw.iter()
+            .map(|s| BackendAddr::parse(s).map_err(de::Error::custom))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(s: &str) -> BackendAddr {
+        BackendAddr::parse(s).expect("test address")
+    }
+
+    fn state() -> RoutingState {
+        let mut s = RoutingState::default();
+        let svc = ServiceState {
+            weights: Weights::full(Color::Blue),
+            generation: 1,
+            previous: None,
+            pools: Pools {
+                blue: PoolState {
+                    backends: vec![addr("127.0.0.1:1")],
+                    config: vec![addr("127.0.0.1:1")],
+                },
+                green: PoolState {
+                    backends: vec![addr("127.0.0.1:2")],
+                    config: vec![addr("127.0.0.1:2")],
+                },
+            },
+            history: VecDeque::new(),
+        };
+        s.services.insert("web".into(), svc);
+        s
+    }
+
+    fn meta() -> ChangeMeta {
+        ChangeMeta {
+            actor: "test".into(),
+            reason: None,
+            at: SystemTime::UNIX_EPOCH,
+            if_match: None,
+        }
+    }
+
+    fn run(s: &mut RoutingState, cmd: Command) -> Result<Outcome, CommandError> {
+        let out = apply(s, "web", &cmd, &meta(), &AllHealthy)?;
+        if let Outcome::Changed(ref n) = out {
+            s.services.insert("web".into(), n.clone());
+        }
+        Ok(out)
+    }
+
+    struct NoneHealthy;
+    impl HealthView for NoneHealthy {
+        fn pool_has_healthy(&self, _: &str, _: Color) -> bool {
+            false
+        }
+    }
+
+    #[test]
+    fn bucket_picks_green_below_share() {
+        let w = Weights::from_green_percent(10.0).expect("valid");
+        assert_eq!(w.pick(0), Color::Green);
+        assert_eq!(w.pick(999), Color::Green);
+        assert_eq!(w.pick(1000), Color::Blue);
+        assert_eq!(w.pick(9999), Color::Blue);
+        assert_eq!(Weights::full(Color::Blue).pick(0), Color::Blue);
+        assert_eq!(Weights::full(Color::Green).pick(9999), Color::Green);
+    }
+
+    #[test]
+    fn ramp_only_moves_clients_blue_to_green() {
+        let steps = [5.0, 25.0, 50.0, 100.0];
+        for bucket in 0..10_000u16 {
+            let mut was_green = false;
+            for pct in steps {
+                let g = Weights::from_green_percent(pct)
+                    .expect("valid")
+                    .pick(bucket)
+                    == Color::Green;
+                assert!(
+                    g || !was_green,
+                    "bucket {bucket} went back to blue at {pct}"
+                );
+                was_green = g;
+            }
+        }
+    }
+
+    #[test]
+    fn percent_parsing_and_json() {
+        assert!(Weights::from_green_percent(150.0).is_err());
+        assert!(Weights::from_green_percent(-1.0).is_err());
+        assert!(Weights::from_green_percent(f64::NAN).is_err());
+        assert!(Weights::from_green_percent(12.345).is_err());
+        let w = Weights::from_green_percent(12.5).expect("valid");
+        assert_eq!(w.green_bp(), 1250);
+        assert_eq!(
+            serde_json::to_string(&w).expect("json"),
+            r#"{"blue":87.5,"green":12.5}"#
+        );
+        let w: Weights = serde_json::from_str(r#"{"blue":90,"green":10}"#).expect("json");
+        assert_eq!(w.green_bp(), 1000);
+        assert!(serde_json::from_str::<Weights>(r#"{"blue":50,"green":10}"#).is_err());
+    }
+
+    #[test]
+    fn switch_bumps_generation_and_records_history() {
+        let mut s = state();
+        run(
+            &mut s,
+            Command::Switch {
+                to: Color::Green,
+                force: false,
+            },
+        )
+        .expect("switch");
+        let svc = &s.services["web"];
+        assert_eq!(svc.weights, Weights::full(Color::Green));
+        assert_eq!(svc.generation, 2);
+        assert_eq!(svc.previous, Some(Color::Blue));
+        let last = svc.history.back().expect("history");
+        assert_eq!(last.action, Action::Switch);
+        assert_eq!(last.from, Weights::full(Color::Blue));
+        assert_eq!(last.to, Weights::full(Color::Green));
+    }
+
+    #[test]
+    fn same_switch_is_unchanged() {
+        let mut s = state();
+        let out = run(
+            &mut s,
+            Command::Switch {
+                to: Color::Blue,
+                force: false,
+            },
+        )
+        .expect("ok");
+        assert_eq!(out, Outcome::Unchanged);
+        assert_eq!(s.services["web"].generation, 1);
+    }
+
+    #[test]
+    fn rollback_undoes_cutover_and_aborts_canary() {
+        let mut s = state();
+        assert_eq!(
+            run(
+                &mut s,
+                Command::Rollback {
+                    to_generation: None
+                }
+            ),
+            Err(CommandError::NothingToRollBack)
+        );
+        run(
+            &mut s,
+            Command::Switch {
+                to: Color::Green,
+                force: false,
+            },
+        )
+        .expect("switch");
+        run(
+            &mut s,
+            Command::Rollback {
+                to_generation: None,
+            },
+        )
+        .expect("rollback");
+        assert_eq!(s.services["web"].weights, Weights::full(Color::Blue));
+        // Canary from blue: 10 %, 50 %, then abort.
+        for pct in [10.0, 50.0] {
+            let w = Weights::from_green_percent(pct).expect("valid");
+            run(
+                &mut s,
+                Command::Split {
+                    weights: w,
+                    force: false,
+                },
+            )
+            .expect("split");
+        }
+        run(
+            &mut s,
+            Command::Rollback {
+                to_generation: None,
+            },
+        )
+        .expect("rollback");
+        assert_eq!(s.services["web"].weights, Weights::full(Color::Blue));
+        // Rollback to a generation.
+        run(
+            &mut s,
+            Command::Rollback {
+                to_generation: Some(5),
+            },
+        )
+        .expect("to generation");
+        assert_eq!(s.services["web"].weights.green_bp(), 5000);
+        let err = run(
+            &mut s,
+            Command::Rollback {
+                to_generation: Some(99),
+            },
+        );
+        assert!(matches!(
+            err,
+            Err(CommandError::BadField {
+                field: "to_generation",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn gates_refuse_and_change_nothing() {
+        let s = state();
+        let cmd = Command::Switch {
+            to: Color::Green,
+            force: false,
+        };
+        assert_eq!(
+            apply(&s, "web", &cmd, &meta(), &NoneHealthy),
+            Err(CommandError::NoHealthyBackend(Color::Green))
+        );
+        let forced = Command::Switch {
+            to: Color::Green,
+            force: true,
+        };
+        assert!(apply(&s, "web", &forced, &meta(), &NoneHealthy).is_ok());
+        let pool = Command::SetPool {
+            color: Color::Blue,
+            backends: vec![addr("127.0.0.1:9")],
+            force: false,
+        };
+        assert!(matches!(
+            apply(&s, "web", &pool, &meta(), &AllHealthy),
+            Err(CommandError::PoolTakesTraffic {
+                color: Color::Blue,
+                ..
+            })
+        ));
+        let mut m = meta();
+        m.if_match = Some(7);
+        assert_eq!(
+            apply(&s, "web", &cmd, &m, &AllHealthy),
+            Err(CommandError::StaleGeneration {
+                expected: 7,
+                current: 1
+            })
+        );
+        assert_eq!(
+            apply(&s, "nope", &cmd, &meta(), &AllHealthy),
+            Err(CommandError::UnknownService("nope".into()))
+        );
+        assert_eq!(s, state());
+    }
+
+    #[test]
+    fn set_pool_validates_and_records() {
+        let mut s = state();
+        let dup = Command::SetPool {
+            color: Color::Green,
+            backends: vec![addr("127.0.0.1:9"), addr("127.0.0.1:9")],
+            force: false,
+        };
+        assert!(matches!(
+            run(&mut s, dup),
+            Err(CommandError::BadField {
+                field: "backends",
+                ..
+            })
+        ));
+        let empty = Command::SetPool {
+            color: Color::Green,
+            backends: vec![],
+            force: false,
+        };
+        assert!(matches!(
+            run(&mut s, empty),
+            Err(CommandError::BadField {
+                field: "backends",
+                ..
+            })
+        ));
+        let ok = Command::SetPool {
+            color: Color::Green,
+            backends: vec![addr("127.0.0.1:9")],
+            force: false,
+        };
+        run(&mut s, ok).expect("set pool");
+        let svc = &s.services["web"];
+        assert_eq!(svc.pools.green.backends, vec![addr("127.0.0.1:9")]);
+        assert_eq!(svc.generation, 2);
+        assert_eq!(svc.previous, None, "pool changes do not move traffic");
+    }
+
+    #[test]
+    fn reconcile_latest_writer_wins() {
+        let mut s = state();
+        run(
+            &mut s,
+            Command::SetPool {
+                color: Color::Green,
+                backends: vec![addr("127.0.0.1:9")],
+                force: false,
+            },
+        )
+        .expect("set pool");
+        let mut cfg = crate::config::Config::demo(
+            "127.0.0.1:1".parse().expect("addr"),
+            "127.0.0.1:2".parse().expect("addr"),
+        );
+        cfg.services[0].name = "web".into();
+        // Unchanged file: the API's list stands.
+        let r = reconcile(&s, &cfg, SystemTime::UNIX_EPOCH);
+        assert_eq!(
+            r.services["web"].pools.green.backends,
+            vec![addr("127.0.0.1:9")]
+        );
+        // File changed: the file wins, with a history entry.
+        cfg.services[0].green = vec![addr("127.0.0.1:3")];
+        let r = reconcile(&s, &cfg, SystemTime::UNIX_EPOCH);
+        assert_eq!(
+            r.services["web"].pools.green.backends,
+            vec![addr("127.0.0.1:3")]
+        );
+        assert_eq!(r.services["web"].generation, 3);
+        // New service appears, removed one disappears.
+        cfg.services[0].name = "other".into();
+        let r = reconcile(&s, &cfg, SystemTime::UNIX_EPOCH);
+        assert!(r.services.contains_key("other") && !r.services.contains_key("web"));
+        assert_eq!(r.services["other"].generation, 1);
+    }
+}

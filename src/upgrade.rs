@@ -1,0 +1,107 @@
+//! Upgraded connections (WebSocket and other HTTP/1.1 `Upgrade`s).
+//!
+//! After the backend answers 101, the client and backend byte streams are
+//! joined. The connection stays on its backend across switches (SPEC §3);
+//! once its pool stops taking traffic it gets `drain_timeout` to finish and
+//! is then closed (0 = never closed).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
+use hyper::Response;
+use hyper_util::rt::TokioIo;
+use tokio::sync::watch;
+
+use crate::backend::InFlight;
+use crate::color::Color;
+use crate::metrics::Metrics;
+use crate::routing::Snapshot;
+use crate::server::DrainToken;
+
+/// What an upgraded connection watches to know when to drain.
+pub struct Watch {
+    /// The routing table.
+    pub table: Arc<ArcSwap<Snapshot>>,
+    /// Ticks whenever the table is swapped.
+    pub changes: watch::Receiver<()>,
+    /// The service it belongs to.
+    pub service: Arc<str>,
+    /// The pool it was routed to.
+    pub color: Color,
+    /// Grace after its pool stops taking traffic; 0 = never close.
+    pub drain_timeout: Duration,
+    /// For `switchyard_upgrades_drained_total`.
+    pub metrics: Arc<Metrics>,
+    /// Keeps shutdown waiting while it lives.
+    pub drain: DrainToken,
+}
+
+impl Watch {
+    /// Does its pool still take traffic in the current table?
+    fn pool_is_live(&self) -> bool {
+        let snap = self.table.load();
+        snap.route(&self.service)
+            .is_some_and(|r| r.weights.takes_traffic(self.color))
+    }
+}
+
+/// Joins the client's and the backend's upgraded streams in a task.
+pub fn bridge(
+    client: OnUpgrade,
+    resp: &mut Response<Incoming>,
+    in_flight: InFlight,
+    mut watch: Watch,
+) {
+    let upstream = hyper::upgrade::on(resp);
+    tokio::spawn(async move {
+        let _in_flight = in_flight;
+        let (client, upstream) = match tokio::try_join!(client, upstream) {
+            Ok(pair) => pair,
+            Err(e) => {
+                tracing::debug!(error = %e, "upgrade failed");
+                return;
+            }
+        };
+        let mut client = TokioIo::new(client);
+        let mut upstream = TokioIo::new(upstream);
+        let copy = tokio::io::copy_bidirectional(&mut client, &mut upstream);
+        tokio::pin!(copy);
+        // Armed once the pool stops taking traffic.
+        let deadline = tokio::time::sleep(Duration::MAX / 4);
+        tokio::pin!(deadline);
+        let mut armed = false;
+        loop {
+            tokio::select! {
+                res = &mut copy => {
+                    if let Err(e) = res {
+                        tracing::debug!(error = %e, "upgraded connection ended with an error");
+                    }
+                    return;
+                }
+                changed = watch.changes.changed(), if !armed && !watch.drain_timeout.is_zero() => {
+                    if changed.is_err() {
+                        // The control plane is gone: we are shutting down.
+                        armed = true;
+                        deadline.as_mut().reset(tokio::time::Instant::now() + watch.drain_timeout);
+                    } else if !watch.pool_is_live() {
+                        armed = true;
+                        deadline.as_mut().reset(tokio::time::Instant::now() + watch.drain_timeout);
+                    }
+                }
+                () = &mut deadline, if armed => {
+                    watch.metrics.upgrades_drained.inc();
+                    tracing::info!(
+                        service = %watch.service,
+                        pool = %watch.color,
+                        "closing upgraded connection: its pool stopped taking traffic {:?} ago",
+                        watch.drain_timeout
+                    );
+                    return;
+                }
+            }
+        }
+    });
+}
