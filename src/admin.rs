@@ -599,40 +599,27 @@ mod tests {
 
     #[test]
     fn decoding_names_the_field() {
-        let e = decode_switch(&obj(r#"{"to":"purple"}"#))
-            .err()
-            .expect("refused");
+        let e = decode_switch(&obj(r#"{"to":"purple"}"#)).expect_err("refused");
         assert_eq!(e.field, Some("to"));
         assert!(e.message.contains("purple"));
-        let e = decode_switch(&obj(r#"{"to":"green","colour":1}"#))
-            .err()
-            .expect("refused");
+        let e = decode_switch(&obj(r#"{"to":"green","colour":1}"#)).expect_err("refused");
         assert_eq!(e.code, "unknown_field");
         assert!(e.message.contains("colour"));
-        let e = decode_split(&obj(r#"{"green":150}"#))
-            .err()
-            .expect("refused");
+        let e = decode_split(&obj(r#"{"green":150}"#)).expect_err("refused");
         assert_eq!(e.field, Some("green"));
-        let e = decode_split(&obj(r#"{"green":"10"}"#))
-            .err()
-            .expect("refused");
+        let e = decode_split(&obj(r#"{"green":"10"}"#)).expect_err("refused");
         assert_eq!(e.field, Some("green"));
-        let e = decode_split(&obj(r#"{"green":10,"blue":80}"#))
-            .err()
-            .expect("refused");
+        let e = decode_split(&obj(r#"{"green":10,"blue":80}"#)).expect_err("refused");
         assert_eq!(e.field, Some("blue"));
         assert!(decode_split(&obj(r#"{"green":12.5,"blue":87.5}"#)).is_ok());
-        let e = decode_pool(&obj(r#"{"backends":["127.0.0.1"]}"#), Color::Green)
-            .err()
-            .expect("refused");
+        let e =
+            decode_pool(&obj(r#"{"backends":["127.0.0.1"]}"#), Color::Green).expect_err("refused");
         assert!(
             e.message.contains("[0]") && e.message.contains("port"),
             "{}",
             e.message
         );
-        let e = decode_rollback(&obj(r#"{"to_generation":-1}"#))
-            .err()
-            .expect("refused");
+        let e = decode_rollback(&obj(r#"{"to_generation":-1}"#)).expect_err("refused");
         assert_eq!(e.field, Some("to_generation"));
         assert!(matches!(
             decode_rollback(&Map::new()),

@@ -244,16 +244,13 @@ async fn serve(
     instructions: Option<fn(std::net::SocketAddr, std::net::SocketAddr) -> String>,
 ) -> ExitCode {
     use tokio::signal::unix::{signal, SignalKind};
-    let (mut term, mut int, mut hup) = match (
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
         signal(SignalKind::hangup()),
-    ) {
-        (Ok(t), Ok(i), Ok(h)) => (t, i, h),
-        _ => {
-            eprintln!("switchyard: cannot install signal handlers");
-            return ExitCode::FAILURE;
-        }
+    ) else {
+        eprintln!("switchyard: cannot install signal handlers");
+        return ExitCode::FAILURE;
     };
     let running = match app::start(config, opts).await {
         Ok(r) => r,

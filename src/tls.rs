@@ -149,11 +149,7 @@ impl SniResolver {
     fn pick(&self, sni: Option<&str>) -> Option<&LoadedCert> {
         if let Some(name) = sni {
             let name = name.to_ascii_lowercase();
-            if let Some(c) = self
-                .certs
-                .iter()
-                .find(|c| c.exact.iter().any(|n| *n == name))
-            {
+            if let Some(c) = self.certs.iter().find(|c| c.exact.contains(&name)) {
                 return Some(c);
             }
             // A wildcard covers exactly one label.
