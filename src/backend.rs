@@ -154,8 +154,17 @@ pub struct Backend {
     ip: Option<SocketAddr>,
     tls: Option<Arc<UpstreamTls>>,
     health: AtomicU8,
-    /// Until when (in [`now_ms`]) passive ejection keeps it out.
+    /// Is it actively health-checked? Then an ejected backend returns only
+    /// through a passing check after its back-off; otherwise when the
+    /// back-off ends.
+    checked: bool,
+    /// Until when (in [`now_ms`]) passive ejection keeps it out
+    /// (`u64::MAX`: until a passing check after `backoff_until_ms`).
     ejected_until_ms: AtomicU64,
+    /// End of the current ejection back-off.
+    backoff_until_ms: AtomicU64,
+    /// When it was last ejected (to forget old ejections).
+    last_ejection_ms: AtomicU64,
     consecutive_failures: AtomicU32,
     ejections: AtomicU32,
     in_flight: AtomicUsize,
@@ -165,11 +174,13 @@ pub struct Backend {
 }
 
 impl Backend {
-    /// A backend starting in `health`, reached over TLS when `tls` is set.
+    /// A backend starting in `health`, reached over TLS when `tls` is set;
+    /// `checked` when active health checks run for it.
     pub fn new(
         addr: BackendAddr,
         tls: Option<Arc<UpstreamTls>>,
         health: Health,
+        checked: bool,
         healthy_gauge: IntGauge,
     ) -> Backend {
         let ip = addr
@@ -185,7 +196,10 @@ impl Backend {
             ip,
             tls,
             health: AtomicU8::new(health as u8),
+            checked,
             ejected_until_ms: AtomicU64::new(0),
+            backoff_until_ms: AtomicU64::new(0),
+            last_ejection_ms: AtomicU64::new(0),
             consecutive_failures: AtomicU32::new(0),
             ejections: AtomicU32::new(0),
             in_flight: AtomicUsize::new(0),
@@ -207,15 +221,20 @@ impl Backend {
         Health::from_u8(self.health.load(Ordering::Relaxed))
     }
 
-    /// Sets health (active checks). Returns true if it changed.
+    /// Sets health from an active check result. Returns true if it changed.
+    /// A passing check also ends a passive ejection whose back-off is over
+    /// (the backend "returns through the active check").
     pub fn set_health(&self, h: Health) -> bool {
         let old = self.health.swap(h as u8, Ordering::Relaxed);
+        if h == Health::Healthy
+            && self.ejected_until_ms.load(Ordering::Relaxed) != 0
+            && now_ms() >= self.backoff_until_ms.load(Ordering::Relaxed)
+        {
+            self.ejected_until_ms.store(0, Ordering::Relaxed);
+            self.consecutive_failures.store(0, Ordering::Relaxed);
+        }
         self.healthy_gauge
             .set(i64::from(h == Health::Healthy && !self.is_ejected()));
-        if h == Health::Healthy {
-            // A passing check ends a passive ejection early.
-            self.ejected_until_ms.store(0, Ordering::Relaxed);
-        }
         old != h as u8
     }
 
@@ -250,9 +269,10 @@ impl Backend {
         }
     }
 
-    /// A request to it failed (connect error, reset, 5xx). After `threshold`
-    /// consecutive failures it is ejected for `base * 2^(ejections)` (capped
-    /// at `max`), if `may_eject` allows. Returns true if this ejected it.
+    /// A request to it failed (connect error, reset, timeout, 5xx). After
+    /// `threshold` consecutive failures it is ejected for `base * 2^n`
+    /// (n = recent ejections, capped at `max`), if `may_eject` allows.
+    /// Returns true if this ejected it.
     pub fn record_failure(
         &self,
         threshold: u32,
@@ -264,18 +284,26 @@ impl Backend {
         if n < threshold || self.is_ejected() || !may_eject() {
             return false;
         }
+        let now = now_ms();
         self.consecutive_failures.store(0, Ordering::Relaxed);
-        let k = self.ejections.fetch_add(1, Ordering::Relaxed).min(16);
-        let dur = base.saturating_mul(1u32 << k.min(10)).min(max);
-        let until = now_ms() + u64::try_from(dur.as_millis()).unwrap_or(u64::MAX / 2);
+        // Ejections long past are forgiven: the back-off starts over.
+        let forget_after = u64::try_from(max.as_millis()).unwrap_or(u64::MAX / 4) * 2;
+        if now.saturating_sub(self.last_ejection_ms.swap(now, Ordering::Relaxed)) > forget_after {
+            self.ejections.store(0, Ordering::Relaxed);
+        }
+        let k = self.ejections.fetch_add(1, Ordering::Relaxed).min(10);
+        let dur = base.saturating_mul(1u32 << k).min(max);
+        let backoff_until = now + u64::try_from(dur.as_millis()).unwrap_or(u64::MAX / 4);
+        self.backoff_until_ms
+            .store(backoff_until, Ordering::Relaxed);
+        let until = if self.checked {
+            u64::MAX
+        } else {
+            backoff_until
+        };
         self.ejected_until_ms.store(until, Ordering::Relaxed);
         self.healthy_gauge.set(0);
         true
-    }
-
-    /// Forget past ejections (after a long healthy stretch).
-    pub fn reset_ejections(&self) {
-        self.ejections.store(0, Ordering::Relaxed);
     }
 
     /// Takes the backend out of service: idle connections close now, busy

@@ -532,7 +532,13 @@ fn build(
                             Health::Unknown
                         };
                         let gauge = metrics.backend_healthy(&svc.name, color, &addr.to_string());
-                        let b = Arc::new(Backend::new(addr.clone(), rt.tls.clone(), health, gauge));
+                        let b = Arc::new(Backend::new(
+                            addr.clone(),
+                            rt.tls.clone(),
+                            health,
+                            svc.health.is_some(),
+                            gauge,
+                        ));
                         if let Some(h) = &svc.health {
                             crate::health::spawn_checker(
                                 &b,

@@ -18,7 +18,7 @@ use http::{Request, StatusCode};
 use http_body_util::Empty;
 use hyper_util::rt::TokioIo;
 
-use crate::backend::{now_ms, Backend, Health};
+use crate::backend::{Backend, Health};
 use crate::config::{HealthConfig, Scheme};
 use crate::routing::Pool;
 
@@ -131,12 +131,11 @@ pub fn spawn_checker(
                 } else {
                     tracing::warn!(service = %service, pool, backend = %backend.label, "backend unhealthy");
                 }
-            } else if ok && backend.health() == Health::Healthy && backend.is_ejected() {
-                // A passing check ends a passive ejection (it returns
-                // through the active check).
+            } else if ok && backend.is_ejected() {
+                // A passing check after the back-off ends a passive
+                // ejection: the backend returns through the active check.
                 backend.set_health(Health::Healthy);
             }
-            let _ = now_ms();
         }
     });
 }

@@ -39,6 +39,9 @@
 //! - [`tls`]: rustls server (SNI, reload) and upstream TLS.
 //! - [`app`]: startup and shutdown wiring.
 
+// Input from outside never reaches an unwrap (tests may unwrap freely).
+#![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod admin;
 pub mod app;
 pub mod auth;

@@ -1,6 +1,8 @@
 //! The `switchyard` command (SPEC §1): parse arguments, load and check the
 //! config before anything binds, build the runtime, run until a signal.
 
+#![warn(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 

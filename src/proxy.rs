@@ -11,12 +11,14 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
+use bytes::Bytes;
 use http::header::{HeaderValue, CONNECTION, EXPECT, HOST, SET_COOKIE, UPGRADE};
 use http::uri::{PathAndQuery, Uri};
-use http::{Request, Response, StatusCode, Version};
+use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 
-use crate::backend::{Backend, UpstreamBody};
+use crate::backend::{now_ms, Backend, UpstreamBody, UpstreamConn};
+use crate::color::Color;
 use crate::error::ProxyError;
 use crate::exchange::{pool_header, Exchange, LogFields, ProxyBody};
 use crate::headers::{
@@ -24,7 +26,7 @@ use crate::headers::{
     X_FORWARDED_PROTO, X_REQUEST_ID, X_SWITCHYARD_POOL,
 };
 use crate::metrics::Metrics;
-use crate::routing::{choose_pool, pick_backend, Route, Snapshot};
+use crate::routing::{choose_pool, pick_backend, PoolChoice, Route, Settings, Snapshot};
 use crate::server::{ActiveRequest, DrainToken};
 use crate::upgrade;
 
@@ -113,11 +115,6 @@ impl Proxy {
     ) -> Response<ProxyBody> {
         let status = err.status();
         ex.status = status.as_u16();
-        if let (Some(kind), Some(svc), Some(choice)) =
-            (err.upstream_kind(), &ex.service, &ex.choice)
-        {
-            svc.pool_metrics(choice.color).upstream_error(kind);
-        }
         if ex.service.is_none() {
             ex.count_unmatched(Arc::clone(&self.metrics));
         }
@@ -179,126 +176,211 @@ impl Proxy {
         let mut choice = choose_pool(route, &parts.headers);
         ex.choice = Some(choice);
 
-        // 4. The upstream request head.
+        // 4. The upstream request head and body.
         let client_upgrade = prepare_request(&mut parts, client)?;
-        let body = if http_body::Body::is_end_stream(&body) {
-            UpstreamBody::empty()
-        } else {
-            UpstreamBody::Incoming(body)
-        };
-        let mut req = Request::from_parts(parts, body);
+        let (body, replay) = upstream_body(&parts, body).await?;
+        let req = Request::from_parts(parts, body);
 
-        // 5. Send, retrying on another backend of the pool if the request
-        //    could not be sent at all (nothing reached the backend).
+        // 5. Send, with bounded retries.
         let settings = &snap.settings;
+        let (mut resp, conn, backend) = self
+            .send(route, settings, &mut choice, req, replay, ex)
+            .await?;
+        route.service.retry_budget.earn();
+
+        // 6. The response head for the client.
+        let status = resp.status();
+        ex.status = status.as_u16();
+        if status.is_server_error() {
+            self.upstream_failed(route, &backend, choice.color);
+        } else {
+            backend.record_success();
+        }
+        if status == StatusCode::SWITCHING_PROTOCOLS {
+            match client_upgrade {
+                Some(client_side) => {
+                    upgrade::bridge(
+                        client_side,
+                        &mut resp,
+                        backend.start_request(),
+                        upgrade::Watch {
+                            table: Arc::clone(&self.table),
+                            changes: self.changes.clone(),
+                            service: Arc::clone(&route.service.name),
+                            color: choice.color,
+                            drain_timeout: settings.drain_timeout,
+                            metrics: Arc::clone(&self.metrics),
+                            drain: client.drain.clone(),
+                        },
+                    );
+                }
+                None => {
+                    return Err(ProxyError::UnexpectedUpgrade {
+                        backend: backend.label.clone(),
+                    })
+                }
+            }
+        } else {
+            remove_hop_by_hop(resp.headers_mut());
+            ex.upstream = Some(conn);
+        }
+        let h = resp.headers_mut();
+        if settings.add_pool_header {
+            h.insert(X_SWITCHYARD_POOL.clone(), pool_header(choice.color));
+        }
+        if let Some(id) = &ex.request_id {
+            h.insert(X_REQUEST_ID.clone(), id.clone());
+        }
+        if let (true, Some(bucket)) = (choice.set_cookie, choice.bucket) {
+            h.append(SET_COOKIE, route.service.bucket_cookie(bucket));
+        }
+        Ok(resp)
+    }
+
+    /// Sends `req` to a backend of the chosen pool and waits for the
+    /// response head. Retries, within the pool and the service's retry
+    /// budget, when nothing reached a backend (connect failed, or the
+    /// pooled connection was dead before the request went out: any method),
+    /// and once when an idempotent request with a replayable body met a
+    /// reset. Timeouts are never retried.
+    async fn send(
+        &self,
+        route: &Route,
+        settings: &Settings,
+        choice: &mut PoolChoice,
+        mut req: Request<UpstreamBody>,
+        replay: Option<Replay>,
+        ex: &mut Exchange,
+    ) -> Result<(Response<Incoming>, UpstreamConn, Arc<Backend>), ProxyError> {
+        let svc = &route.service;
         let mut tried = [0usize; MAX_ATTEMPTS];
-        let mut attempt = 0;
+        let mut n_tried = 0;
+        let mut attempts = 0;
+        let mut replayed = false;
+        let mut last_err = None;
         loop {
-            let backend = pick_backend(route, &mut choice, &tried[..attempt])
-                .ok_or(ProxyError::NoHealthyBackend(choice.color))?;
-            ex.choice = Some(choice);
+            let picked = if attempts == 0 {
+                pick_backend(route, choice, &[])
+            } else {
+                // Retries stay in the pool the request was routed to.
+                route
+                    .pool(choice.color)
+                    .pick(svc.balance, now_ms(), &tried[..n_tried])
+            };
+            let Some(backend) = picked.cloned() else {
+                return Err(last_err.unwrap_or(ProxyError::NoHealthyBackend(choice.color)));
+            };
+            ex.choice = Some(*choice);
             ex.in_flight = Some(backend.start_request());
             req.headers_mut()
                 .insert(X_SWITCHYARD_POOL.clone(), pool_header(choice.color));
-            tried[attempt] = Arc::as_ptr(backend) as usize;
-            attempt += 1;
-            let can_retry = attempt < MAX_ATTEMPTS;
+            attempts += 1;
+            let more = attempts < MAX_ATTEMPTS;
 
-            let mut conn = match backend.checkout(settings.connect_timeout).await {
-                Ok((conn, _reused)) => conn,
+            let (mut conn, reused) = match backend.checkout(settings.connect_timeout).await {
+                Ok(c) => c,
                 Err(source) => {
-                    self.upstream_failed(route, backend, choice.color);
-                    if can_retry {
-                        route.service.pool_metrics(choice.color).retries.inc();
-                        continue;
-                    }
-                    return Err(ProxyError::Connect {
+                    let err = ProxyError::Connect {
                         backend: backend.label.clone(),
                         source,
-                    });
+                    };
+                    self.upstream_error(route, &backend, choice.color, &err, true);
+                    if more && svc.retry_budget.try_spend() {
+                        svc.pool_metrics(choice.color).retries.inc();
+                        tried[n_tried] = Arc::as_ptr(&backend) as usize;
+                        n_tried += 1;
+                        last_err = Some(err);
+                        continue;
+                    }
+                    return Err(err);
                 }
             };
             let sent =
                 tokio::time::timeout(settings.request_timeout, conn.sender.try_send_request(req))
                     .await;
-            let mut resp = match sent {
-                Ok(Ok(resp)) => resp,
-                Ok(Err(mut err)) => {
-                    if let (Some(unsent), true) = (err.take_message(), can_retry) {
-                        // The connection died before the request went out:
-                        // nothing reached the backend, so any method is safe
-                        // to send again.
-                        req = unsent;
-                        route.service.pool_metrics(choice.color).retries.inc();
-                        continue;
-                    }
-                    self.upstream_failed(route, backend, choice.color);
-                    return Err(ProxyError::Upstream {
-                        backend: backend.label.clone(),
-                        source: err.into_error(),
-                    });
-                }
+            let mut failed = match sent {
+                Ok(Ok(resp)) => return Ok((resp, conn, backend)),
+                Ok(Err(failed)) => failed,
                 Err(_elapsed) => {
-                    self.upstream_failed(route, backend, choice.color);
-                    return Err(ProxyError::Timeout {
+                    let err = ProxyError::Timeout {
                         backend: backend.label.clone(),
                         timeout: settings.request_timeout,
-                    });
+                    };
+                    self.upstream_error(route, &backend, choice.color, &err, true);
+                    return Err(err);
                 }
             };
-
-            // 6. The response head for the client.
-            let status = resp.status();
-            ex.status = status.as_u16();
-            if status.is_server_error() {
-                self.upstream_failed(route, backend, choice.color);
-            } else {
-                backend.record_success();
-            }
-            if status == StatusCode::SWITCHING_PROTOCOLS {
-                match client_upgrade {
-                    Some(client_side) => {
-                        upgrade::bridge(
-                            client_side,
-                            &mut resp,
-                            backend.start_request(),
-                            upgrade::Watch {
-                                table: Arc::clone(&self.table),
-                                changes: self.changes.clone(),
-                                service: Arc::clone(&route.service.name),
-                                color: choice.color,
-                                drain_timeout: settings.drain_timeout,
-                                metrics: Arc::clone(&self.metrics),
-                                drain: client.drain.clone(),
-                            },
-                        );
-                    }
-                    None => {
-                        return Err(ProxyError::UnexpectedUpgrade {
-                            backend: backend.label.clone(),
-                        })
-                    }
+            let unsent = failed.take_message();
+            let source = failed.into_error();
+            let reset = unsent.is_some() || is_reset(&source);
+            let err = ProxyError::Upstream {
+                backend: backend.label.clone(),
+                source,
+            };
+            // A pooled connection the backend closed while idle is no fault
+            // of the backend; a fresh connection failing is.
+            self.upstream_error(route, &backend, choice.color, &err, !(reused && reset));
+            if let Some(unsent) = unsent {
+                // The connection died before the request went out: nothing
+                // reached the backend, so any method may be sent again.
+                req = unsent;
+                if !reused {
+                    tried[n_tried] = Arc::as_ptr(&backend) as usize;
+                    n_tried += 1;
                 }
-            } else {
-                remove_hop_by_hop(resp.headers_mut());
-                ex.upstream = Some(conn);
+                if more {
+                    svc.pool_metrics(choice.color).retries.inc();
+                    last_err = Some(err);
+                    continue;
+                }
+                return Err(err);
             }
-            let h = resp.headers_mut();
-            if settings.add_pool_header {
-                h.insert(X_SWITCHYARD_POOL.clone(), pool_header(choice.color));
+            match &replay {
+                Some(r) if reset && !replayed && more && svc.retry_budget.try_spend() => {
+                    // Idempotent, and we hold the whole request: send it
+                    // once more, elsewhere if the pool has another backend.
+                    replayed = true;
+                    req = r.rebuild();
+                    tried[n_tried] = Arc::as_ptr(&backend) as usize;
+                    n_tried += 1;
+                    svc.pool_metrics(choice.color).retries.inc();
+                    if route
+                        .pool(choice.color)
+                        .pick(svc.balance, now_ms(), &tried[..n_tried])
+                        .is_none()
+                    {
+                        // No other backend: a fresh connection to this one.
+                        n_tried -= 1;
+                    }
+                    last_err = Some(err);
+                }
+                _ => return Err(err),
             }
-            if let Some(id) = &ex.request_id {
-                h.insert(X_REQUEST_ID.clone(), id.clone());
-            }
-            if let (true, Some(bucket)) = (choice.set_cookie, choice.bucket) {
-                h.append(SET_COOKIE, route.service.bucket_cookie(bucket));
-            }
-            return Ok(resp);
         }
     }
 
-    /// Records a failed exchange with a backend: metrics and passive ejection.
-    fn upstream_failed(&self, route: &Route, backend: &Arc<Backend>, color: crate::color::Color) {
+    /// Records an upstream error (`switchyard_upstream_errors_total`), and,
+    /// when `blame` says the backend is at fault, a failure towards its
+    /// passive ejection.
+    fn upstream_error(
+        &self,
+        route: &Route,
+        backend: &Arc<Backend>,
+        color: Color,
+        err: &ProxyError,
+        blame: bool,
+    ) {
+        if let Some(kind) = err.upstream_kind() {
+            route.service.pool_metrics(color).upstream_error(kind);
+        }
+        if blame {
+            self.upstream_failed(route, backend, color);
+        }
+    }
+
+    /// Records a failed exchange with a backend (error or 5xx) towards its
+    /// passive ejection.
+    fn upstream_failed(&self, route: &Route, backend: &Arc<Backend>, color: Color) {
         let pool = route.pool(color);
         let ejected = backend.record_failure(
             crate::health::EJECT_AFTER_FAILURES,
@@ -423,4 +505,93 @@ fn prepare_request(
         _ => None,
     };
     Ok(client_upgrade)
+}
+
+/// Largest request body held in memory so that an idempotent request can
+/// be sent again after a reset.
+const REPLAY_BODY_MAX: u64 = 64 * 1024;
+
+/// What is needed to send an idempotent request again.
+struct Replay {
+    method: Method,
+    uri: Uri,
+    headers: http::HeaderMap,
+    body: Option<Bytes>,
+}
+
+impl Replay {
+    fn of(parts: &http::request::Parts, body: Option<Bytes>) -> Replay {
+        Replay {
+            method: parts.method.clone(),
+            uri: parts.uri.clone(),
+            headers: parts.headers.clone(),
+            body,
+        }
+    }
+
+    fn rebuild(&self) -> Request<UpstreamBody> {
+        let mut req = Request::new(UpstreamBody::Full(self.body.clone()));
+        *req.method_mut() = self.method.clone();
+        *req.uri_mut() = self.uri.clone();
+        *req.headers_mut() = self.headers.clone();
+        *req.version_mut() = Version::HTTP_11;
+        req
+    }
+}
+
+/// The body to send upstream, and, for idempotent requests whose body is
+/// empty or small and of known length, what is needed to send it again.
+async fn upstream_body(
+    parts: &http::request::Parts,
+    body: Incoming,
+) -> Result<(UpstreamBody, Option<Replay>), ProxyError> {
+    use http_body::Body as _;
+    let idempotent = matches!(
+        parts.method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    );
+    if body.is_end_stream() {
+        return Ok((
+            UpstreamBody::empty(),
+            idempotent.then(|| Replay::of(parts, None)),
+        ));
+    }
+    if idempotent
+        && body
+            .size_hint()
+            .exact()
+            .is_some_and(|n| n <= REPLAY_BODY_MAX)
+    {
+        let bytes = http_body_util::BodyExt::collect(http_body_util::Limited::new(
+            body,
+            REPLAY_BODY_MAX as usize,
+        ))
+        .await
+        .map_err(|_| ProxyError::BadRequest("400 could not read the request body\n"))?
+        .to_bytes();
+        let replay = Replay::of(parts, Some(bytes.clone()));
+        return Ok((UpstreamBody::Full(Some(bytes)), Some(replay)));
+    }
+    Ok((UpstreamBody::Incoming(body), None))
+}
+
+/// Did the connection break (reset, closed early), as opposed to time out
+/// or answer garbage?
+fn is_reset(err: &hyper::Error) -> bool {
+    if err.is_incomplete_message() || err.is_closed() || err.is_canceled() {
+        return true;
+    }
+    let mut source = std::error::Error::source(err);
+    while let Some(e) = source {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::ConnectionAborted
+            );
+        }
+        source = e.source();
+    }
+    false
 }

@@ -48,6 +48,51 @@ impl Settings {
     }
 }
 
+/// Retry budget of a service: every request earns a fifth of a retry (up
+/// to a reserve of 100), every retry spends one. So retries add at most
+/// about 20 % to the load a service sees, even when all its backends fail
+/// (Envoy's retry budget, as a token bucket). Starts with 10 retries.
+pub struct RetryBudget {
+    /// Tenths of a retry.
+    tenths: AtomicUsize,
+}
+
+impl RetryBudget {
+    const CAP: usize = 1000;
+    const EARN: usize = 2;
+    const COST: usize = 10;
+
+    /// A budget holding 10 retries.
+    pub fn new() -> RetryBudget {
+        RetryBudget {
+            tenths: AtomicUsize::new(100),
+        }
+    }
+
+    /// A request passed: earn. Only a load when the reserve is full.
+    #[inline]
+    pub fn earn(&self) {
+        if self.tenths.load(Ordering::Relaxed) < Self::CAP {
+            self.tenths.fetch_add(Self::EARN, Ordering::Relaxed);
+        }
+    }
+
+    /// Spends one retry if the budget allows it.
+    pub fn try_spend(&self) -> bool {
+        self.tenths
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| {
+                t.checked_sub(Self::COST)
+            })
+            .is_ok()
+    }
+}
+
+impl Default for RetryBudget {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// The static part of a service: its name, policies and metric handles.
 /// Rebuilt only when its config changes.
 pub struct Service {
@@ -65,6 +110,8 @@ pub struct Service {
     pub metrics: [PoolMetrics; 2],
     /// Are active health checks configured?
     pub health_checked: bool,
+    /// Bounds retries across all its requests.
+    pub retry_budget: RetryBudget,
 }
 
 impl Service {
@@ -86,6 +133,7 @@ impl Service {
             preview,
             metrics,
             health_checked,
+            retry_budget: RetryBudget::new(),
         }
     }
 
@@ -487,7 +535,13 @@ mod tests {
     fn backend(m: &Metrics, port: u16) -> Arc<Backend> {
         let addr = BackendAddr::parse(&format!("127.0.0.1:{port}")).expect("addr");
         let g = m.backend_healthy("t", Color::Blue, &addr.to_string());
-        Arc::new(Backend::new(addr, None, crate::backend::Health::Healthy, g))
+        Arc::new(Backend::new(
+            addr,
+            None,
+            crate::backend::Health::Healthy,
+            false,
+            g,
+        ))
     }
 
     fn route(name: &str, m: &Metrics, green_pct: f64) -> Route {
@@ -697,6 +751,29 @@ mod tests {
         assert!(
             pick_backend(&r, &mut preview, &[]).is_none(),
             "preview never fails over"
+        );
+    }
+
+    #[test]
+    fn retry_budget_bounds_retries() {
+        let b = RetryBudget::new();
+        let initial = (0..100).filter(|_| b.try_spend()).count();
+        assert_eq!(initial, 10);
+        for _ in 0..50 {
+            b.earn();
+        }
+        assert_eq!(
+            (0..100).filter(|_| b.try_spend()).count(),
+            10,
+            "50 requests earn 10 retries"
+        );
+        for _ in 0..100_000 {
+            b.earn();
+        }
+        assert_eq!(
+            (0..1000).filter(|_| b.try_spend()).count(),
+            100,
+            "the reserve is capped"
         );
     }
 

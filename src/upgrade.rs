@@ -57,7 +57,6 @@ pub fn bridge(
 ) {
     let upstream = hyper::upgrade::on(resp);
     tokio::spawn(async move {
-        let _in_flight = in_flight;
         let (client, upstream) = match tokio::try_join!(client, upstream) {
             Ok(pair) => pair,
             Err(e) => {
@@ -73,6 +72,9 @@ pub fn bridge(
         let deadline = tokio::time::sleep(Duration::MAX / 4);
         tokio::pin!(deadline);
         let mut armed = false;
+        // Only a change from taking traffic to not arms the drain: a tester's
+        // preview connection to the idle pool is left alone until then.
+        let mut was_live = watch.pool_is_live();
         loop {
             tokio::select! {
                 res = &mut copy => {
@@ -86,9 +88,13 @@ pub fn bridge(
                         // The control plane is gone: we are shutting down.
                         armed = true;
                         deadline.as_mut().reset(tokio::time::Instant::now() + watch.drain_timeout);
-                    } else if !watch.pool_is_live() {
-                        armed = true;
-                        deadline.as_mut().reset(tokio::time::Instant::now() + watch.drain_timeout);
+                    } else {
+                        let live = watch.pool_is_live();
+                        if (was_live && !live) || in_flight.backend().is_retired() {
+                            armed = true;
+                            deadline.as_mut().reset(tokio::time::Instant::now() + watch.drain_timeout);
+                        }
+                        was_live = live;
                     }
                 }
                 () = &mut deadline, if armed => {

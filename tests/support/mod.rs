@@ -89,6 +89,8 @@ pub struct Upstream {
     pub addr: SocketAddr,
     pub name: &'static str,
     pub hits: Arc<AtomicUsize>,
+    /// Connections open right now.
+    pub conns: Arc<AtomicUsize>,
     healthy: Arc<AtomicBool>,
     stop: Option<watch::Sender<()>>,
 }
@@ -106,6 +108,8 @@ impl Upstream {
         let healthy = Arc::new(AtomicBool::new(true));
         let (stop, stop_rx) = watch::channel(());
         let (h, ok) = (Arc::clone(&hits), Arc::clone(&healthy));
+        let conns = Arc::new(AtomicUsize::new(0));
+        let open = Arc::clone(&conns);
         tokio::spawn(async move {
             let mut stop_accept = stop_rx.clone();
             loop {
@@ -115,6 +119,8 @@ impl Upstream {
                 };
                 let (h, ok) = (Arc::clone(&h), Arc::clone(&ok));
                 let mut stop_conn = stop_rx.clone();
+                let open = Arc::clone(&open);
+                open.fetch_add(1, Ordering::SeqCst);
                 tokio::spawn(async move {
                     let svc = service_fn(move |req| {
                         let (h, ok) = (Arc::clone(&h), Arc::clone(&ok));
@@ -128,6 +134,7 @@ impl Upstream {
                         // Killed: drop the connection without a goodbye.
                         _ = stop_conn.changed() => {}
                     }
+                    open.fetch_sub(1, Ordering::SeqCst);
                 });
             }
         });
@@ -135,9 +142,14 @@ impl Upstream {
             addr,
             name,
             hits,
+            conns,
             healthy,
             stop: Some(stop),
         }
+    }
+
+    pub fn open_connections(&self) -> usize {
+        self.conns.load(Ordering::SeqCst)
     }
 
     pub fn hits(&self) -> usize {
@@ -193,7 +205,10 @@ async fn upstream_answer(
         "/headers" => {
             let mut m = serde_json::Map::new();
             for (k, v) in req.headers() {
-                m.insert(k.to_string(), Value::from(v.to_str().unwrap_or("").to_string()));
+                m.insert(
+                    k.to_string(),
+                    Value::from(v.to_str().unwrap_or("").to_string()),
+                );
             }
             let v = serde_json::json!({
                 "method": req.method().as_str(),
@@ -215,7 +230,8 @@ async fn upstream_answer(
         p if p.starts_with("/status/") => {
             let code: u16 = p[8..].parse().unwrap_or(500);
             let mut r = Response::new(full(format!("{name} {code}")));
-            *r.status_mut() = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            *r.status_mut() =
+                StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
             r
         }
         p if p.starts_with("/sleep/") => {
@@ -241,7 +257,12 @@ async fn websocket_echo(mut req: Request<Incoming>) -> Response<Body> {
     let on = hyper::upgrade::on(&mut req);
     tokio::spawn(async move {
         let Ok(upgraded) = on.await else { return };
-        let ws = tokio_tungstenite::WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
+        let ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+            TokioIo::new(upgraded),
+            Role::Server,
+            None,
+        )
+        .await;
         use futures_util::{SinkExt, StreamExt};
         let (mut tx, mut rx) = ws.split();
         while let Some(Ok(msg)) = rx.next().await {
@@ -258,7 +279,10 @@ async fn websocket_echo(mut req: Request<Incoming>) -> Response<Body> {
     let h = resp.headers_mut();
     h.insert("connection", http::HeaderValue::from_static("upgrade"));
     h.insert("upgrade", http::HeaderValue::from_static("websocket"));
-    h.insert("sec-websocket-accept", http::HeaderValue::from_str(&key).unwrap());
+    h.insert(
+        "sec-websocket-accept",
+        http::HeaderValue::from_str(&key).unwrap(),
+    );
     resp
 }
 
@@ -316,7 +340,12 @@ impl Svc {
     }
 
     pub fn toml(&self) -> String {
-        let list = |v: &[SocketAddr]| v.iter().map(|a| format!("\"{a}\"")).collect::<Vec<_>>().join(", ");
+        let list = |v: &[SocketAddr]| {
+            v.iter()
+                .map(|a| format!("\"{a}\""))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
         let (inline, tables): (Vec<&str>, Vec<&str>) = {
             let mut inline = Vec::new();
             let mut tables = Vec::new();
@@ -384,7 +413,8 @@ impl TestProxy {
     pub async fn start_text(dir: TempDir, text: &str) -> TestProxy {
         let config_path = dir.join("switchyard.toml");
         std::fs::write(&config_path, text).unwrap();
-        let config = switchyard::config::load(&config_path).unwrap_or_else(|e| panic!("test config invalid:\n{e}\n{text}"));
+        let config = switchyard::config::load(&config_path)
+            .unwrap_or_else(|e| panic!("test config invalid:\n{e}\n{text}"));
         let running = switchyard::app::start(
             config,
             switchyard::app::StartOptions {
@@ -413,7 +443,11 @@ impl TestProxy {
         get(&self.client, &self.url(path), &[]).await
     }
 
-    pub async fn get_with(&self, path: &str, headers: &[(&str, &str)]) -> (StatusCode, HeaderMap, String) {
+    pub async fn get_with(
+        &self,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> (StatusCode, HeaderMap, String) {
         get(&self.client, &self.url(path), headers).await
     }
 
@@ -438,15 +472,24 @@ pub fn http1_client() -> HttpClient {
 
 /// An HTTP/2 prior-knowledge (h2c) client.
 pub fn h2_client() -> HttpClient {
-    Client::builder(TokioExecutor::new()).http2_only(true).build_http()
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http()
 }
 
-pub async fn get(client: &HttpClient, url: &str, headers: &[(&str, &str)]) -> (StatusCode, HeaderMap, String) {
+pub async fn get(
+    client: &HttpClient,
+    url: &str,
+    headers: &[(&str, &str)],
+) -> (StatusCode, HeaderMap, String) {
     let mut req = Request::get(url);
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
-    let resp = client.request(req.body(empty()).unwrap()).await.unwrap_or_else(|e| panic!("GET {url}: {e:?}"));
+    let resp = client
+        .request(req.body(empty()).unwrap())
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e:?}"));
     let status = resp.status();
     let headers = resp.headers().clone();
     let body = resp.into_body().collect().await.unwrap().to_bytes();
@@ -469,8 +512,16 @@ impl Admin {
         }
     }
 
-    pub async fn call(&self, method: &str, path: &str, body: Option<&str>, headers: &[(&str, &str)]) -> (StatusCode, Value) {
-        let mut req = Request::builder().method(method).uri(format!("{}{}", self.base, path));
+    pub async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+        headers: &[(&str, &str)],
+    ) -> (StatusCode, Value) {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(format!("{}{}", self.base, path));
         if let Some(t) = &self.token {
             req = req.header("authorization", format!("Bearer {t}"));
         }
@@ -484,7 +535,8 @@ impl Admin {
         let resp = self.client.request(req.body(body).unwrap()).await.unwrap();
         let status = resp.status();
         let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-        let value = serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::from(String::from_utf8_lossy(&bytes).into_owned()));
+        let value = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| Value::from(String::from_utf8_lossy(&bytes).into_owned()));
         (status, value)
     }
 
@@ -600,7 +652,9 @@ impl ProxyProcess {
             _ => {
                 let status = child.wait().map(|s| s.to_string()).unwrap_or_default();
                 let text = log.lock().unwrap().join("\n");
-                Err(format!("switchyard exited ({status}) before ready:\n{text}"))
+                Err(format!(
+                    "switchyard exited ({status}) before ready:\n{text}"
+                ))
             }
         }
     }
@@ -646,7 +700,10 @@ impl Drop for ProxyProcess {
 
 /// Runs `switchyard ARGS` to completion: exit code, stdout, stderr.
 pub fn run_binary(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_switchyard")).args(args).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(args)
+        .output()
+        .unwrap();
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
