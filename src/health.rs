@@ -18,7 +18,7 @@ use http::{Request, StatusCode};
 use http_body_util::Empty;
 use hyper_util::rt::TokioIo;
 
-use crate::backend::{Backend, Health};
+use crate::backend::{now_ms, Backend, Health};
 use crate::config::{HealthConfig, Scheme};
 use crate::routing::Pool;
 
@@ -31,15 +31,19 @@ pub const EJECT_MAX: Duration = Duration::from_secs(300);
 /// Largest share of a pool that may be ejected at once, in percent.
 pub const MAX_EJECTED_PERCENT: usize = 50;
 
-/// May one more backend of `pool` be ejected without passing the cap?
-/// A pool of one may always eject (failover covers it).
-pub fn may_eject(pool: &Pool) -> bool {
+/// May `backend` be ejected from `pool`? Only if another backend of the
+/// pool stays available and at most half the pool would be ejected: a blip
+/// must never empty a pool (a pool of one is never passively ejected; its
+/// active checks still judge it).
+pub fn may_eject(pool: &Pool, backend: &Backend) -> bool {
+    let now = now_ms();
     let n = pool.backends.len();
-    if n <= 1 {
-        return true;
-    }
     let ejected = pool.backends.iter().filter(|b| b.is_ejected()).count();
-    (ejected + 1) * 100 <= n * MAX_EJECTED_PERCENT
+    let others_available = pool
+        .backends
+        .iter()
+        .any(|b| !std::ptr::eq(&**b, backend) && b.is_available(now));
+    others_available && (ejected + 1) * 100 <= n * MAX_EJECTED_PERCENT
 }
 
 /// Consecutive-result counter with thresholds.
@@ -186,6 +190,42 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn pool(n: u16) -> Pool {
+        let m = crate::metrics::Metrics::new();
+        let backends = (1..=n)
+            .map(|port| {
+                let addr =
+                    crate::config::BackendAddr::parse(&format!("127.0.0.1:{port}")).expect("addr");
+                let g = m.backend_healthy("t", crate::color::Color::Blue, &addr.to_string());
+                Arc::new(Backend::new(addr, None, Health::Healthy, false, g))
+            })
+            .collect();
+        Pool::new(crate::color::Color::Blue, backends)
+    }
+
+    fn eject(pool: &Pool, i: usize) -> bool {
+        let b = &pool.backends[i];
+        (0..EJECT_AFTER_FAILURES).any(|_| {
+            b.record_failure(EJECT_AFTER_FAILURES, EJECT_BASE, EJECT_MAX, || {
+                may_eject(pool, b)
+            })
+        })
+    }
+
+    #[test]
+    fn ejection_never_empties_a_pool() {
+        let one = pool(1);
+        assert!(!eject(&one, 0), "a pool of one is never passively ejected");
+        let two = pool(2);
+        assert!(eject(&two, 0));
+        assert!(!eject(&two, 1), "the last available backend stays");
+        let four = pool(4);
+        assert!(eject(&four, 0));
+        assert!(eject(&four, 1));
+        assert!(!eject(&four, 2), "at most half the pool");
+        assert!(four.backends[0].is_ejected() && !four.backends[2].is_ejected());
+    }
 
     #[test]
     fn hysteresis_flips_only_after_thresholds() {

@@ -386,7 +386,7 @@ impl Proxy {
             crate::health::EJECT_AFTER_FAILURES,
             crate::health::EJECT_BASE,
             crate::health::EJECT_MAX,
-            || crate::health::may_eject(pool),
+            || crate::health::may_eject(pool, backend),
         );
         if ejected {
             route.service.pool_metrics(color).ejections.inc();
