@@ -41,6 +41,7 @@
 
 // Input from outside never reaches an unwrap (tests may unwrap freely).
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
+#![warn(missing_docs)]
 
 pub mod admin;
 pub mod app;
