@@ -51,10 +51,18 @@ impl Ca {
         self.leaf_with(names, KeyPair::generate().unwrap(), |_| {})
     }
 
-    fn leaf_with(&self, names: &[&str], key: KeyPair, edit: impl FnOnce(&mut CertificateParams)) -> Leaf {
+    fn leaf_with(
+        &self,
+        names: &[&str],
+        key: KeyPair,
+        edit: impl FnOnce(&mut CertificateParams),
+    ) -> Leaf {
         let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
         let mut params = CertificateParams::new(names.clone()).unwrap();
-        params.distinguished_name.push(DnType::CommonName, names.first().cloned().unwrap_or_default());
+        params.distinguished_name.push(
+            DnType::CommonName,
+            names.first().cloned().unwrap_or_default(),
+        );
         edit(&mut params);
         let cert = params.signed_by(&key, &self.issuer).unwrap();
         Leaf {
@@ -80,7 +88,10 @@ struct Leaf {
 impl Leaf {
     /// Writes `NAME.pem` and `NAME.key` into `dir`.
     fn write(&self, dir: &Path, name: &str) -> (PathBuf, PathBuf) {
-        let (c, k) = (dir.join(format!("{name}.pem")), dir.join(format!("{name}.key")));
+        let (c, k) = (
+            dir.join(format!("{name}.pem")),
+            dir.join(format!("{name}.key")),
+        );
         std::fs::write(&c, &self.cert_pem).unwrap();
         std::fs::write(&k, &self.key_pem).unwrap();
         (c, k)
@@ -88,22 +99,40 @@ impl Leaf {
 }
 
 fn fixture(name: &str) -> String {
-    std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)).unwrap()
+    std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(name),
+    )
+    .unwrap()
 }
 
 /// `[proxy]` lines for a TLS listener with these (cert, key) files.
 fn tls_lines(entries: &[(PathBuf, PathBuf)]) -> String {
     let mut s = String::from("tls_listen = \"127.0.0.1:0\"\n");
     for (c, k) in entries {
-        s.push_str(&format!("[[proxy.tls]]\ncert = \"{}\"\nkey = \"{}\"\n", c.display(), k.display()));
+        s.push_str(&format!(
+            "[[proxy.tls]]\ncert = \"{}\"\nkey = \"{}\"\n",
+            c.display(),
+            k.display()
+        ));
     }
     s
 }
 
-async fn tls_proxy(dir: TempDir, entries: &[(PathBuf, PathBuf)], services: &[Svc]) -> (TestProxy, SocketAddr) {
+async fn tls_proxy(
+    dir: TempDir,
+    entries: &[(PathBuf, PathBuf)],
+    services: &[Svc],
+) -> (TestProxy, SocketAddr) {
     let text = config_text(dir.path(), &tls_lines(entries), services);
     let proxy = TestProxy::start_text(dir, &text).await;
-    let addr = proxy.running.as_ref().unwrap().tls_addr.expect("tls listener");
+    let addr = proxy
+        .running
+        .as_ref()
+        .unwrap()
+        .tls_addr
+        .expect("tls listener");
     (proxy, addr)
 }
 
@@ -125,10 +154,20 @@ impl ServerCertVerifier for AnyCert {
     ) -> Result<ServerCertVerified, rustls::Error> {
         Ok(ServerCertVerified::assertion())
     }
-    fn verify_tls12_signature(&self, m: &[u8], c: &CertificateDer<'_>, d: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
     }
-    fn verify_tls13_signature(&self, m: &[u8], c: &CertificateDer<'_>, d: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
@@ -141,31 +180,52 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 }
 
 /// A client config verifying against `roots` (or nothing), offering `alpn`.
-fn client(roots: Option<RootCertStore>, alpn: &[&[u8]], versions: &[&'static rustls::SupportedProtocolVersion]) -> Arc<ClientConfig> {
-    let b = ClientConfig::builder_with_provider(provider()).with_protocol_versions(versions).unwrap();
+fn client(
+    roots: Option<RootCertStore>,
+    alpn: &[&[u8]],
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> Arc<ClientConfig> {
+    let b = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(versions)
+        .unwrap();
     let mut c = match roots {
         Some(r) => b.with_root_certificates(r).with_no_client_auth(),
-        None => b.dangerous().with_custom_certificate_verifier(Arc::new(AnyCert(provider()))).with_no_client_auth(),
+        None => b
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AnyCert(provider())))
+            .with_no_client_auth(),
     };
     c.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Arc::new(c)
 }
 
-const BOTH: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13, &rustls::version::TLS12];
+const BOTH: &[&rustls::SupportedProtocolVersion] =
+    &[&rustls::version::TLS13, &rustls::version::TLS12];
 
 /// Handshake with `sni` (None: no SNI, as when connecting by IP address).
-async fn connect(addr: SocketAddr, sni: Option<&str>, config: Arc<ClientConfig>) -> std::io::Result<TlsStream<TcpStream>> {
+async fn connect(
+    addr: SocketAddr,
+    sni: Option<&str>,
+    config: Arc<ClientConfig>,
+) -> std::io::Result<TlsStream<TcpStream>> {
     let tcp = TcpStream::connect(addr).await?;
     let name = match sni {
         Some(n) => ServerName::try_from(n.to_string()).unwrap(),
         None => ServerName::IpAddress(addr.ip().into()),
     };
-    tokio_rustls::TlsConnector::from(config).connect(name, tcp).await
+    tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
 }
 
 /// The leaf certificate the server presented.
 fn served(tls: &TlsStream<TcpStream>) -> CertificateDer<'static> {
-    tls.get_ref().1.peer_certificates().expect("peer certificates")[0].clone().into_owned()
+    tls.get_ref()
+        .1
+        .peer_certificates()
+        .expect("peer certificates")[0]
+        .clone()
+        .into_owned()
 }
 
 async fn served_for(addr: SocketAddr, sni: Option<&str>) -> CertificateDer<'static> {
@@ -176,14 +236,19 @@ async fn served_for(addr: SocketAddr, sni: Option<&str>) -> CertificateDer<'stat
 type H1 = hyper::client::conn::http1::SendRequest<Body>;
 
 async fn h1(tls: TlsStream<TcpStream>) -> H1 {
-    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.unwrap();
+    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
     tokio::spawn(conn);
     send
 }
 
 async fn h1_get(send: &mut H1, host: &str, path: &str) -> (StatusCode, String) {
     send.ready().await.unwrap();
-    let req = Request::get(path).header("host", host).body(empty()).unwrap();
+    let req = Request::get(path)
+        .header("host", host)
+        .body(empty())
+        .unwrap();
     let resp = send.send_request(req).await.unwrap();
     let status = resp.status();
     let body = resp.into_body().collect().await.unwrap().to_bytes();
@@ -202,15 +267,32 @@ async fn http1_and_h2_over_tls_chosen_by_alpn() {
     let (proxy, addr) = tls_proxy(dir, &[files], &[Svc::new("web", &[&blue], &[&green])]).await;
 
     // ALPN h2 first: HTTP/2, verified against the CA for the name.
-    let tls = connect(addr, Some("a.test"), client(Some(ca.roots()), &[b"h2", b"http/1.1"], BOTH)).await.unwrap();
+    let tls = connect(
+        addr,
+        Some("a.test"),
+        client(Some(ca.roots()), &[b"h2", b"http/1.1"], BOTH),
+    )
+    .await
+    .unwrap();
     assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
-    assert_eq!(tls.get_ref().1.protocol_version(), Some(rustls::ProtocolVersion::TLSv1_3));
-    let (mut send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls)).await.unwrap();
+    assert_eq!(
+        tls.get_ref().1.protocol_version(),
+        Some(rustls::ProtocolVersion::TLSv1_3)
+    );
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .unwrap();
     tokio::spawn(conn);
     for _ in 0..3 {
-        let req = Request::get("https://a.test/headers").body(empty()).unwrap();
+        let req = Request::get("https://a.test/headers")
+            .body(empty())
+            .unwrap();
         let resp = send.send_request(req).await.unwrap();
-        assert_eq!((resp.status(), resp.version()), (StatusCode::OK, Version::HTTP_2));
+        assert_eq!(
+            (resp.status(), resp.version()),
+            (StatusCode::OK, Version::HTTP_2)
+        );
         assert_eq!(resp.headers()["x-switchyard-pool"], "blue");
         let body = resp.into_body().collect().await.unwrap().to_bytes();
         let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
@@ -223,16 +305,37 @@ async fn http1_and_h2_over_tls_chosen_by_alpn() {
         (&[&b"http/1.1"[..]][..], BOTH),
         (&[][..], &[&rustls::version::TLS12][..]),
     ] {
-        let tls = connect(addr, Some("a.test"), client(Some(ca.roots()), alpn, versions)).await.unwrap();
-        let want_alpn = if alpn.is_empty() { None } else { Some(&b"http/1.1"[..]) };
+        let tls = connect(
+            addr,
+            Some("a.test"),
+            client(Some(ca.roots()), alpn, versions),
+        )
+        .await
+        .unwrap();
+        let want_alpn = if alpn.is_empty() {
+            None
+        } else {
+            Some(&b"http/1.1"[..])
+        };
         assert_eq!(tls.get_ref().1.alpn_protocol(), want_alpn);
         let mut send = h1(tls).await;
         for _ in 0..2 {
-            assert_eq!(h1_get(&mut send, "a.test", "/").await, (StatusCode::OK, "blue".to_string()));
+            assert_eq!(
+                h1_get(&mut send, "a.test", "/").await,
+                (StatusCode::OK, "blue".to_string())
+            );
         }
     }
     let metrics = proxy.admin.metrics().await;
-    assert!(metric(&metrics, "switchyard_requests_total{code=\"2xx\",pool=\"blue\",service=\"web\"}").unwrap_or(0.0) >= 7.0, "{metrics}");
+    assert!(
+        metric(
+            &metrics,
+            "switchyard_requests_total{code=\"2xx\",pool=\"blue\",service=\"web\"}"
+        )
+        .unwrap_or(0.0)
+            >= 7.0,
+        "{metrics}"
+    );
     assert!(proxy.shutdown().await);
 }
 
@@ -252,15 +355,33 @@ async fn sni_picks_exact_then_wildcard_else_the_first_certificate() {
     let (proxy, addr) = tls_proxy(dir, &entries, &[Svc::new("web", &[&up], &[&up])]).await;
 
     assert_eq!(served_for(addr, Some("a.test")).await, exact.der);
-    assert_eq!(served_for(addr, Some("B.TEST")).await, exact.der, "SNI is case-insensitive");
+    assert_eq!(
+        served_for(addr, Some("B.TEST")).await,
+        exact.der,
+        "SNI is case-insensitive"
+    );
     assert_eq!(served_for(addr, Some("x.wild.test")).await, wild.der);
-    assert_eq!(served_for(addr, Some("deep.x.wild.test")).await, default.der, "a wildcard covers one label");
+    assert_eq!(
+        served_for(addr, Some("deep.x.wild.test")).await,
+        default.der,
+        "a wildcard covers one label"
+    );
     assert_eq!(served_for(addr, Some("wild.test")).await, default.der);
-    assert_eq!(served_for(addr, Some("other.test")).await, default.der, "unknown name → first entry");
-    assert_eq!(served_for(addr, None).await, default.der, "no SNI → first entry");
+    assert_eq!(
+        served_for(addr, Some("other.test")).await,
+        default.der,
+        "unknown name → first entry"
+    );
+    assert_eq!(
+        served_for(addr, None).await,
+        default.der,
+        "no SNI → first entry"
+    );
     // And a verifying client accepts each for its name.
     for name in ["a.test", "x.wild.test", "default.test"] {
-        let tls = connect(addr, Some(name), client(Some(ca.roots()), &[], BOTH)).await.unwrap();
+        let tls = connect(addr, Some(name), client(Some(ca.roots()), &[], BOTH))
+            .await
+            .unwrap();
         let mut send = h1(tls).await;
         assert_eq!(h1_get(&mut send, name, "/").await.0, StatusCode::OK);
     }
@@ -291,19 +412,30 @@ async fn rsa_and_ec_keys_in_pkcs1_sec1_and_pkcs8() {
     let p256 = ca.leaf(&["ec8.test"]);
     entries.push(p256.write(dir.path(), "ec8"));
     leaves.push(("ec8", p256));
-    let ed = ca.leaf_with(&["ed.test"], KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap(), |_| {});
+    let ed = ca.leaf_with(
+        &["ed.test"],
+        KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap(),
+        |_| {},
+    );
     entries.push(ed.write(dir.path(), "ed"));
     leaves.push(("ed", ed));
 
     let (proxy, addr) = tls_proxy(dir, &entries, &[Svc::new("web", &[&up], &[&up])]).await;
     for (name, leaf) in &leaves {
         let host = format!("{name}.test");
-        for versions in [&[&rustls::version::TLS13][..], &[&rustls::version::TLS12][..]] {
-            let tls = connect(addr, Some(&host), client(Some(ca.roots()), &[], versions)).await
+        for versions in [
+            &[&rustls::version::TLS13][..],
+            &[&rustls::version::TLS12][..],
+        ] {
+            let tls = connect(addr, Some(&host), client(Some(ca.roots()), &[], versions))
+                .await
                 .unwrap_or_else(|e| panic!("{host} {versions:?}: {e}"));
             assert_eq!(served(&tls), leaf.der, "{host}");
             let mut send = h1(tls).await;
-            assert_eq!(h1_get(&mut send, &host, "/").await, (StatusCode::OK, "up".to_string()));
+            assert_eq!(
+                h1_get(&mut send, &host, "/").await,
+                (StatusCode::OK, "up".to_string())
+            );
         }
     }
     assert!(proxy.shutdown().await);
@@ -316,15 +448,31 @@ async fn reload_serves_a_new_certificate_and_keeps_open_connections() {
     let dir = TempDir::new("tls-reload");
     let old = ca.leaf(&["a.test"]);
     let (cert, key) = old.write(dir.path(), "a");
-    let (proxy, addr) = tls_proxy(dir, &[(cert.clone(), key.clone())], &[Svc::new("web", &[&up], &[&up])]).await;
+    let (proxy, addr) = tls_proxy(
+        dir,
+        &[(cert.clone(), key.clone())],
+        &[Svc::new("web", &[&up], &[&up])],
+    )
+    .await;
 
     // An open HTTP/1.1 connection and an open h2 connection on the old certificate.
-    let tls = connect(addr, Some("a.test"), client(Some(ca.roots()), &[], BOTH)).await.unwrap();
+    let tls = connect(addr, Some("a.test"), client(Some(ca.roots()), &[], BOTH))
+        .await
+        .unwrap();
     assert_eq!(served(&tls), old.der);
     let mut open = h1(tls).await;
     assert_eq!(h1_get(&mut open, "a.test", "/").await.0, StatusCode::OK);
-    let tls = connect(addr, Some("a.test"), client(Some(ca.roots()), &[b"h2"], BOTH)).await.unwrap();
-    let (mut open_h2, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls)).await.unwrap();
+    let tls = connect(
+        addr,
+        Some("a.test"),
+        client(Some(ca.roots()), &[b"h2"], BOTH),
+    )
+    .await
+    .unwrap();
+    let (mut open_h2, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .unwrap();
     tokio::spawn(conn);
 
     // A new certificate (and key) in the same files; reload.
@@ -334,15 +482,34 @@ async fn reload_serves_a_new_certificate_and_keeps_open_connections() {
     let (s, v) = proxy.admin.post("/api/v1/reload", "").await;
     assert_eq!(s, StatusCode::OK, "{v}");
 
-    assert_eq!(served_for(addr, Some("a.test")).await, new.der, "new handshakes get the new certificate");
+    assert_eq!(
+        served_for(addr, Some("a.test")).await,
+        new.der,
+        "new handshakes get the new certificate"
+    );
     for _ in 0..3 {
-        assert_eq!(h1_get(&mut open, "a.test", "/").await, (StatusCode::OK, "up".to_string()), "old HTTP/1.1 connection keeps working");
-        let resp = open_h2.send_request(Request::get("https://a.test/").body(empty()).unwrap()).await.unwrap();
-        assert_eq!(resp.status(), StatusCode::OK, "old h2 connection keeps working");
+        assert_eq!(
+            h1_get(&mut open, "a.test", "/").await,
+            (StatusCode::OK, "up".to_string()),
+            "old HTTP/1.1 connection keeps working"
+        );
+        let resp = open_h2
+            .send_request(Request::get("https://a.test/").body(empty()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(
+            resp.status(),
+            StatusCode::OK,
+            "old h2 connection keeps working"
+        );
     }
 
     // A broken certificate is refused, naming the file; the new one keeps serving.
-    std::fs::write(&cert, "-----BEGIN CERTIFICATE-----\nnot base64 at all!\n-----END CERTIFICATE-----\n").unwrap();
+    std::fs::write(
+        &cert,
+        "-----BEGIN CERTIFICATE-----\nnot base64 at all!\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
     let (s, v) = proxy.admin.post("/api/v1/reload", "").await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
     let msg = v["error"]["message"].as_str().unwrap().to_string();
@@ -356,12 +523,26 @@ async fn reload_serves_a_new_certificate_and_keeps_open_connections() {
     let (s, v) = proxy.admin.post("/api/v1/reload", "").await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
     let msg = v["error"]["message"].as_str().unwrap().to_string();
-    assert!(msg.contains(&key.display().to_string()) && msg.contains("does not match"), "{msg}");
+    assert!(
+        msg.contains(&key.display().to_string()) && msg.contains("does not match"),
+        "{msg}"
+    );
     assert_eq!(served_for(addr, Some("a.test")).await, new.der);
 
     let metrics = proxy.admin.metrics().await;
-    assert_eq!(metric(&metrics, "switchyard_config_reloads_total{result=\"error\"}"), Some(2.0), "{metrics}");
-    assert_eq!(metric(&metrics, "switchyard_config_reloads_total{result=\"ok\"}"), Some(1.0), "{metrics}");
+    assert_eq!(
+        metric(
+            &metrics,
+            "switchyard_config_reloads_total{result=\"error\"}"
+        ),
+        Some(2.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        metric(&metrics, "switchyard_config_reloads_total{result=\"ok\"}"),
+        Some(1.0),
+        "{metrics}"
+    );
     drop(open);
     drop(open_h2);
     assert!(proxy.shutdown().await);
@@ -374,10 +555,17 @@ async fn sighup_reloads_certificates_in_the_binary() {
     let dir = TempDir::new("tls-hup");
     let old = ca.leaf(&["a.test"]);
     let (cert, key) = old.write(dir.path(), "a");
-    let text = config_text(dir.path(), &tls_lines(&[(cert.clone(), key.clone())]), &[Svc::new("web", &[&up], &[&up])]);
+    let text = config_text(
+        dir.path(),
+        &tls_lines(&[(cert.clone(), key.clone())]),
+        &[Svc::new("web", &[&up], &[&up])],
+    );
     let config = dir.join("switchyard.toml");
     std::fs::write(&config, text).unwrap();
-    let p = tokio::task::spawn_blocking(move || ProxyProcess::spawn(&config, &[])).await.unwrap().unwrap();
+    let p = tokio::task::spawn_blocking(move || ProxyProcess::spawn(&config, &[]))
+        .await
+        .unwrap()
+        .unwrap();
     let ready = p.log_text();
     let tls_addr: SocketAddr = ready
         .split_whitespace()
@@ -390,7 +578,10 @@ async fn sighup_reloads_certificates_in_the_binary() {
     std::fs::write(&cert, &new.cert_pem).unwrap();
     std::fs::write(&key, &new.key_pem).unwrap();
     p.signal("HUP");
-    let reloaded = eventually(Duration::from_secs(10), || async { p.log_text().contains("config reloaded") }).await;
+    let reloaded = eventually(Duration::from_secs(10), || async {
+        p.log_text().contains("config reloaded")
+    })
+    .await;
     assert!(reloaded, "{}", p.log_text());
     assert_eq!(served_for(tls_addr, Some("a.test")).await, new.der);
 
@@ -398,7 +589,10 @@ async fn sighup_reloads_certificates_in_the_binary() {
     std::fs::write(&key, "garbage").unwrap();
     p.signal("HUP");
     let key_name = key.display().to_string();
-    let failed = eventually(Duration::from_secs(10), || async { p.log_text().contains("config reload failed") }).await;
+    let failed = eventually(Duration::from_secs(10), || async {
+        p.log_text().contains("config reload failed")
+    })
+    .await;
     let log = p.log_text();
     assert!(failed && log.contains(&key_name), "{log}");
     assert_eq!(served_for(tls_addr, Some("a.test")).await, new.der);
@@ -417,22 +611,39 @@ fn check_refuses_expired_and_mismatched_certificates_naming_the_file() {
     let other_key = dir.join("other.key");
     std::fs::write(&other_key, ca.leaf(&["x.test"]).key_pem).unwrap();
     let (exp_cert, exp_key) = expired.write(dir.path(), "expired");
-    let svc = Svc::addrs("web", &["127.0.0.1:9".parse().unwrap()], &["127.0.0.1:9".parse().unwrap()]);
+    let svc = Svc::addrs(
+        "web",
+        &["127.0.0.1:9".parse().unwrap()],
+        &["127.0.0.1:9".parse().unwrap()],
+    );
 
     let check = |entries: &[(PathBuf, PathBuf)], name: &str| {
         let path = dir.join(name);
-        std::fs::write(&path, config_text(dir.path(), &tls_lines(entries), std::slice::from_ref(&svc))).unwrap();
+        std::fs::write(
+            &path,
+            config_text(dir.path(), &tls_lines(entries), std::slice::from_ref(&svc)),
+        )
+        .unwrap();
         run_binary(&["check", "--config", path.to_str().unwrap()])
     };
 
     let (code, _, err) = check(&[(exp_cert.clone(), exp_key)], "expired.toml");
     assert_eq!(code, 1, "{err}");
-    assert!(err.contains(&exp_cert.display().to_string()) && err.contains("expired"), "{err}");
-    assert!(err.contains("expired.toml:4:"), "the [[proxy.tls]] line: {err}");
+    assert!(
+        err.contains(&exp_cert.display().to_string()) && err.contains("expired"),
+        "{err}"
+    );
+    assert!(
+        err.contains("expired.toml:4:"),
+        "the [[proxy.tls]] line: {err}"
+    );
 
     let (code, _, err) = check(&[(good_cert.clone(), other_key.clone())], "mismatch.toml");
     assert_eq!(code, 1, "{err}");
-    assert!(err.contains(&other_key.display().to_string()) && err.contains("does not match"), "{err}");
+    assert!(
+        err.contains(&other_key.display().to_string()) && err.contains("does not match"),
+        "{err}"
+    );
 
     let missing = dir.join("missing.pem");
     let (code, _, err) = check(&[(missing.clone(), other_key.clone())], "missing.toml");
@@ -446,7 +657,10 @@ fn check_refuses_expired_and_mismatched_certificates_naming_the_file() {
     let path = dir.join("expired.toml");
     let started = ProxyProcess::spawn(&path, &[]);
     let err = started.err().expect("refused to start");
-    assert!(err.contains(&exp_cert.display().to_string()) && err.contains("expired"), "{err}");
+    assert!(
+        err.contains(&exp_cert.display().to_string()) && err.contains("expired"),
+        "{err}"
+    );
 }
 
 // ===== TLS to upstreams =====
@@ -461,7 +675,9 @@ struct TlsUpstream {
 
 async fn tls_upstream(cert_pem: &str, key_pem: &str) -> TlsUpstream {
     use rustls::pki_types::pem::PemObject;
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem.as_bytes()).map(|c| c.unwrap()).collect();
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+        .map(|c| c.unwrap())
+        .collect();
     let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).unwrap();
     let config = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
@@ -477,15 +693,25 @@ async fn tls_upstream(cert_pem: &str, key_pem: &str) -> TlsUpstream {
         health_hits: Arc::new(AtomicUsize::new(0)),
         sni: Arc::new(Mutex::new(Vec::new())),
     };
-    let (hits, health, sni) = (Arc::clone(&up.hits), Arc::clone(&up.health_hits), Arc::clone(&up.sni));
+    let (hits, health, sni) = (
+        Arc::clone(&up.hits),
+        Arc::clone(&up.health_hits),
+        Arc::clone(&up.sni),
+    );
     tokio::spawn(async move {
         loop {
-            let Ok((tcp, _)) = listener.accept().await else { return };
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
             let acceptor = acceptor.clone();
             let (hits, health, sni) = (Arc::clone(&hits), Arc::clone(&health), Arc::clone(&sni));
             tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(tcp).await else { return };
-                sni.lock().unwrap().push(tls.get_ref().1.server_name().map(str::to_string));
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                sni.lock()
+                    .unwrap()
+                    .push(tls.get_ref().1.server_name().map(str::to_string));
                 let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
                     let (hits, health) = (Arc::clone(&hits), Arc::clone(&health));
                     async move {
@@ -497,7 +723,9 @@ async fn tls_upstream(cert_pem: &str, key_pem: &str) -> TlsUpstream {
                         Ok::<_, Infallible>(hyper::Response::new(full("secure")))
                     }
                 });
-                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tls), svc).await;
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tls), svc)
+                    .await;
             });
         }
     });
@@ -530,8 +758,20 @@ async fn https_upstream_verified_with_upstream_ca_and_health_checked() {
     text.push_str(&svc("secure", "/", https(up.addr), https(up.addr), true));
     // Three attempts, three backends, every one refused at the handshake.
     let by_ip = format!("\"https://127.0.0.1:{}\"", bad.addr.port());
-    text.push_str(&svc("rogue", "/rogue", format!("{}, {by_ip}", https(bad.addr)), https(bad.addr), false));
-    text.push_str(&svc("rogue-checked", "/rogue-checked", https(bad.addr), https(bad.addr), true));
+    text.push_str(&svc(
+        "rogue",
+        "/rogue",
+        format!("{}, {by_ip}", https(bad.addr)),
+        https(bad.addr),
+        false,
+    ));
+    text.push_str(&svc(
+        "rogue-checked",
+        "/rogue-checked",
+        https(bad.addr),
+        https(bad.addr),
+        true,
+    ));
     let proxy = TestProxy::start_text(dir, &text).await;
 
     for _ in 0..3 {
@@ -539,11 +779,27 @@ async fn https_upstream_verified_with_upstream_ca_and_health_checked() {
         assert_eq!((status, body.as_str()), (StatusCode::OK, "secure"));
     }
     assert_eq!(up.hits.load(Ordering::SeqCst), 3);
-    assert!(up.sni.lock().unwrap().iter().all(|s| s.as_deref() == Some("localhost")), "{:?}", up.sni.lock().unwrap());
+    assert!(
+        up.sni
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|s| s.as_deref() == Some("localhost")),
+        "{:?}",
+        up.sni.lock().unwrap()
+    );
     // Health checks reach the https backend over TLS.
-    assert!(eventually(Duration::from_secs(5), || async { up.health_hits.load(Ordering::SeqCst) >= 3 }).await);
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            up.health_hits.load(Ordering::SeqCst) >= 3
+        })
+        .await
+    );
     let view = proxy.admin.service("secure").await;
-    assert_eq!(view["pools"]["blue"]["backends"][0]["healthy"], true, "{view}");
+    assert_eq!(
+        view["pools"]["blue"]["backends"][0]["healthy"], true,
+        "{view}"
+    );
 
     // The rogue certificate is refused: 502, counted as a TLS error, and
     // nothing reaches that backend; health checks to it fail too.
@@ -557,7 +813,8 @@ async fn https_upstream_verified_with_upstream_ca_and_health_checked() {
         .sum();
     assert!(tls_errors >= 1.0, "{metrics}");
     let unhealthy = eventually(Duration::from_secs(5), || async {
-        proxy.admin.service("rogue-checked").await["pools"]["blue"]["backends"][0]["healthy"] == false
+        proxy.admin.service("rogue-checked").await["pools"]["blue"]["backends"][0]["healthy"]
+            == false
     })
     .await;
     assert!(unhealthy);
@@ -568,7 +825,13 @@ async fn https_upstream_verified_with_upstream_ca_and_health_checked() {
     std::fs::write(&ca_file, "garbage").unwrap();
     let (s, v) = proxy.admin.post("/api/v1/reload", "").await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
-    assert!(v["error"]["message"].as_str().unwrap().contains(&ca_file.display().to_string()), "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains(&ca_file.display().to_string()),
+        "{v}"
+    );
     assert_eq!(proxy.get("/").await.0, StatusCode::OK);
     assert!(proxy.shutdown().await);
 }
