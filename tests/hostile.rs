@@ -765,7 +765,7 @@ async fn h2_oversized_header_list_is_431_and_the_connection_lives_on() {
 async fn h2_settings_and_ping_floods_do_not_take_the_proxy_down() {
     let up = Upstream::start("up").await;
     let proxy = proxy_for("", &up).await;
-    let mut s = h2_connect(proxy.addr).await;
+    let s = h2_connect(proxy.addr).await;
     let mut out = Vec::new();
     for i in 0..50_000u64 {
         frame(&mut out, PING, 0, 0, &i.to_be_bytes());
@@ -773,20 +773,41 @@ async fn h2_settings_and_ping_floods_do_not_take_the_proxy_down() {
             frame(&mut out, SETTINGS, 0, 0, &[0, 3, 0, 0, 0, 100]); // MAX_CONCURRENT_STREAMS
         }
     }
+    const MARK: [u8; 8] = *b"lastping";
+    frame(&mut out, PING, 0, 0, &MARK);
     // Write without reading any answer: the server must push back (stop
-    // reading) rather than queue 50 000 PING ACKs.
-    let wrote = tokio::time::timeout(Duration::from_secs(3), s.write_all(&out)).await;
+    // reading) rather than queue 50 000 PING ACKs; others are served meanwhile.
+    let writer = tokio::spawn(async move {
+        let mut s = s;
+        let _ = tokio::time::timeout(Duration::from_secs(10), s.write_all(&out)).await;
+        s
+    });
     others_are_served(&proxy).await;
-    // Reading now, the answers are bounded by what was read.
-    let frames = read_frames(&mut s, Duration::from_secs(5), |f| f.0 == GOAWAY).await;
-    let acks = frames
+    let mut s = writer.await.unwrap();
+    // Reading now, every PING is answered, in order, up to the last one.
+    let frames = read_frames(&mut s, Duration::from_secs(10), |f| {
+        f.0 == GOAWAY || f.3 == MARK
+    })
+    .await;
+    let acks: Vec<&Vec<u8>> = frames
         .iter()
         .filter(|f| f.0 == PING && f.1 & ACK != 0)
-        .count();
-    assert!(acks <= 50_000, "{acks}");
+        .map(|f| &f.3)
+        .collect();
+    assert_eq!(
+        acks.last().map(|p| p.as_slice()),
+        Some(&MARK[..]),
+        "{} frames",
+        frames.len()
+    );
+    assert_eq!(acks.len(), 50_001);
+    assert!(acks
+        .iter()
+        .take(50_000)
+        .enumerate()
+        .all(|(i, p)| p.as_slice() == (i as u64).to_be_bytes()));
     drop(s);
     others_are_served(&proxy).await;
-    let _ = wrote;
     assert!(proxy.shutdown().await);
 }
 
