@@ -200,7 +200,11 @@ async fn oversized_heads_too_many_headers_and_long_targets() {
     );
     let many: String = (0..130).map(|i| format!("X-H{i}: v\r\n")).collect();
     let too_many = format!("GET / HTTP/1.1\r\nHost: a\r\n{many}\r\n");
-    let long_target = format!("GET /{} HTTP/1.1\r\nHost: a\r\n\r\n", "a".repeat(9000));
+    // 414 is an ordinary answer: ask for the close to see the end.
+    let long_target = format!(
+        "GET /{} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        "a".repeat(9000)
+    );
     let huge_target = format!("GET /{} HTTP/1.1\r\nHost: a\r\n\r\n", "a".repeat(20_000));
     let cases: [(&str, &[u8], u16); 4] = [
         (
@@ -697,8 +701,9 @@ async fn h2_concurrent_streams_are_bounded() {
     }
     s.write_all(&out).await.unwrap();
     // 256 streams are served (after the upstream's 1.5 s); the rest refused.
+    // (256 upstream connects at once can take a few seconds on a busy machine.)
     let (mut refused, mut ok, mut frames) = (0, 0, 0);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while ok + refused < 300 {
         let Some(f) = read_frame(
             &mut s,
