@@ -390,10 +390,15 @@ async fn read_json(body: Incoming) -> Result<Map<String, Value>, ApiError> {
             )
         }
     };
+    parse_object(&bytes)
+}
+
+/// A JSON object from a body (empty body = `{}`).
+fn parse_object(bytes: &[u8]) -> Result<Map<String, Value>, ApiError> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(Map::new());
     }
-    match serde_json::from_slice::<Value>(&bytes) {
+    match serde_json::from_slice::<Value>(bytes) {
         Ok(Value::Object(m)) => Ok(m),
         Ok(_) => Err(ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -406,6 +411,34 @@ async fn read_json(body: Incoming) -> Result<Map<String, Value>, ApiError> {
             format!("invalid JSON: {e}"),
         )),
     }
+}
+
+/// Decodes a mutation body exactly as the API does, without applying it:
+/// `action` is `switch`, `split`, `rollback`, `pools/blue` or `pools/green`.
+/// The error is `(status, code, message)`. For property tests and fuzzing;
+/// never panics.
+pub fn decode_mutation(
+    action: &str,
+    body: &[u8],
+) -> Result<(Command, Option<String>), (StatusCode, &'static str, String)> {
+    let refuse = |e: ApiError| (e.status, e.code, e.message);
+    if body.len() > MAX_BODY {
+        return Err((
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("request body larger than {MAX_BODY} bytes"),
+        ));
+    }
+    let map = parse_object(body).map_err(refuse)?;
+    match action {
+        "switch" => decode_switch(&map),
+        "split" => decode_split(&map),
+        "rollback" => decode_rollback(&map),
+        "pools/blue" => decode_pool(&map, Color::Blue),
+        "pools/green" => decode_pool(&map, Color::Green),
+        _ => Err(ApiError::not_found(format!("no such action `{action}`"))),
+    }
+    .map_err(refuse)
 }
 
 /// Refuses fields not in `known`.

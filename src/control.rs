@@ -369,6 +369,19 @@ impl Control {
             None => Tokens::none(),
         };
         let mut inner = self.inner.lock().await;
+        // CA files of services whose TLS settings are kept are re-read too.
+        let mut upstream_tls = Vec::new();
+        for svc in &config.services {
+            let Some(rt) = inner.runtimes.get(&svc.name) else {
+                continue;
+            };
+            if let (Some(tls), true) = (&rt.tls, same_static_part(&rt.config, svc)) {
+                let fresh = tls.reread().map_err(|e| {
+                    ReloadError::Files(format!("service \"{}\": upstream_ca: {e}", svc.name))
+                })?;
+                upstream_tls.push((Arc::clone(tls), fresh));
+            }
+        }
         warn_restart_only(&inner.config, &config);
         let new_state = state::reconcile(&inner.state, &config, SystemTime::now());
         let built = build(&config, &new_state, &inner.runtimes, &self.metrics)
@@ -392,6 +405,9 @@ impl Control {
             self.metrics.forget_service(&name);
         }
         drop(inner);
+        for (tls, fresh) in upstream_tls {
+            tls.install(fresh);
+        }
         if let (Some(acceptor), Some(cfg)) = (&self.tls, server_tls) {
             acceptor.replace(cfg);
         }

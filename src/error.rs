@@ -15,6 +15,9 @@ pub enum ProxyError {
     /// The request is malformed (missing/invalid Host, bad target, ...).
     #[error("bad request: {0}")]
     BadRequest(&'static str),
+    /// The request target is longer than [`crate::proxy::MAX_TARGET_BYTES`].
+    #[error("request target too long")]
+    UriTooLong,
     /// No service matches host and path.
     #[error("no service matches this host and path")]
     NoRoute,
@@ -59,6 +62,7 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::UriTooLong => StatusCode::URI_TOO_LONG,
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::NoHealthyBackend(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Connect {
@@ -75,9 +79,10 @@ impl ProxyError {
     /// The `kind` label of `switchyard_upstream_errors_total`, if upstream.
     pub fn upstream_kind(&self) -> Option<UpstreamErrorKind> {
         match self {
-            ProxyError::BadRequest(_) | ProxyError::NoRoute | ProxyError::NoHealthyBackend(_) => {
-                None
-            }
+            ProxyError::BadRequest(_)
+            | ProxyError::UriTooLong
+            | ProxyError::NoRoute
+            | ProxyError::NoHealthyBackend(_) => None,
             ProxyError::Connect { source, .. } => Some(match source {
                 ConnectError::Timeout => UpstreamErrorKind::Timeout,
                 ConnectError::Tls(_) => UpstreamErrorKind::Tls,
@@ -96,6 +101,7 @@ impl ProxyError {
     pub fn body(&self) -> &'static str {
         match self {
             ProxyError::BadRequest(why) => why,
+            ProxyError::UriTooLong => "414 request target too long\n",
             ProxyError::NoRoute => "404 no service matches this host and path\n",
             ProxyError::NoHealthyBackend(Color::Blue) => "503 no healthy backend (pool blue)\n",
             ProxyError::NoHealthyBackend(Color::Green) => "503 no healthy backend (pool green)\n",

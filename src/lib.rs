@@ -37,6 +37,7 @@
 //! - [`admin`]: the admin HTTP API and `/metrics`.
 //! - [`health`]: active checks and passive ejection.
 //! - [`tls`]: rustls server (SNI, reload) and upstream TLS.
+//! - [`h1guard`]: strict HTTP/1 request framing (smuggling defence).
 //! - [`app`]: startup and shutdown wiring.
 
 // Input from outside never reaches an unwrap (tests may unwrap freely).
@@ -54,6 +55,7 @@ pub mod ctl;
 pub mod demo;
 pub mod error;
 pub mod exchange;
+pub mod h1guard;
 pub mod headers;
 pub mod health;
 pub mod metrics;

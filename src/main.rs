@@ -146,6 +146,15 @@ fn check(path: &Path) -> ExitCode {
         }
     }
     for svc in &config.services {
+        if svc.upstream_insecure_skip_verify {
+            eprintln!(
+                "{}:{}: warning: service \"{}\": upstream_insecure_skip_verify = true: \
+                 backend TLS certificates are NOT verified",
+                path.display(),
+                svc.line,
+                svc.name
+            );
+        }
         if let Some(ca) = &svc.upstream_ca {
             if let Err(e) = switchyard::tls::UpstreamTls::new(Some(ca), false) {
                 problems.push(format!(

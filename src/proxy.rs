@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::header::{HeaderValue, CONNECTION, EXPECT, HOST, SET_COOKIE, UPGRADE};
+use http::header::{HeaderValue, CONNECTION, EXPECT, HOST, SET_COOKIE, TRANSFER_ENCODING, UPGRADE};
 use http::uri::{PathAndQuery, Uri};
 use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
@@ -32,6 +32,9 @@ use crate::upgrade;
 
 /// Attempts per request when connections fail before the request is sent.
 const MAX_ATTEMPTS: usize = 3;
+
+/// Longest request target (path and query) accepted; 414 above.
+pub const MAX_TARGET_BYTES: usize = 8192;
 
 /// What the proxy knows about the client connection a request came on.
 pub struct ClientInfo {
@@ -152,6 +155,7 @@ impl Proxy {
         ex: &mut Exchange,
     ) -> Result<Response<Incoming>, ProxyError> {
         let (mut parts, body) = req.into_parts();
+        check_framing(&parts)?;
 
         // 1. Which service: host, then longest path prefix.
         let route = {
@@ -312,6 +316,13 @@ impl Proxy {
             };
             let unsent = failed.take_message();
             let source = failed.into_error();
+            if unsent.is_none() && source.is_user() {
+                // The client's body broke (malformed chunk, client gone
+                // mid-upload): not the backend's fault.
+                return Err(ProxyError::BadRequest(
+                    "400 malformed or incomplete request body\n",
+                ));
+            }
             let reset = unsent.is_some() || is_reset(&source);
             let err = ProxyError::Upstream {
                 backend: backend.label.clone(),
@@ -397,6 +408,25 @@ impl Proxy {
                 "backend ejected after consecutive failures"
             );
         }
+    }
+}
+
+/// Refuses what hyper lets through but a proxy must not pass on: a
+/// `Transfer-Encoding` other than exactly `chunked` (hyper already refuses
+/// one whose last coding is not `chunked`, and a `Content-Length` beside
+/// it: see [`crate::h1guard`]), and an over-long target.
+fn check_framing(parts: &http::request::Parts) -> Result<(), ProxyError> {
+    let target = parts.uri.path_and_query().map_or(0, |pq| pq.as_str().len());
+    if target > MAX_TARGET_BYTES {
+        return Err(ProxyError::UriTooLong);
+    }
+    let mut te = parts.headers.get_all(TRANSFER_ENCODING).iter();
+    match (te.next(), te.next()) {
+        (None, _) => Ok(()),
+        (Some(v), None) if v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"chunked") => Ok(()),
+        _ => Err(ProxyError::BadRequest(
+            "400 unsupported Transfer-Encoding (only `chunked` is accepted)\n",
+        )),
     }
 }
 

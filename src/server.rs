@@ -24,6 +24,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use http::{Response, StatusCode};
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -33,6 +34,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 
 use crate::backend::now_ms;
+use crate::exchange::ProxyBody;
+use crate::h1guard::{Finding, H1Guard};
 use crate::metrics::Metrics;
 use crate::proxy::{ClientInfo, Proxy};
 
@@ -118,6 +121,11 @@ pub struct ConnActivity {
     /// When the current state began (idle since / head started), in `now_ms`.
     since_ms: AtomicU64,
     reading_head: AtomicBool,
+    /// HTTP/1: requests handed to the service so far.
+    requests: AtomicU64,
+    /// HTTP/1: index of a request whose body the [`H1Guard`] found
+    /// malformed (`u64::MAX`: none).
+    bad_body: AtomicU64,
 }
 
 impl ConnActivity {
@@ -126,6 +134,8 @@ impl ConnActivity {
             in_flight: AtomicU32::new(0),
             since_ms: AtomicU64::new(now_ms()),
             reading_head: AtomicBool::new(false),
+            requests: AtomicU64::new(0),
+            bad_body: AtomicU64::new(u64::MAX),
         })
     }
 
@@ -145,6 +155,33 @@ impl ConnActivity {
             self.reading_head.store(true, Ordering::Relaxed);
         }
     }
+}
+
+/// Counts an HTTP/1 request handed to the service; true if the guard
+/// already found its body malformed.
+fn next_request_is_bad(a: &ConnActivity) -> bool {
+    let n = a.requests.fetch_add(1, Ordering::Relaxed);
+    a.bad_body.load(Ordering::Relaxed) == n
+}
+
+/// The answer to a request whose chunked body is malformed: nothing of it
+/// is sent upstream.
+fn bad_body_response() -> Response<ProxyBody> {
+    let mut resp = Response::new(ProxyBody::full(
+        &b"400 malformed request body framing\n"[..],
+        None,
+    ));
+    *resp.status_mut() = StatusCode::BAD_REQUEST;
+    let h = resp.headers_mut();
+    h.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    h.insert(
+        http::header::CONNECTION,
+        http::HeaderValue::from_static("close"),
+    );
+    resp
 }
 
 /// Holds its connection busy until dropped (end of the response body).
@@ -209,6 +246,8 @@ fn judge(a: &ConnActivity, now: u64, limits: &Limits, track_heads: bool) -> Verd
 struct TrackedIo<T> {
     inner: T,
     activity: Arc<ConnActivity>,
+    /// HTTP/1 only: strict framing checks before hyper parses.
+    guard: Option<H1Guard>,
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for TrackedIo<T> {
@@ -217,10 +256,16 @@ impl<T: AsyncRead + Unpin> AsyncRead for TrackedIo<T> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
         let before = buf.filled().len();
-        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
         if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            self.activity.on_read();
+            this.activity.on_read();
+            if let Some(guard) = &mut this.guard {
+                if let Finding::BadBody(n) = guard.scan(&mut buf.filled_mut()[before..]) {
+                    this.activity.bad_body.store(n, Ordering::Relaxed);
+                }
+            }
         }
         r
     }
@@ -447,15 +492,24 @@ impl Server {
         let io = TokioIo::new(TrackedIo {
             inner: io,
             activity: Arc::clone(&activity),
+            guard: (proto == Protocol::Http1).then(H1Guard::new),
         });
         let client = Arc::new(client);
         let proxy = Arc::clone(&self.proxy);
         let act = Arc::clone(&activity);
+        let http1 = proto == Protocol::Http1;
         let service = service_fn(move |req| {
             let proxy = Arc::clone(&proxy);
             let client = Arc::clone(&client);
+            let bad = http1 && next_request_is_bad(&act);
             let active = act.begin();
-            async move { Ok::<_, Infallible>(proxy.handle(req, &client, active).await) }
+            async move {
+                if bad {
+                    drop(active);
+                    return Ok::<_, Infallible>(bad_body_response());
+                }
+                Ok::<_, Infallible>(proxy.handle(req, &client, active).await)
+            }
         });
         let track_heads = proto == Protocol::Http1;
         let limits = &self.limits;

@@ -33,19 +33,42 @@ pub fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
     Ok(certs)
 }
 
-/// Client-side TLS for the backends of one service.
+/// Client-side TLS for the backends of one service. Its settings are
+/// swapped when a reload re-reads `upstream_ca`; backends keep their
+/// `Arc<UpstreamTls>`.
 pub struct UpstreamTls {
-    connector: TlsConnector,
+    config: arc_swap::ArcSwap<ClientConfig>,
+    ca: Option<std::path::PathBuf>,
+    insecure: bool,
 }
 
 impl UpstreamTls {
     /// Verifies against `ca` (PEM bundle) if given, else the webpki roots;
     /// `insecure` turns verification off.
     pub fn new(ca: Option<&Path>, insecure: bool) -> Result<UpstreamTls, String> {
+        Ok(UpstreamTls {
+            config: arc_swap::ArcSwap::new(Self::client_config(ca, insecure)?),
+            ca: ca.map(Path::to_path_buf),
+            insecure,
+        })
+    }
+
+    /// Re-reads the CA file: the settings to [`install`](Self::install)
+    /// once every other file of a reload has loaded too.
+    pub fn reread(&self) -> Result<Arc<ClientConfig>, String> {
+        Self::client_config(self.ca.as_deref(), self.insecure)
+    }
+
+    /// New connections (and health checks) use `config` from now on.
+    pub fn install(&self, config: Arc<ClientConfig>) {
+        self.config.store(config);
+    }
+
+    fn client_config(ca: Option<&Path>, insecure: bool) -> Result<Arc<ClientConfig>, String> {
         let builder = ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
             .map_err(|e| e.to_string())?;
-        let config = if insecure {
+        let mut config = if insecure {
             builder
                 .dangerous()
                 .with_custom_certificate_verifier(Arc::new(NoVerify(provider())))
@@ -64,16 +87,18 @@ impl UpstreamTls {
             }
             builder.with_root_certificates(roots).with_no_client_auth()
         };
-        Ok(UpstreamTls {
-            connector: TlsConnector::from(Arc::new(config)),
-        })
+        // Backends are spoken to in HTTP/1.1.
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Arc::new(config))
     }
 
     /// TLS handshake on `tcp`, with SNI (and verification) for `host`.
     pub async fn connect(&self, host: &str, tcp: TcpStream) -> io::Result<TlsStream<TcpStream>> {
         let name = ServerName::try_from(host.to_string())
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-        self.connector.connect(name, tcp).await
+        TlsConnector::from(self.config.load_full())
+            .connect(name, tcp)
+            .await
     }
 }
 
@@ -149,7 +174,12 @@ impl SniResolver {
     fn pick(&self, sni: Option<&str>) -> Option<&LoadedCert> {
         if let Some(name) = sni {
             let name = name.to_ascii_lowercase();
-            if let Some(c) = self.certs.iter().find(|c| c.exact.contains(&name)) {
+            let name = name.strip_suffix('.').unwrap_or(&name);
+            if let Some(c) = self
+                .certs
+                .iter()
+                .find(|c| c.exact.iter().any(|e| e == name))
+            {
                 return Some(c);
             }
             // A wildcard covers exactly one label.
@@ -189,13 +219,18 @@ fn load_cert(entry: &crate::config::TlsCertConfig) -> Result<LoadedCert, String>
     let signing = rustls::crypto::ring::sign::any_supported_type(&key)
         .map_err(|e| format!("{}: unsupported private key: {e}", entry.key.display()))?;
     let certified = rustls::sign::CertifiedKey::new(chain, signing);
-    certified.keys_match().map_err(|_| {
-        format!(
-            "{}: private key does not match certificate {}",
-            entry.key.display(),
-            entry.cert.display()
-        )
-    })?;
+    match certified.keys_match() {
+        // `Unknown`: the provider cannot tell; the handshake would show it.
+        Ok(()) | Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => {}
+        Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch)) => {
+            return Err(format!(
+                "{}: private key does not match certificate {}",
+                entry.key.display(),
+                entry.cert.display()
+            ))
+        }
+        Err(e) => return Err(format!("{}: {e}", entry.cert.display())),
+    }
     let leaf = certified
         .cert
         .first()
@@ -235,7 +270,11 @@ fn load_cert(entry: &crate::config::TlsCertConfig) -> Result<LoadedCert, String>
         // Old-style certificate: fall back to the subject CN.
         for cn in parsed.subject().iter_common_name() {
             if let Ok(n) = cn.as_str() {
-                exact.push(n.to_ascii_lowercase());
+                let n = n.to_ascii_lowercase();
+                match n.strip_prefix('*') {
+                    Some(suffix) if suffix.starts_with('.') => wildcard.push(suffix.to_string()),
+                    _ => exact.push(n),
+                }
             }
         }
     }
