@@ -156,15 +156,8 @@ impl Proxy {
     ) -> Result<Response<Incoming>, ProxyError> {
         let (mut parts, body) = req.into_parts();
 
-        // 1. Which service: host, then longest path prefix.
-        let route = {
-            let host = request_host(&parts)?;
-            let path = parts.uri.path();
-            snap.find(host, path).ok_or(ProxyError::NoRoute)?
-        };
-        ex.service = Some(Arc::clone(&route.service));
-
-        // 2. Request id: keep a sane one, else make one.
+        // 1. Request id: keep a sane one, else make one. First, so that the
+        //    proxy's own errors (400, 404) carry it too.
         let request_id = match parts.headers.get(&X_REQUEST_ID) {
             Some(v) if valid_request_id(v) => v.clone(),
             _ => {
@@ -174,6 +167,14 @@ impl Proxy {
             }
         };
         ex.request_id = Some(request_id);
+
+        // 2. Which service: host, then longest path prefix.
+        let route = {
+            let host = request_host(&parts)?;
+            let path = parts.uri.path();
+            snap.find(host, path).ok_or(ProxyError::NoRoute)?
+        };
+        ex.service = Some(Arc::clone(&route.service));
 
         // 3. Which pool: preview header, sticky bucket, weights.
         let mut choice = choose_pool(route, &parts.headers);
