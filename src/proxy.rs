@@ -194,9 +194,13 @@ impl Proxy {
         let settings = &snap.settings;
         let mut tried = [0usize; MAX_ATTEMPTS];
         let mut attempt = 0;
+        // Why the previous attempt failed: if no untried backend is left,
+        // that is the answer (502), not "no healthy backend" (503).
+        let mut last_error = None;
         loop {
-            let backend = pick_backend(route, &mut choice, &tried[..attempt])
-                .ok_or(ProxyError::NoHealthyBackend(choice.color))?;
+            let Some(backend) = pick_backend(route, &mut choice, &tried[..attempt]) else {
+                return Err(last_error.unwrap_or(ProxyError::NoHealthyBackend(choice.color)));
+            };
             ex.choice = Some(choice);
             ex.in_flight = Some(backend.start_request());
             req.headers_mut()
@@ -209,14 +213,16 @@ impl Proxy {
                 Ok((conn, _reused)) => conn,
                 Err(source) => {
                     self.upstream_failed(route, backend, choice.color);
-                    if can_retry {
-                        route.service.pool_metrics(choice.color).retries.inc();
-                        continue;
-                    }
-                    return Err(ProxyError::Connect {
+                    let err = ProxyError::Connect {
                         backend: backend.label.clone(),
                         source,
-                    });
+                    };
+                    if can_retry {
+                        route.service.pool_metrics(choice.color).retries.inc();
+                        last_error = Some(err);
+                        continue;
+                    }
+                    return Err(err);
                 }
             };
             let sent =
@@ -231,6 +237,10 @@ impl Proxy {
                         // to send again.
                         req = unsent;
                         route.service.pool_metrics(choice.color).retries.inc();
+                        last_error = Some(ProxyError::Upstream {
+                            backend: backend.label.clone(),
+                            source: err.into_error(),
+                        });
                         continue;
                     }
                     self.upstream_failed(route, backend, choice.color);
