@@ -231,6 +231,19 @@ async fn forwarding_headers_request_ids_and_pool_headers() {
     assert_eq!(v["headers"]["x-request-id"], "req-abc-123");
     assert_eq!(header(&h, "x-request-id"), "req-abc-123");
     assert_eq!(v["headers"]["x-forwarded-for"], "203.0.113.7, 127.0.0.1");
+    // Several X-Forwarded-For lines are one list: none is lost.
+    let (_, v) = upstream_view(
+        &proxy,
+        &[
+            ("x-forwarded-for", "203.0.113.7, 10.0.0.1"),
+            ("x-forwarded-for", "198.51.100.2"),
+        ],
+    )
+    .await;
+    assert_eq!(
+        v["headers"]["x-forwarded-for"],
+        "203.0.113.7, 10.0.0.1, 198.51.100.2, 127.0.0.1"
+    );
     // The id is echoed on plain answers too, not just /headers.
     let (_, h, _) = proxy.get_with("/", &[("x-request-id", "plain-1")]).await;
     assert_eq!(header(&h, "x-request-id"), "plain-1");
