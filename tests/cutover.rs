@@ -719,6 +719,27 @@ async fn preview_header_reaches_green_or_503_never_blue() {
         })
         .await
     );
+
+    // Green replaced by a backend that never passes a check: the pool has
+    // no backend that may take traffic, so preview is 503, never blue.
+    let never = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let never = never.local_addr().unwrap();
+    let (s, v) = proxy
+        .admin
+        .put(
+            "/api/v1/services/web/pools/green",
+            &json!({ "backends": [never.to_string()] }).to_string(),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let blue_hits = blue.hits();
+    for _ in 0..10 {
+        let (s, _, body) = proxy.get_with("/", &preview).await;
+        assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    }
+    assert_eq!(blue.hits(), blue_hits, "a preview request reached blue");
+    let v = proxy.admin.service("web").await;
+    assert_eq!(v["pools"]["green"]["backends"][0]["healthy"], false, "{v}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
