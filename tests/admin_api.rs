@@ -487,6 +487,38 @@ async fn stale_if_match_is_refused_with_412() {
         "{v}"
     );
     assert_eq!(admin.service("web").await["generation"], 4);
+
+    // Eight pipelines race with the same, current generation: exactly one wins.
+    let mut racers = Vec::new();
+    for i in 0..8 {
+        let admin = Admin::new(proxy.running.as_ref().unwrap().admin_addr);
+        racers.push(tokio::spawn(async move {
+            let body = json!({ "green": 10 + i }).to_string();
+            admin
+                .call(
+                    "POST",
+                    "/api/v1/services/web/split",
+                    Some(&body),
+                    &[("if-match", "\"4\"")],
+                )
+                .await
+        }));
+    }
+    let mut won = Vec::new();
+    for r in racers {
+        let (s, v) = r.await.unwrap();
+        match s {
+            StatusCode::OK => won.push(v),
+            StatusCode::PRECONDITION_FAILED => assert_eq!(v["error"]["code"], "stale_generation"),
+            other => panic!("{other}: {v}"),
+        }
+    }
+    assert_eq!(won.len(), 1, "{won:?}");
+    let now = admin.service("web").await;
+    assert_eq!(
+        (now["generation"].as_u64(), &now["weights"]),
+        (Some(5), &won[0]["weights"])
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
