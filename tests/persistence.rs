@@ -305,3 +305,68 @@ async fn sighup_and_reload_apply_a_good_config_and_keep_the_old_one_on_a_bad_one
     let (p, code) = wait_exit(p, Duration::from_secs(10)).await;
     assert_eq!(code, Some(0), "{}", p.log_text());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_that_cannot_be_persisted_is_not_applied() {
+    let (blue, green) = (
+        Upstream::start("blue").await,
+        Upstream::start("green").await,
+    );
+    let proxy = TestProxy::start(&[Svc::new("web", &[&blue], &[&green])]).await;
+    let admin = &proxy.admin;
+    let state = proxy.dir.join("state.json");
+    assert!(state.is_file(), "the first state is written at start");
+    // A non-empty directory where the state file goes: the rename fails
+    // (even for root, unlike permissions).
+    std::fs::remove_file(&state).unwrap();
+    std::fs::create_dir(&state).unwrap();
+    std::fs::write(state.join("keep"), "x").unwrap();
+
+    let before = admin.service("web").await;
+    let (s, v) = admin
+        .post("/api/v1/services/web/switch", r#"{"to":"green"}"#)
+        .await;
+    assert_eq!(s, StatusCode::INTERNAL_SERVER_ERROR, "{v}");
+    assert_eq!(v["error"]["code"], "persist_failed");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains(&state.display().to_string()),
+        "{v}"
+    );
+    // Not applied: not routed, not in history, not counted.
+    assert_eq!(durable(&admin.service("web").await), durable(&before));
+    for _ in 0..10 {
+        assert_eq!(proxy.get("/").await.2, "blue");
+    }
+    let (_, h) = admin.get("/api/v1/services/web/history").await;
+    assert_eq!(h.as_array().unwrap().len(), 1, "{h}");
+    assert_eq!(
+        metric(
+            &admin.metrics().await,
+            "switchyard_routing_changes_total{action=\"switch\",service=\"web\"}"
+        ),
+        None
+    );
+
+    // Once the file can be written again, the same change goes through.
+    std::fs::remove_dir_all(&state).unwrap();
+    let v = admin
+        .ok("/api/v1/services/web/switch", r#"{"to":"green"}"#)
+        .await;
+    assert_eq!(
+        (v["live"].as_str(), v["generation"].as_u64()),
+        (Some("green"), Some(2))
+    );
+    assert_eq!(proxy.get("/").await.2, "green");
+    assert_eq!(
+        metric(
+            &admin.metrics().await,
+            "switchyard_routing_changes_total{action=\"switch\",service=\"web\"}"
+        ),
+        Some(1.0)
+    );
+    let saved: Value = serde_json::from_slice(&std::fs::read(&state).unwrap()).unwrap();
+    assert_eq!(saved["services"]["web"]["generation"], 2, "{saved}");
+}
