@@ -594,8 +594,14 @@ impl Built {
                     .is_some_and(|nb| Arc::ptr_eq(nb, b));
                 if !kept {
                     b.retire();
-                    if next.is_none_or(|n| !n.backends.contains_key(key)) {
-                        metrics.forget_backend(name, key.0, &key.1.to_string());
+                    match next.and_then(|n| n.backends.get(key)) {
+                        // The same backend as a new object (its service was
+                        // rebuilt): both share one gauge series, which
+                        // `retire` just zeroed; give it the new one's value.
+                        Some(nb) => {
+                            nb.set_health(nb.health());
+                        }
+                        None => metrics.forget_backend(name, key.0, &key.1.to_string()),
                     }
                 }
             }
