@@ -370,3 +370,59 @@ async fn a_change_that_cannot_be_persisted_is_not_applied() {
     let saved: Value = serde_json::from_slice(&std::fs::read(&state).unwrap()).unwrap();
     assert_eq!(saved["services"]["web"]["generation"], 2, "{saved}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_changes_service_settings_keeps_backend_health_gauges() {
+    let (blue, green) = (
+        Upstream::start("blue").await,
+        Upstream::start("green").await,
+    );
+    let proxy = TestProxy::start(&[Svc::new("web", &[&blue], &[&green])]).await;
+    let admin = &proxy.admin;
+    let gauge = |m: &str, pool: &str, u: &Upstream| {
+        metric(
+            m,
+            &format!(
+                "switchyard_backend_healthy{{backend=\"{}\",pool=\"{pool}\",service=\"web\"}}",
+                u.addr
+            ),
+        )
+    };
+    let m = admin.metrics().await;
+    assert_eq!(
+        (gauge(&m, "blue", &blue), gauge(&m, "green", &green)),
+        (Some(1.0), Some(1.0))
+    );
+
+    // Same backends, other settings (balance, sticky cookie): the service is rebuilt.
+    let text = std::fs::read_to_string(&proxy.config_path)
+        .unwrap()
+        .replace(
+            "path_prefix = \"/\"\n",
+            "path_prefix = \"/\"\nbalance = \"least_request\"\n",
+        );
+    std::fs::write(
+        &proxy.config_path,
+        format!("{text}[service.sticky]\ncookie = \"bucket2\"\n"),
+    )
+    .unwrap();
+    let (s, v) = admin.post("/api/v1/reload", "").await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    admin
+        .ok("/api/v1/services/web/split", r#"{"green":50}"#)
+        .await;
+    let (_, h, _) = proxy.get("/").await;
+    assert!(
+        h.get("set-cookie")
+            .is_some_and(|c| c.to_str().unwrap().starts_with("bucket2=")),
+        "the new settings are in force: {h:?}"
+    );
+    let v = admin.service("web").await;
+    assert_eq!(v["pools"]["blue"]["backends"][0]["healthy"], true, "{v}");
+    let m = admin.metrics().await;
+    assert_eq!(
+        (gauge(&m, "blue", &blue), gauge(&m, "green", &green)),
+        (Some(1.0), Some(1.0)),
+        "healthy backends reported as unhealthy after the reload"
+    );
+}
