@@ -426,3 +426,56 @@ async fn a_reload_that_changes_service_settings_keeps_backend_health_gauges() {
         "healthy backends reported as unhealthy after the reload"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_rebuilds_a_service_keeps_api_backends_serving() {
+    let (blue, green) = (
+        Upstream::start("blue").await,
+        Upstream::start("green").await,
+    );
+    let green2 = Upstream::start("green2").await;
+    // Checks take 300 ms, so a backend waiting for its first check is seen.
+    let health = "[service.health]\npath = \"/sleep/300\"\ninterval = \"5s\"\ntimeout = \"2s\"\nunhealthy_after = 1\nhealthy_after = 1";
+    let proxy = TestProxy::start(&[Svc::new("web", &[&blue], &[&green]).extra(health)]).await;
+    let admin = &proxy.admin;
+    let (s, v) = admin
+        .put(
+            "/api/v1/services/web/pools/green",
+            &json!({"backends": [green2.addr.to_string()]}).to_string(),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            admin.service("web").await["pools"]["green"]["backends"][0]["healthy"] == true
+        })
+        .await
+    );
+    admin
+        .ok("/api/v1/services/web/switch", r#"{"to":"green"}"#)
+        .await;
+    assert_eq!(proxy.get("/").await.2, "green2");
+
+    // A reload that changes only a setting of the service (here the sticky
+    // cookie): the backend the API put in the live pool keeps serving; the
+    // old pool gets nothing.
+    let text = std::fs::read_to_string(&proxy.config_path).unwrap();
+    std::fs::write(
+        &proxy.config_path,
+        format!("{text}[service.sticky]\ncookie = \"bucket2\"\n"),
+    )
+    .unwrap();
+    // (Not counted by blue's hits: its health checks hit /sleep too.)
+    let (s, v) = admin.post("/api/v1/reload", "").await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    for _ in 0..10 {
+        let (s, h, body) = proxy.get("/").await;
+        assert_eq!(
+            (s, body.as_str()),
+            (StatusCode::OK, "green2"),
+            "live traffic fell back to the old pool: {h:?}"
+        );
+    }
+    let v = admin.service("web").await;
+    assert_eq!(v["pools"]["green"]["backends"][0]["healthy"], true, "{v}");
+}
