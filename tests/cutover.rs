@@ -1040,3 +1040,61 @@ async fn replacing_the_idle_pool_then_switching_serves_the_new_backends() {
         "{v}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_flight_requests_finish_on_their_pool_across_switch_and_replacement() {
+    let (blue, green) = (
+        Upstream::start("blue").await,
+        Upstream::start("green").await,
+    );
+    let blue2 = Upstream::start("blue2").await;
+    let proxy = TestProxy::start(&[Svc::new("web", &[&blue], &[&green])]).await;
+    let client = http1_client();
+
+    // A slow answer and a long streamed body, both started on blue.
+    let slow = tokio::spawn({
+        let (client, url) = (client.clone(), proxy.url("/sleep/600"));
+        async move { get(&client, &url, &[]).await }
+    });
+    let resp = client
+        .request(
+            Request::get(proxy.url("/bytes/20000000"))
+                .body(empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(header(resp.headers(), "x-upstream"), "blue");
+    let mut body = resp.into_body();
+    let first = body.frame().await.unwrap().unwrap();
+    let mut received = first.data_ref().map_or(0, |d| d.len());
+    assert!(
+        eventually(Duration::from_secs(5), || async { blue.hits() >= 2 }).await,
+        "the slow request reached blue"
+    );
+
+    // Cut over, then replace blue's backends outright.
+    proxy
+        .admin
+        .ok("/api/v1/services/web/switch", r#"{"to":"green"}"#)
+        .await;
+    assert_eq!(proxy.get("/").await.2, "green");
+    let (s, v) = proxy
+        .admin
+        .put(
+            "/api/v1/services/web/pools/blue",
+            &json!({"backends": [blue2.addr.to_string()]}).to_string(),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+
+    // Both finish, complete, from blue.
+    let (s, h, text) = slow.await.unwrap();
+    assert_eq!((s, text.as_str()), (StatusCode::OK, "blue"));
+    assert_eq!(header(&h, "x-switchyard-pool"), "blue");
+    while let Some(frame) = body.frame().await {
+        received += frame.unwrap().data_ref().map_or(0, |d| d.len());
+    }
+    assert_eq!(received, 20_000_000);
+    assert_eq!(blue2.hits(), 0);
+}
