@@ -479,3 +479,49 @@ async fn a_reload_that_rebuilds_a_service_keeps_api_backends_serving() {
     let v = admin.service("web").await;
     assert_eq!(v["pools"]["green"]["backends"][0]["healthy"], true, "{v}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_does_not_wait_for_idle_or_silent_connections() {
+    let (blue, green) = (
+        Upstream::start("blue").await,
+        Upstream::start("green").await,
+    );
+    let dir = TempDir::new("term-idle");
+    let config = dir.join("switchyard.toml");
+    // Long bounds, so that waiting for any of them would show.
+    write_config(
+        &config,
+        &config_text(
+            dir.path(),
+            "header_read_timeout = \"30s\"\nidle_timeout = \"60s\"\ndrain_timeout = \"60s\"",
+            &[Svc::new("web", &[&blue], &[&green])],
+        ),
+    );
+    let p = spawn(&config, &[]).await.unwrap();
+    // An idle HTTP/1.1 keep-alive connection, an idle h2c connection, and a
+    // connection that never sent a byte.
+    let (h1, h2) = (http1_client(), h2_client());
+    assert_eq!(get(&h1, &proxy_url(&p, "/"), &[]).await.2, "blue");
+    assert_eq!(get(&h2, &proxy_url(&p, "/"), &[]).await.2, "blue");
+    let _silent = tokio::net::TcpStream::connect(p.proxy).await.unwrap();
+    let admin = Admin::new(p.admin);
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            metric(
+                &admin.metrics().await,
+                "switchyard_open_connections{listener=\"http\"}",
+            ) == Some(3.0)
+        })
+        .await
+    );
+
+    let t = std::time::Instant::now();
+    p.signal("TERM");
+    let (p, code) = wait_exit(p, Duration::from_secs(20)).await;
+    assert_eq!(code, Some(0), "{}", p.log_text());
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "exit took {:?}: shutdown waited for connections with no request",
+        t.elapsed()
+    );
+}
