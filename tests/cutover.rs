@@ -740,6 +740,16 @@ async fn preview_header_reaches_green_or_503_never_blue() {
     assert_eq!(blue.hits(), blue_hits, "a preview request reached blue");
     let v = proxy.admin.service("web").await;
     assert_eq!(v["pools"]["green"]["backends"][0]["healthy"], false, "{v}");
+    // Nor does it pass the switch gate.
+    let (s, v) = proxy
+        .admin
+        .post("/api/v1/services/web/split", r#"{"green":10}"#)
+        .await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (StatusCode::CONFLICT, Some("no_healthy_backend")),
+        "{v}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
