@@ -254,6 +254,19 @@ async fn forwarding_headers_request_ids_and_pool_headers() {
     assert_eq!(got.len(), 32, "{got}");
     assert_eq!(header(&h, "x-request-id"), got);
 
+    // An absolute-form target reaches the backend in origin form.
+    let out = raw_exchange(
+        proxy.addr,
+        b"GET http://shop.example/headers?q=1 HTTP/1.1\r\nHost: shop.example\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert!(out.contains(r#""uri":"/headers?q=1""#), "{out}");
+    assert!(
+        out.contains(r#""x-forwarded-host":"shop.example""#),
+        "{out}"
+    );
+
     // The backend is told its pool, whatever the client claimed.
     let (_, v) = upstream_view(&proxy, &[("x-switchyard-pool", "purple")]).await;
     assert_eq!(v["headers"]["x-switchyard-pool"], "blue");
