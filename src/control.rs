@@ -540,12 +540,16 @@ fn build(
                     None => {
                         // Backends present at start (or named in the config)
                         // serve at once; ones added later through the API
-                        // wait for their first passing check (SPEC §3).
+                        // wait for their first passing check (SPEC §3). A
+                        // backend rebuilt with its service (its settings
+                        // changed on reload) keeps the health it had.
                         let from_config = svc.pool(color).contains(addr);
-                        let health = if first_build || from_config || svc.health.is_none() {
-                            Health::Healthy
-                        } else {
-                            Health::Unknown
+                        let before = old.and_then(|o| o.backends.get(&key)).map(|b| b.health());
+                        let health = match before {
+                            _ if svc.health.is_none() => Health::Healthy,
+                            Some(h) => h,
+                            None if first_build || from_config => Health::Healthy,
+                            None => Health::Unknown,
                         };
                         let gauge = metrics.backend_healthy(&svc.name, color, &addr.to_string());
                         let b = Arc::new(Backend::new(
@@ -616,8 +620,14 @@ impl Built {
                     .is_some_and(|nb| Arc::ptr_eq(nb, b));
                 if !kept {
                     b.retire();
-                    if next.is_none_or(|n| !n.backends.contains_key(key)) {
-                        metrics.forget_backend(name, key.0, &key.1.to_string());
+                    match next.and_then(|n| n.backends.get(key)) {
+                        // The same backend as a new object (its service was
+                        // rebuilt): both share one gauge series, which
+                        // `retire` just zeroed; give it the new one's value.
+                        Some(nb) => {
+                            nb.set_health(nb.health());
+                        }
+                        None => metrics.forget_backend(name, key.0, &key.1.to_string()),
                     }
                 }
             }

@@ -65,22 +65,22 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) -> Option<HeaderValue> {
     upgrade
 }
 
-/// Appends the client address to `X-Forwarded-For`.
+/// Appends the client address to `X-Forwarded-For`. Several header lines
+/// are one comma-separated list (RFC 9110 §5.3): all are kept, in order.
 pub fn append_forwarded_for(headers: &mut HeaderMap, client_ip: &HeaderValue) {
-    match headers.get(&X_FORWARDED_FOR) {
-        None => {
-            headers.insert(X_FORWARDED_FOR.clone(), client_ip.clone());
-        }
-        Some(prev) => {
-            let mut v = Vec::with_capacity(prev.len() + 2 + client_ip.len());
-            v.extend_from_slice(prev.as_bytes());
-            v.extend_from_slice(b", ");
-            v.extend_from_slice(client_ip.as_bytes());
-            // Both parts were valid header values, so the join is too.
-            if let Ok(joined) = HeaderValue::from_bytes(&v) {
-                headers.insert(X_FORWARDED_FOR.clone(), joined);
-            }
-        }
+    if !headers.contains_key(&X_FORWARDED_FOR) {
+        headers.insert(X_FORWARDED_FOR.clone(), client_ip.clone());
+        return;
+    }
+    let mut v = Vec::new();
+    for prev in headers.get_all(&X_FORWARDED_FOR) {
+        v.extend_from_slice(prev.as_bytes());
+        v.extend_from_slice(b", ");
+    }
+    v.extend_from_slice(client_ip.as_bytes());
+    // Every part was a valid header value, so the join is too.
+    if let Ok(joined) = HeaderValue::from_bytes(&v) {
+        headers.insert(X_FORWARDED_FOR.clone(), joined);
     }
 }
 
@@ -150,6 +150,16 @@ mod tests {
         assert_eq!(h[&X_FORWARDED_FOR], "10.1.2.3");
         append_forwarded_for(&mut h, &ip);
         assert_eq!(h[&X_FORWARDED_FOR], "10.1.2.3, 10.1.2.3");
+        h.append(
+            X_FORWARDED_FOR.clone(),
+            HeaderValue::from_static("192.0.2.1"),
+        );
+        append_forwarded_for(&mut h, &ip);
+        assert_eq!(
+            h[&X_FORWARDED_FOR],
+            "10.1.2.3, 10.1.2.3, 192.0.2.1, 10.1.2.3"
+        );
+        assert_eq!(h.get_all(&X_FORWARDED_FOR).iter().count(), 1);
     }
 
     #[test]

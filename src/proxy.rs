@@ -155,17 +155,9 @@ impl Proxy {
         ex: &mut Exchange,
     ) -> Result<Response<Incoming>, ProxyError> {
         let (mut parts, body) = req.into_parts();
-        check_framing(&parts)?;
 
-        // 1. Which service: host, then longest path prefix.
-        let route = {
-            let host = request_host(&parts)?;
-            let path = parts.uri.path();
-            snap.find(host, path).ok_or(ProxyError::NoRoute)?
-        };
-        ex.service = Some(Arc::clone(&route.service));
-
-        // 2. Request id: keep a sane one, else make one.
+        // 1. Request id: keep a sane one, else make one. First, so that the
+        //    proxy's own errors (400, 404) carry it too.
         let request_id = match parts.headers.get(&X_REQUEST_ID) {
             Some(v) if valid_request_id(v) => v.clone(),
             _ => {
@@ -175,10 +167,24 @@ impl Proxy {
             }
         };
         ex.request_id = Some(request_id);
+        check_framing(&parts)?;
+
+        // 2. Which service: host, then longest path prefix.
+        let route = {
+            let host = request_host(&parts)?;
+            let path = parts.uri.path();
+            snap.find(host, path).ok_or(ProxyError::NoRoute)?
+        };
+        ex.service = Some(Arc::clone(&route.service));
 
         // 3. Which pool: preview header, sticky bucket, weights.
         let mut choice = choose_pool(route, &parts.headers);
         ex.choice = Some(choice);
+        // A custom preview header (and its token) is the proxy's business,
+        // not the backend's; the default one is overwritten below anyway.
+        if route.service.preview.header != X_SWITCHYARD_POOL {
+            parts.headers.remove(&route.service.preview.header);
+        }
 
         // 4. The upstream request head and body.
         let client_upgrade = prepare_request(&mut parts, client)?;

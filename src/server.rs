@@ -426,21 +426,25 @@ impl Server {
         &self,
         stream: TcpStream,
         peer: SocketAddr,
-        drain: watch::Receiver<()>,
+        mut drain: watch::Receiver<()>,
         token: DrainToken,
     ) {
-        let proto =
-            match tokio::time::timeout(self.limits.header_read_timeout, detect(&stream)).await {
-                Ok(Ok(p)) => p,
-                Ok(Err(_)) => return,
-                Err(_) => {
-                    self.metrics
-                        .timeouts
-                        .with_label_values(&["header_read"])
-                        .inc();
-                    return;
-                }
-            };
+        let detected = tokio::select! {
+            d = tokio::time::timeout(self.limits.header_read_timeout, detect(&stream)) => d,
+            // Shutdown before the first byte: no request to finish.
+            _ = drain.changed() => return,
+        };
+        let proto = match detected {
+            Ok(Ok(p)) => p,
+            Ok(Err(_)) => return,
+            Err(_) => {
+                self.metrics
+                    .timeouts
+                    .with_label_values(&["header_read"])
+                    .inc();
+                return;
+            }
+        };
         let client = ClientInfo::new(peer, false, token);
         self.serve_conn(stream, proto, client, drain).await;
     }
@@ -450,11 +454,14 @@ impl Server {
         stream: TcpStream,
         peer: SocketAddr,
         acceptor: Arc<crate::tls::ServerTls>,
-        drain: watch::Receiver<()>,
+        mut drain: watch::Receiver<()>,
         token: DrainToken,
     ) {
-        let accepted =
-            tokio::time::timeout(self.limits.header_read_timeout, acceptor.accept(stream)).await;
+        let accepted = tokio::select! {
+            a = tokio::time::timeout(self.limits.header_read_timeout, acceptor.accept(stream)) => a,
+            // Shutdown during the handshake: no request to finish.
+            _ = drain.changed() => return,
+        };
         let tls = match accepted {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => {
