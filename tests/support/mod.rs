@@ -627,10 +627,12 @@ impl ProxyProcess {
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
-                if line.contains("switchyard ready") {
-                    let _ = tx.send(Ok(line.clone()));
+                // Log first: whoever wakes on the ready line may read the log.
+                let ready = line.contains("switchyard ready");
+                log2.lock().unwrap().push(line.clone());
+                if ready {
+                    let _ = tx.send(Ok(line));
                 }
-                log2.lock().unwrap().push(line);
             }
             let _ = tx.send(Err(()));
         });
