@@ -365,8 +365,11 @@ impl Server {
                         me.serve_plain_conn(stream, peer, conn_drain, conn_token)
                             .await
                     }
+                    // Boxed: a TLS connection's future is several times
+                    // the size of a plain one's; inline, every plain
+                    // connection's task would be that large too.
                     Some(acceptor) => {
-                        me.serve_tls_conn(stream, peer, acceptor, conn_drain, conn_token)
+                        Box::pin(me.serve_tls_conn(stream, peer, acceptor, conn_drain, conn_token))
                             .await
                     }
                 }
@@ -509,7 +512,10 @@ impl Server {
 
         match proto {
             Protocol::Http1 => drive!(self.http1.serve_connection(io, service).with_upgrades()),
-            Protocol::Http2 => drive!(self.http2.serve_connection(io, service)),
+            // Boxed for the same reason as TLS: HTTP/1.1 tasks stay small.
+            Protocol::Http2 => {
+                Box::pin(async { drive!(self.http2.serve_connection(io, service)) }).await
+            }
         }
     }
 }
