@@ -29,7 +29,8 @@
 # Environment: ROUNDS (3), DURATION seconds per measurement (5), WORKERS
 # ("1 2"), CONNS (64), PHASES ("load switch memory"), TARGETS ("switchyard
 # nginx haproxy"), WORKLOADS ("small big h2 close"), DIRECT (1: measure the
-# upstream alone), IDLE_CONNS (10000),
+# upstream alone), SY_BASE (a baseline switchyard binary: add `baseline` to
+# TARGETS for an A/B run), IDLE_CONNS (10000),
 # UPLOAD_MIB (1024), PIN (1), UP_THREADS (upstream threads, 1), OUT (target/bench-load/DATE).
 # Loopback only. Every process started here is stopped on exit.
 
@@ -304,9 +305,12 @@ start_target() { # start_target NAME WORKERS
       TARGET_PID=$UP_PID
       return 0
       ;;
-    switchyard)
+    switchyard | baseline)
+      # `baseline`: another switchyard binary (SY_BASE=path), for A/B runs.
+      local bin=$SY
+      [ "$name" = baseline ] && bin=${SY_BASE:?SY_BASE=path of the baseline binary}
       rm -f "$OUT/switchyard-state-w$w.json"
-      "${ON_PROXY[@]}" "$SY" run --config "$OUT/switchyard-w$w.toml" >>"$OUT/switchyard.log" 2>&1 &
+      "${ON_PROXY[@]}" "$bin" run --config "$OUT/switchyard-w$w.toml" >>"$OUT/switchyard.log" 2>&1 &
       TARGET_PID=$!
       ;;
     nginx)
@@ -323,7 +327,7 @@ start_target() { # start_target NAME WORKERS
     log "$name did not start; see $OUT/$name.log"
     exit 1
   fi
-  if [ "$name" = switchyard ]; then
+  if [ "$name" = switchyard ] || [ "$name" = baseline ]; then
     wait_port "$ADMIN"
     curl -fsS -X POST "http://127.0.0.1:$ADMIN/api/v1/services/web/split" \
       -d '{"green":10}' -o /dev/null
@@ -487,7 +491,7 @@ phase_switch() {
 phase_memory() {
   local w=${MEMORY_WORKERS:-2} idle10k before peak r line up_pid
   place "$w"
-  start_target switchyard "$w"
+  start_target "${MEMORY_TARGET:-switchyard}" "$w"
   sleep 1
   local idle
   idle=$(rss_kib "$TARGET_PID")

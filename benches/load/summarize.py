@@ -46,7 +46,7 @@ def main(path):
         workers = sorted({k[0] for k in load if k[0] > 0})
         for w in workers:
             for wl in workloads:
-                for t in ("direct", "switchyard", "nginx", "haproxy"):
+                for t in ("direct", "switchyard", "baseline", "nginx", "haproxy"):
                     key = (0 if t == "direct" else w, t, wl)
                     if key not in load:
                         continue
@@ -79,6 +79,16 @@ def main(path):
                     f"{ratio(w, wl, 'p99_us', 'haproxy')} | {ratio(w, wl, 'cpu_us_per_req', 'nginx')} | "
                     f"{ratio(w, wl, 'cpu_us_per_req', 'haproxy')} |"
                 )
+        if any(k[1] == "baseline" for k in load):
+            out.append("")
+            out.append("## A/B: switchyard ÷ baseline binary\n")
+            out.append("| workers | workload | req/s | p99 | CPU/req |")
+            out.append("| --- | --- | ---: | ---: | ---: |")
+            for w in workers:
+                for wl in workloads:
+                    if (w, "baseline", wl) in load:
+                        out.append(f"| {w} | {names[wl]} | {ratio(w, wl, 'rps', 'baseline')} | "
+                                   f"{ratio(w, wl, 'p99_us', 'baseline')} | {ratio(w, wl, 'cpu_us_per_req', 'baseline')} |")
         out.append("")
     if switch:
         s, x = switch.get("switchyard-steady"), switch.get("switchyard-switching")
