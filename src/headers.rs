@@ -115,8 +115,12 @@ pub fn new_request_id() -> HeaderValue {
         let word = if i < 16 { a } else { b };
         *slot = HEX[((word >> ((i % 16) * 4)) & 0xf) as usize];
     }
-    // Hex digits are always a valid header value.
-    HeaderValue::from_bytes(&buf).unwrap_or_else(|_| HeaderValue::from_static("0"))
+    // Hex digits are always a valid header value. `from_owner`: one
+    // allocation, and the clones that follow (upstream request, exchange,
+    // response) only bump a count; a copied `Bytes` would allocate again on
+    // its first clone.
+    HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(buf))
+        .unwrap_or_else(|_| HeaderValue::from_static("0"))
 }
 
 /// Static `x-switchyard-pool` values.
