@@ -465,7 +465,14 @@ impl Server {
         // The first request head is bounded from the accept.
         activity.reading_head.store(track_heads, Ordering::Relaxed);
 
-        let timer = tokio::time::sleep(Duration::from_millis(0));
+        // Armed at the first real deadline: a zero sleep fired at once and,
+        // being earlier than any deadline the timer driver knew, woke the
+        // driver (an eventfd write) on every new connection.
+        let first = match judge(&activity, now_ms(), limits, track_heads) {
+            Verdict::RecheckAt(at) => at,
+            Verdict::HeaderTimeout | Verdict::Idle => now_ms(),
+        };
+        let timer = tokio::time::sleep(Duration::from_millis(first.saturating_sub(now_ms())));
         tokio::pin!(timer);
         let mut draining = false;
 
