@@ -1,7 +1,11 @@
 #!/usr/bin/env python3
 """Summarises benches/load/run.sh rows: medians over rounds, then ratios.
 
-usage: summarize.py results.tsv
+usage: summarize.py results.tsv [more.tsv ...]
+
+Several files (runs of the same binaries) are pooled: every round of
+every file counts once in the medians; memory figures come from the last
+file that has them.
 """
 
 import csv
@@ -14,8 +18,11 @@ def med(xs):
     return statistics.median(xs) if xs else float("nan")
 
 
-def main(path):
-    rows = list(csv.DictReader(open(path), delimiter="\t"))
+def main(paths):
+    rows = []
+    for path in paths:
+        with open(path) as f:
+            rows.extend(csv.DictReader(f, delimiter="\t"))
     load = defaultdict(lambda: defaultdict(list))
     memory = {}
     switch = defaultdict(lambda: defaultdict(list))
@@ -118,4 +125,4 @@ def main(path):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1:])
