@@ -337,7 +337,10 @@ impl Backend {
             }
             // Closed by the backend, or too old: drop it.
         }
-        let conn = self.connect(connect_timeout).await?;
+        // Boxed: the connect future (DNS, TCP, TLS, handshake) is large and
+        // rarely polled; inline, it would grow every request's future, and
+        // with it the slot hyper keeps per client connection.
+        let conn = Box::pin(self.connect(connect_timeout)).await?;
         Ok((conn, false))
     }
 

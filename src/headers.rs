@@ -26,6 +26,12 @@ static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection"
 /// Returns the `Upgrade` value if the message asked for an upgrade
 /// (`Connection: upgrade` + `Upgrade`), so the caller can pass it on.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) -> Option<HeaderValue> {
+    // Fast path: one pass over the names (comparisons of standard names are
+    // integer compares) instead of six hashed lookups; almost every request
+    // and response has none of these.
+    if !headers.keys().any(is_hop_by_hop) {
+        return None;
+    }
     let mut upgrade = None;
     // Fast path: most requests carry no Connection header at all.
     if headers.contains_key(CONNECTION) {
@@ -65,6 +71,16 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) -> Option<HeaderValue> {
     upgrade
 }
 
+/// Is `name` one of the fixed hop-by-hop headers?
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    name == CONNECTION
+        || name == TE
+        || name == TRANSFER_ENCODING
+        || name == UPGRADE
+        || name == KEEP_ALIVE
+        || name == PROXY_CONNECTION
+}
+
 /// Appends the client address to `X-Forwarded-For`. Several header lines
 /// are one comma-separated list (RFC 9110 §5.3): all are kept, in order.
 pub fn append_forwarded_for(headers: &mut HeaderMap, client_ip: &HeaderValue) {
@@ -99,8 +115,12 @@ pub fn new_request_id() -> HeaderValue {
         let word = if i < 16 { a } else { b };
         *slot = HEX[((word >> ((i % 16) * 4)) & 0xf) as usize];
     }
-    // Hex digits are always a valid header value.
-    HeaderValue::from_bytes(&buf).unwrap_or_else(|_| HeaderValue::from_static("0"))
+    // Hex digits are always a valid header value. `from_owner`: one
+    // allocation, and the clones that follow (upstream request, exchange,
+    // response) only bump a count; a copied `Bytes` would allocate again on
+    // its first clone.
+    HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(buf))
+        .unwrap_or_else(|_| HeaderValue::from_static("0"))
 }
 
 /// Static `x-switchyard-pool` values.

@@ -65,6 +65,14 @@ fn init_logging(format: LogFormat) {
 }
 
 fn runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    if workers == 1 {
+        // One worker: the current-thread scheduler runs every task on the
+        // thread that drives the IO, without the multi-thread scheduler's
+        // cross-thread wake-ups and parking (benches/load/README.md).
+        return tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build();
+    }
     let mut b = tokio::runtime::Builder::new_multi_thread();
     if workers > 0 {
         b.worker_threads(workers);

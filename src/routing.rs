@@ -144,12 +144,28 @@ impl Service {
     }
 
     /// `Set-Cookie` value pinning a client to `bucket`.
+    ///
+    /// Written on every fresh request during a split, so it is assembled
+    /// by hand into one buffer that becomes the header value without a
+    /// copy (no `format!`, one allocation).
     pub fn bucket_cookie(&self, bucket: u16) -> HeaderValue {
-        let v = format!(
-            "{}{bucket}; Path=/; Max-Age=604800; HttpOnly; SameSite=Lax",
-            self.cookie_prefix
-        );
-        HeaderValue::from_str(&v).unwrap_or_else(|_| HeaderValue::from_static(""))
+        const ATTRS: &[u8] = b"; Path=/; Max-Age=604800; HttpOnly; SameSite=Lax";
+        let mut v = bytes::BytesMut::with_capacity(self.cookie_prefix.len() + 4 + ATTRS.len());
+        v.extend_from_slice(self.cookie_prefix.as_bytes());
+        let mut digits = [0u8; 5];
+        let mut n = bucket;
+        let mut i = digits.len();
+        loop {
+            i -= 1;
+            digits[i] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        v.extend_from_slice(&digits[i..]);
+        v.extend_from_slice(ATTRS);
+        HeaderValue::from_maybe_shared(v.freeze()).unwrap_or_else(|_| HeaderValue::from_static(""))
     }
 }
 
@@ -644,6 +660,19 @@ mod tests {
         ] {
             h.insert(COOKIE, HeaderValue::from_static(bad));
             assert_eq!(choose_pool(&r, &h).decision, Decision::Weight, "{bad}");
+        }
+    }
+
+    #[test]
+    fn bucket_cookie_value() {
+        let m = Metrics::new();
+        let r = route("web", &m, 25.0);
+        for (bucket, text) in [(0u16, "0"), (7, "7"), (42, "42"), (9999, "9999")] {
+            assert_eq!(
+                r.service.bucket_cookie(bucket),
+                format!("switchyard_bucket={text}; Path=/; Max-Age=604800; HttpOnly; SameSite=Lax")
+                    .as_str()
+            );
         }
     }
 

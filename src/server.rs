@@ -410,8 +410,11 @@ impl Server {
                         me.serve_plain_conn(stream, peer, conn_drain, conn_token)
                             .await
                     }
+                    // Boxed: a TLS connection's future is several times
+                    // the size of a plain one's; inline, every plain
+                    // connection's task would be that large too.
                     Some(acceptor) => {
-                        me.serve_tls_conn(stream, peer, acceptor, conn_drain, conn_token)
+                        Box::pin(me.serve_tls_conn(stream, peer, acceptor, conn_drain, conn_token))
                             .await
                     }
                 }
@@ -523,7 +526,14 @@ impl Server {
         // The first request head is bounded from the accept.
         activity.reading_head.store(track_heads, Ordering::Relaxed);
 
-        let timer = tokio::time::sleep(Duration::from_millis(0));
+        // Armed at the first real deadline: a zero sleep fired at once and,
+        // being earlier than any deadline the timer driver knew, woke the
+        // driver (an eventfd write) on every new connection.
+        let first = match judge(&activity, now_ms(), limits, track_heads) {
+            Verdict::RecheckAt(at) => at,
+            Verdict::HeaderTimeout | Verdict::Idle => now_ms(),
+        };
+        let timer = tokio::time::sleep(Duration::from_millis(first.saturating_sub(now_ms())));
         tokio::pin!(timer);
         let mut draining = false;
 
@@ -570,7 +580,10 @@ impl Server {
 
         match proto {
             Protocol::Http1 => drive!(self.http1.serve_connection(io, service).with_upgrades()),
-            Protocol::Http2 => drive!(self.http2.serve_connection(io, service)),
+            // Boxed for the same reason as TLS: HTTP/1.1 tasks stay small.
+            Protocol::Http2 => {
+                Box::pin(async { drive!(self.http2.serve_connection(io, service)) }).await
+            }
         }
     }
 }
