@@ -170,6 +170,21 @@ impl H1Guard {
                     }
                     continue;
                 }
+                // Most of a head is bytes nothing depends on (the rest of
+                // the request line, header values other than
+                // Content-Length): jump to the next CR or LF at once.
+                State::Head(h) if h.skippable() => match memchr::memchr2(b'\r', b'\n', &buf[i..]) {
+                    Some(0) => {}
+                    Some(k) => {
+                        h.line_empty = false;
+                        i += k;
+                        continue;
+                    }
+                    None => {
+                        h.line_empty = false;
+                        return Finding::Clean;
+                    }
+                },
                 _ => {}
             }
             let b = buf[i];
@@ -282,6 +297,14 @@ impl Head {
             line_empty: true,
             ..Head::default()
         }
+    }
+
+    /// Can the bytes up to the next CR or LF be skipped unread?
+    #[inline]
+    fn skippable(&self) -> bool {
+        !self.cr
+            && ((self.lines == 0 && self.method_len == self.method.len())
+                || (self.in_value && self.field != Field::ContentLength))
     }
 
     fn step(&mut self, b: u8) -> HeadStep {
