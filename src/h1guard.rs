@@ -173,6 +173,16 @@ impl H1Guard {
                 // Most of a head is bytes nothing depends on (the rest of
                 // the request line, header values other than
                 // Content-Length): jump to the next CR or LF at once.
+                // A header name: find its `:` at once.
+                State::Head(h) if h.at_name_start() => {
+                    if let Some(k) = memchr::memchr3(b':', b'\r', b'\n', &buf[i..]) {
+                        if k > 0 && buf[i + k] == b':' {
+                            h.take_name(&buf[i..i + k]);
+                            i += k;
+                            continue;
+                        }
+                    }
+                }
                 State::Head(h) if h.skippable() => match memchr::memchr2(b'\r', b'\n', &buf[i..]) {
                     Some(0) => {}
                     Some(k) => {
@@ -297,6 +307,22 @@ impl Head {
             line_empty: true,
             ..Head::default()
         }
+    }
+
+    /// Is the next byte the first of a header name?
+    #[inline]
+    fn at_name_start(&self) -> bool {
+        !self.cr && !self.in_value && self.lines > 0 && self.name_len == 0 && self.line_empty
+    }
+
+    /// A whole header name (no `:`, CR or LF in it), as `header_byte` would
+    /// have taken it byte by byte.
+    fn take_name(&mut self, name: &[u8]) {
+        for (slot, b) in self.name.iter_mut().zip(name) {
+            *slot = b.to_ascii_lowercase();
+        }
+        self.name_len = name.len();
+        self.line_empty = false;
     }
 
     /// Can the bytes up to the next CR or LF be skipped unread?
