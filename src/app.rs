@@ -34,6 +34,10 @@ pub struct StartOptions {
     /// Start from `initial` even if the state file is unreadable (it is
     /// moved aside, not deleted).
     pub ignore_state: bool,
+    /// Worker runtimes to serve client connections on, each with its own
+    /// `SO_REUSEPORT` listener ([`crate::workers`]). Empty: serve on the
+    /// calling runtime.
+    pub workers: Vec<tokio::runtime::Handle>,
 }
 
 /// Why the proxy did not start.
@@ -94,6 +98,101 @@ async fn bind(addr: SocketAddr, what: &'static str) -> Result<TcpListener, Start
     socket.listen(4096).map_err(err)
 }
 
+/// Binds `n` listening sockets to one address with `SO_REUSEPORT`, as
+/// std listeners to be registered on the worker runtimes. A plain bind
+/// first makes sure nobody else holds the address (SO_REUSEPORT alone would
+/// silently share it with another process) and resolves port 0.
+async fn bind_shared(
+    addr: SocketAddr,
+    what: &'static str,
+    n: usize,
+) -> Result<Vec<std::net::TcpListener>, StartError> {
+    let probe = bind(addr, what).await?;
+    let resolved = probe
+        .local_addr()
+        .map_err(|source| StartError::Bind { what, addr, source })?;
+    drop(probe);
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let err = |source| StartError::Bind {
+            what,
+            addr: resolved,
+            source,
+        };
+        let socket = if resolved.is_ipv4() {
+            TcpSocket::new_v4()
+        } else {
+            TcpSocket::new_v6()
+        }
+        .map_err(err)?;
+        socket.set_reuseaddr(true).map_err(err)?;
+        socket.set_reuseport(true).map_err(err)?;
+        socket.set_nodelay(true).map_err(err)?;
+        socket.bind(resolved).map_err(err)?;
+        let listener = socket.listen(4096).map_err(err)?;
+        out.push(listener.into_std().map_err(err)?);
+    }
+    Ok(out)
+}
+
+/// Listeners of one address: one on this runtime, or one per worker.
+enum Listeners {
+    Here(TcpListener),
+    PerWorker(Vec<std::net::TcpListener>),
+}
+
+impl Listeners {
+    async fn bind(
+        addr: SocketAddr,
+        what: &'static str,
+        workers: usize,
+    ) -> Result<Listeners, StartError> {
+        if workers == 0 {
+            Ok(Listeners::Here(bind(addr, what).await?))
+        } else {
+            Ok(Listeners::PerWorker(
+                bind_shared(addr, what, workers).await?,
+            ))
+        }
+    }
+
+    fn local_addr(&self) -> Result<SocketAddr, StartError> {
+        let addr = match self {
+            Listeners::Here(l) => l.local_addr(),
+            Listeners::PerWorker(ls) => ls
+                .first()
+                .ok_or_else(|| std::io::Error::other("no listener"))
+                .and_then(std::net::TcpListener::local_addr),
+        };
+        addr.map_err(|e| StartError::Other(e.to_string()))
+    }
+
+    /// Runs `serve` on each listener, on its worker runtime.
+    fn serve<F, Fut>(self, workers: &[tokio::runtime::Handle], serve: F)
+    where
+        F: Fn(TcpListener) -> Fut + Send + Clone + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        match self {
+            Listeners::Here(l) => {
+                tokio::spawn(serve(l));
+            }
+            Listeners::PerWorker(ls) => {
+                for (l, handle) in ls.into_iter().zip(workers) {
+                    let serve = serve.clone();
+                    handle.spawn(async move {
+                        // Registered with this worker's own IO driver.
+                        match TcpListener::from_std(l) {
+                            Ok(l) => serve(l).await,
+                            Err(e) => tracing::error!(error = %e, "cannot register a listener on a worker"),
+                        }
+                    });
+                }
+            }
+        }
+    }
+}
+
 /// Starts the proxy described by `config`. Must run inside a tokio runtime.
 pub async fn start(config: Config, opts: StartOptions) -> Result<Running, StartError> {
     let metrics = Arc::new(Metrics::new());
@@ -132,16 +231,17 @@ pub async fn start(config: Config, opts: StartOptions) -> Result<Running, StartE
     }
 
     // 2. Bind.
-    let proxy_listener = bind(config.proxy.listen, "proxy.listen").await?;
+    let n_workers = opts.workers.len();
+    let proxy_listener = Listeners::bind(config.proxy.listen, "proxy.listen", n_workers).await?;
     let tls_listener = match config.proxy.tls_listen {
-        Some(a) => Some(bind(a, "proxy.tls_listen").await?),
+        Some(a) => Some(Listeners::bind(a, "proxy.tls_listen", n_workers).await?),
         None => None,
     };
     let admin_listener = bind(config.admin.listen, "admin.listen").await?;
     let local = |l: &TcpListener| l.local_addr().map_err(|e| StartError::Other(e.to_string()));
-    let proxy_addr = local(&proxy_listener)?;
+    let proxy_addr = proxy_listener.local_addr()?;
     let tls_addr = match &tls_listener {
-        Some(l) => Some(local(l)?),
+        Some(l) => Some(l.local_addr()?),
         None => None,
     };
     let admin_addr = local(&admin_listener)?;
@@ -175,9 +275,17 @@ pub async fn start(config: Config, opts: StartOptions) -> Result<Running, StartE
         Arc::clone(&metrics),
     ));
     let server = Arc::new(Server::new(proxy, Arc::clone(&metrics), limits));
-    tokio::spawn(Arc::clone(&server).serve_plain(proxy_listener, drain.watcher(), drain.token()));
-    if let (Some(l), Some(acceptor)) = (tls_listener, tls) {
-        tokio::spawn(Arc::clone(&server).serve_tls(l, acceptor, drain.watcher(), drain.token()));
+    {
+        let (server, watcher, token) = (Arc::clone(&server), drain.watcher(), drain.token());
+        proxy_listener.serve(&opts.workers, move |l| {
+            Arc::clone(&server).serve_plain(l, watcher.clone(), token.clone())
+        });
+    }
+    if let (Some(ls), Some(acceptor)) = (tls_listener, tls) {
+        let (server, watcher, token) = (Arc::clone(&server), drain.watcher(), drain.token());
+        ls.serve(&opts.workers, move |l| {
+            Arc::clone(&server).serve_tls(l, Arc::clone(&acceptor), watcher.clone(), token.clone())
+        });
     }
     let ready = Arc::new(AtomicBool::new(true));
     let admin = Arc::new(Admin::new(

@@ -169,7 +169,9 @@ pub struct Backend {
     ejections: AtomicU32,
     in_flight: AtomicUsize,
     retired: AtomicBool,
-    idle: ArrayQueue<UpstreamConn>,
+    /// Idle connections, one queue per thread slot ([`crate::workers::slot`]):
+    /// a worker reuses only connections whose task runs on its own thread.
+    idle: Box<[ArrayQueue<UpstreamConn>]>,
     healthy_gauge: IntGauge,
 }
 
@@ -204,7 +206,11 @@ impl Backend {
             ejections: AtomicU32::new(0),
             in_flight: AtomicUsize::new(0),
             retired: AtomicBool::new(false),
-            idle: ArrayQueue::new(MAX_IDLE_PER_BACKEND),
+            idle: {
+                let slots = crate::workers::slots();
+                let per_slot = (MAX_IDLE_PER_BACKEND / slots).max(64);
+                (0..slots).map(|_| ArrayQueue::new(per_slot)).collect()
+            },
             healthy_gauge,
         }
     }
@@ -311,7 +317,9 @@ impl Backend {
     pub fn retire(&self) {
         self.retired.store(true, Ordering::Relaxed);
         self.healthy_gauge.set(0);
-        while self.idle.pop().is_some() {}
+        for q in &*self.idle {
+            while q.pop().is_some() {}
+        }
     }
 
     /// Has it left its pool?
@@ -319,9 +327,17 @@ impl Backend {
         self.retired.load(Ordering::Relaxed)
     }
 
+    /// The idle queue of the calling thread.
+    #[inline]
+    fn idle_here(&self) -> &ArrayQueue<UpstreamConn> {
+        let slot = crate::workers::slot();
+        // Slots are fixed before any backend exists; 0 always exists.
+        &self.idle[slot.min(self.idle.len() - 1)]
+    }
+
     /// Number of idle pooled connections.
     pub fn idle_connections(&self) -> usize {
-        self.idle.len()
+        self.idle.iter().map(ArrayQueue::len).sum()
     }
 
     /// A ready connection: a pooled one if any is usable, else a new one.
@@ -331,7 +347,8 @@ impl Backend {
         connect_timeout: Duration,
     ) -> Result<(UpstreamConn, bool), ConnectError> {
         let now = now_ms();
-        while let Some(conn) = self.idle.pop() {
+        let idle = self.idle_here();
+        while let Some(conn) = idle.pop() {
             if conn.sender.is_ready() && now.saturating_sub(conn.idle_since_ms) < MAX_IDLE_AGE_MS {
                 return Ok((conn, true));
             }
@@ -351,7 +368,7 @@ impl Backend {
         }
         conn.idle_since_ms = now_ms();
         if conn.sender.is_ready() {
-            let _ = self.idle.push(conn);
+            let _ = self.idle_here().push(conn);
             return;
         }
         // The connection task has not caught up with the end of the
@@ -360,7 +377,7 @@ impl Backend {
         tokio::spawn(async move {
             let ready = tokio::time::timeout(Duration::from_secs(5), conn.sender.ready()).await;
             if matches!(ready, Ok(Ok(()))) && !me.is_retired() {
-                let _ = me.idle.push(conn);
+                let _ = me.idle_here().push(conn);
             }
         });
     }

@@ -66,3 +66,4 @@ pub mod state;
 pub mod store;
 pub mod tls;
 pub mod upgrade;
+pub mod workers;

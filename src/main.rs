@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use switchyard::app::{self, StartOptions};
 use switchyard::config::{self, Config};
+use switchyard::workers::Workers;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -64,20 +65,22 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-fn runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
-    if workers == 1 {
-        // One worker: the current-thread scheduler runs every task on the
-        // thread that drives the IO, without the multi-thread scheduler's
-        // cross-thread wake-ups and parking (benches/load/README.md).
-        return tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build();
+/// The runtimes for `workers` worker threads (0 = one per core): with one,
+/// everything runs on a single current-thread runtime; with more, the main
+/// thread keeps the control plane and each worker thread serves clients on
+/// its own runtime (`switchyard::workers`).
+fn runtimes(workers: usize) -> std::io::Result<(tokio::runtime::Runtime, Option<Workers>)> {
+    let n = match workers {
+        0 => std::thread::available_parallelism().map_or(1, usize::from),
+        n => n,
+    };
+    let main = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    if n <= 1 {
+        return Ok((main, None));
     }
-    let mut b = tokio::runtime::Builder::new_multi_thread();
-    if workers > 0 {
-        b.worker_threads(workers);
-    }
-    b.enable_all().thread_name("switchyard-worker").build()
+    Ok((main, Some(Workers::start(n)?)))
 }
 
 fn main() -> ExitCode {
@@ -210,8 +213,8 @@ fn run(path: &Path, ignore_state: bool) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let rt = match runtime(config.proxy.workers) {
-        Ok(rt) => rt,
+    let (rt, workers) = match runtimes(config.proxy.workers) {
+        Ok(r) => r,
         Err(e) => {
             eprintln!("switchyard: cannot start the runtime: {e}");
             return ExitCode::FAILURE;
@@ -220,19 +223,31 @@ fn run(path: &Path, ignore_state: bool) -> ExitCode {
     let opts = StartOptions {
         config_path: Some(path.to_path_buf()),
         ignore_state,
+        workers: workers
+            .as_ref()
+            .map(|w| w.handles().to_vec())
+            .unwrap_or_default(),
     };
-    rt.block_on(serve(config, opts, None))
+    let code = rt.block_on(serve(config, opts, None));
+    if let Some(w) = workers {
+        w.stop();
+    }
+    code
 }
 
 fn demo() -> ExitCode {
-    let rt = match runtime(0) {
-        Ok(rt) => rt,
+    let (rt, workers) = match runtimes(0) {
+        Ok(r) => r,
         Err(e) => {
             eprintln!("switchyard: cannot start the runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
-    rt.block_on(async {
+    let handles = workers
+        .as_ref()
+        .map(|w| w.handles().to_vec())
+        .unwrap_or_default();
+    let code = rt.block_on(async {
         let (blue, green) = match switchyard::demo::start_upstreams().await {
             Ok(a) => a,
             Err(e) => {
@@ -244,15 +259,18 @@ fn demo() -> ExitCode {
         // A fresh state per demo run, so it always starts on blue.
         let dir = std::env::temp_dir().join(format!("switchyard-demo-{}", std::process::id()));
         config.state.path = dir.join("state.json");
-        let code = serve(
-            config,
-            StartOptions::default(),
-            Some(switchyard::demo::instructions),
-        )
-        .await;
+        let opts = StartOptions {
+            workers: handles,
+            ..StartOptions::default()
+        };
+        let code = serve(config, opts, Some(switchyard::demo::instructions)).await;
         let _ = std::fs::remove_dir_all(&dir);
         code
-    })
+    });
+    if let Some(w) = workers {
+        w.stop();
+    }
+    code
 }
 
 /// Starts, prints the demo instructions if any, and runs until SIGTERM or

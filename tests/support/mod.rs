@@ -419,7 +419,7 @@ impl TestProxy {
             config,
             switchyard::app::StartOptions {
                 config_path: Some(config_path.clone()),
-                ignore_state: false,
+                ..Default::default()
             },
         )
         .await
