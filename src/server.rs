@@ -121,6 +121,9 @@ pub struct ConnActivity {
     /// When the current state began (idle since / head started), in `now_ms`.
     since_ms: AtomicU64,
     reading_head: AtomicBool,
+    /// The last write to the client could not complete (the client is not
+    /// reading): hyper still holds response bytes.
+    write_blocked: AtomicBool,
     /// HTTP/1: requests handed to the service so far.
     requests: AtomicU64,
     /// HTTP/1: index of a request whose body the [`H1Guard`] found
@@ -136,6 +139,7 @@ impl ConnActivity {
             reading_head: AtomicBool::new(false),
             requests: AtomicU64::new(0),
             bad_body: AtomicU64::new(u64::MAX),
+            write_blocked: AtomicBool::new(false),
         })
     }
 
@@ -212,34 +216,64 @@ enum Verdict {
     HeaderTimeout,
     /// Idle too long.
     Idle,
+    /// Idle long enough to give hyper's buffers back ([`PARK_AFTER`]).
+    Park,
 }
 
-fn judge(a: &ConnActivity, now: u64, limits: &Limits, track_heads: bool) -> Verdict {
+/// An HTTP/1 connection idle this long is parked: hyper's connection state
+/// (about 16 KiB of buffers) is dropped and the bare socket waits for
+/// readability, so thousands of idle keep-alive clients cost little memory.
+const PARK_AFTER: Duration = Duration::from_secs(2);
+
+/// What the timer should do now. `park` when the connection may be parked.
+///
+/// The timer is re-armed only when it fires, so a deadline can be late by
+/// the time between rechecks after the connection changes state (a request
+/// ends, bytes arrive). Every recheck is therefore at most `cap` away: the
+/// shortest of the bounds that apply.
+fn judge(a: &ConnActivity, now: u64, limits: &Limits, track_heads: bool, park: bool) -> Verdict {
     let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX / 4);
+    let mut cap = ms(limits.header_read_timeout);
+    if !limits.idle_timeout.is_zero() {
+        cap = cap.min(ms(limits.idle_timeout));
+    }
+    if park {
+        cap = cap.min(ms(PARK_AFTER));
+    }
+    let recheck = |at: u64| Verdict::RecheckAt(at.min(now + cap.max(1)));
     let since = a.since_ms.load(Ordering::Relaxed);
     if a.in_flight.load(Ordering::Relaxed) > 0 {
-        // Busy: look again later; the bounds restart when it goes idle.
-        return Verdict::RecheckAt(
-            now + ms(limits.header_read_timeout).min(ms(limits.idle_timeout).max(1000)),
-        );
+        // Busy: the bounds restart when it goes idle.
+        return recheck(u64::MAX);
     }
     if track_heads && a.reading_head.load(Ordering::Relaxed) {
         let due = since + ms(limits.header_read_timeout);
         return if now >= due {
             Verdict::HeaderTimeout
         } else {
-            Verdict::RecheckAt(due)
+            recheck(due)
         };
     }
-    if limits.idle_timeout.is_zero() {
-        return Verdict::RecheckAt(now + 3_600_000);
-    }
-    let due = since + ms(limits.idle_timeout);
-    if now >= due {
-        Verdict::Idle
+    let idle_due = if limits.idle_timeout.is_zero() {
+        u64::MAX
     } else {
-        Verdict::RecheckAt(due)
+        since + ms(limits.idle_timeout)
+    };
+    if now >= idle_due {
+        return Verdict::Idle;
     }
+    if park {
+        let park_due = since + ms(PARK_AFTER);
+        if now >= park_due {
+            if !a.write_blocked.load(Ordering::Relaxed) {
+                return Verdict::Park;
+            }
+            // Still flushing to a slow reader: look again later.
+            return recheck(u64::MAX);
+        }
+        return recheck(park_due);
+    }
+    recheck(idle_due)
 }
 
 /// The IO of a client connection, reporting reads to its [`ConnActivity`].
@@ -248,6 +282,17 @@ struct TrackedIo<T> {
     activity: Arc<ConnActivity>,
     /// HTTP/1 only: strict framing checks before hyper parses.
     guard: Option<H1Guard>,
+    /// Bytes hyper had read but not parsed when the connection was parked;
+    /// served first (already scanned by the guard).
+    prefix: bytes::Bytes,
+}
+
+impl<T> TrackedIo<T> {
+    fn note_write<R>(&self, r: &Poll<io::Result<R>>) {
+        self.activity
+            .write_blocked
+            .store(r.is_pending(), Ordering::Relaxed);
+    }
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for TrackedIo<T> {
@@ -257,6 +302,12 @@ impl<T: AsyncRead + Unpin> AsyncRead for TrackedIo<T> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
+        if !this.prefix.is_empty() {
+            let n = this.prefix.len().min(buf.remaining());
+            buf.put_slice(&this.prefix.split_to(n));
+            this.activity.on_read();
+            return Poll::Ready(Ok(()));
+        }
         let before = buf.filled().len();
         let r = Pin::new(&mut this.inner).poll_read(cx, buf);
         if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
@@ -277,20 +328,26 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for TrackedIo<T> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.note_write(&r);
+        r
     }
     fn poll_write_vectored(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.note_write(&r);
+        r
     }
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        let r = Pin::new(&mut self.inner).poll_flush(cx);
+        self.note_write(&r);
+        r
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
@@ -489,20 +546,19 @@ impl Server {
     }
 
     /// Serves one connection until it ends, times out, or drains.
-    async fn serve_conn<T>(
+    async fn serve_conn<T: Transport>(
         &self,
         io: T,
         proto: Protocol,
         client: ClientInfo,
         mut drain: watch::Receiver<()>,
-    ) where
-        T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
-    {
+    ) {
         let activity = ConnActivity::new();
         let io = TokioIo::new(TrackedIo {
             inner: io,
             activity: Arc::clone(&activity),
             guard: (proto == Protocol::Http1).then(H1Guard::new),
+            prefix: bytes::Bytes::new(),
         });
         let client = Arc::new(client);
         let proxy = Arc::clone(&self.proxy);
@@ -521,7 +577,8 @@ impl Server {
                 Ok::<_, Infallible>(proxy.handle(req, &client, active).await)
             }
         });
-        let track_heads = proto == Protocol::Http1;
+        let track_heads = http1;
+        let parkable = http1 && io.inner().inner.parkable();
         let limits = &self.limits;
         // The first request head is bounded from the accept.
         activity.reading_head.store(track_heads, Ordering::Relaxed);
@@ -529,67 +586,154 @@ impl Server {
         // Armed at the first real deadline: a zero sleep fired at once and,
         // being earlier than any deadline the timer driver knew, woke the
         // driver (an eventfd write) on every new connection.
-        let first = match judge(&activity, now_ms(), limits, track_heads) {
+        let first = match judge(&activity, now_ms(), limits, track_heads, parkable) {
             Verdict::RecheckAt(at) => at,
-            Verdict::HeaderTimeout | Verdict::Idle => now_ms(),
+            Verdict::HeaderTimeout | Verdict::Idle | Verdict::Park => now_ms(),
         };
         let timer = tokio::time::sleep(Duration::from_millis(first.saturating_sub(now_ms())));
         tokio::pin!(timer);
         let mut draining = false;
+        let rearm = |timer: Pin<&mut tokio::time::Sleep>, at: u64| {
+            let wait = Duration::from_millis(at.saturating_sub(now_ms()));
+            timer.reset(tokio::time::Instant::now() + wait);
+        };
 
-        macro_rules! drive {
-            ($conn:expr) => {{
-                let mut conn = std::pin::pin!($conn);
+        if proto == Protocol::Http2 {
+            // Boxed: HTTP/1.1 connection tasks stay small.
+            return Box::pin(async {
+                let mut conn = std::pin::pin!(self.http2.serve_connection(io, service));
                 loop {
                     tokio::select! {
                         res = conn.as_mut() => {
                             if let Err(e) = res {
-                                tracing::debug!(client = %peer_of(&activity, &limits), error = %e, "client connection ended with an error");
+                                tracing::debug!(error = %e, "client connection ended with an error");
                             }
-                            break;
+                            return;
                         }
                         _ = drain.changed(), if !draining => {
                             draining = true;
                             conn.as_mut().graceful_shutdown();
                         }
-                        () = &mut timer => {
-                            match judge(&activity, now_ms(), limits, track_heads) {
-                                Verdict::RecheckAt(at) => {
-                                    let wait = Duration::from_millis(at.saturating_sub(now_ms()));
-                                    timer.as_mut().reset(tokio::time::Instant::now() + wait);
+                        () = &mut timer => match judge(&activity, now_ms(), limits, false, false) {
+                            Verdict::RecheckAt(at) => rearm(timer.as_mut(), at),
+                            Verdict::HeaderTimeout | Verdict::Park => rearm(timer.as_mut(), now_ms() + 1000),
+                            Verdict::Idle => {
+                                self.metrics.timeouts.with_label_values(&["idle"]).inc();
+                                if draining {
+                                    return;
                                 }
-                                Verdict::HeaderTimeout => {
-                                    self.metrics.timeouts.with_label_values(&["header_read"]).inc();
-                                    break;
-                                }
-                                Verdict::Idle => {
-                                    self.metrics.timeouts.with_label_values(&["idle"]).inc();
-                                    if draining {
-                                        break;
-                                    }
-                                    draining = true;
-                                    conn.as_mut().graceful_shutdown();
-                                    timer.as_mut().reset(tokio::time::Instant::now() + Duration::from_secs(5));
-                                }
+                                draining = true;
+                                conn.as_mut().graceful_shutdown();
+                                rearm(timer.as_mut(), now_ms() + 5000);
                             }
-                        }
+                        },
                     }
                 }
-            }};
+            })
+            .await;
         }
 
-        match proto {
-            Protocol::Http1 => drive!(self.http1.serve_connection(io, service).with_upgrades()),
-            // Boxed for the same reason as TLS: HTTP/1.1 tasks stay small.
-            Protocol::Http2 => {
-                Box::pin(async { drive!(self.http2.serve_connection(io, service)) }).await
+        // HTTP/1: serve until the connection ends or parks; a parked
+        // connection waits as a bare socket and is served afresh when the
+        // client sends again.
+        let mut io = io;
+        loop {
+            let mut conn = self
+                .http1
+                .serve_connection(io, service.clone())
+                .with_upgrades();
+            loop {
+                tokio::select! {
+                    res = &mut conn => {
+                        if let Err(e) = res {
+                            tracing::debug!(error = %e, "client connection ended with an error");
+                        }
+                        return;
+                    }
+                    _ = drain.changed(), if !draining => {
+                        draining = true;
+                        Pin::new(&mut conn).graceful_shutdown();
+                    }
+                    () = &mut timer => match judge(&activity, now_ms(), limits, track_heads, parkable && !draining) {
+                        Verdict::RecheckAt(at) => rearm(timer.as_mut(), at),
+                        Verdict::HeaderTimeout => {
+                            self.metrics.timeouts.with_label_values(&["header_read"]).inc();
+                            return;
+                        }
+                        Verdict::Idle => {
+                            self.metrics.timeouts.with_label_values(&["idle"]).inc();
+                            if draining {
+                                return;
+                            }
+                            draining = true;
+                            Pin::new(&mut conn).graceful_shutdown();
+                            rearm(timer.as_mut(), now_ms() + 5000);
+                        }
+                        Verdict::Park => break,
+                    },
+                }
+            }
+            // Park: take the socket back from hyper (None: it was upgraded).
+            let Some(parts) = conn.into_parts() else {
+                return;
+            };
+            io = parts.io;
+            if !parts.read_buf.is_empty() {
+                io.inner_mut().prefix = parts.read_buf;
+            }
+            loop {
+                tokio::select! {
+                    ready = io.inner().inner.readable() => {
+                        if ready.is_err() {
+                            return;
+                        }
+                        break;
+                    }
+                    // Nothing in flight: a parked connection just closes.
+                    _ = drain.changed() => return,
+                    () = &mut timer => match judge(&activity, now_ms(), limits, track_heads, false) {
+                        Verdict::Idle => {
+                            self.metrics.timeouts.with_label_values(&["idle"]).inc();
+                            return;
+                        }
+                        Verdict::RecheckAt(at) => rearm(timer.as_mut(), at),
+                        Verdict::HeaderTimeout | Verdict::Park => rearm(timer.as_mut(), now_ms() + 1000),
+                    },
+                }
             }
         }
     }
 }
 
-fn peer_of(_a: &ConnActivity, _l: &Limits) -> &'static str {
-    "-"
+/// What the connection loop needs from a client transport beyond IO.
+pub trait Transport: AsyncRead + AsyncWrite + Send + Unpin + 'static {
+    /// Can an idle HTTP/1 connection on it be parked, that is, does it hold
+    /// no buffered state of its own that readiness of the socket would miss?
+    fn parkable(&self) -> bool;
+
+    /// Resolves when the socket is readable (data or end of stream).
+    fn readable(&self) -> impl std::future::Future<Output = io::Result<()>> + Send + '_;
+}
+
+impl Transport for TcpStream {
+    fn parkable(&self) -> bool {
+        true
+    }
+
+    fn readable(&self) -> impl std::future::Future<Output = io::Result<()>> + Send + '_ {
+        TcpStream::readable(self)
+    }
+}
+
+impl Transport for tokio_rustls::server::TlsStream<TcpStream> {
+    /// rustls may hold decrypted bytes the socket no longer shows.
+    fn parkable(&self) -> bool {
+        false
+    }
+
+    fn readable(&self) -> impl std::future::Future<Output = io::Result<()>> + Send + '_ {
+        std::future::pending()
+    }
 }
 
 /// Tells HTTP/2 prior knowledge from HTTP/1 by peeking at the first bytes.
@@ -632,23 +776,44 @@ mod tests {
         let a = ConnActivity::new();
         let l = limits();
         let t0 = a.since_ms.load(Ordering::Relaxed);
+        // Rechecks are at most min(header_read, idle) = 10 s away.
         assert_eq!(
-            judge(&a, t0 + 1_000, &l, true),
+            judge(&a, t0 + 1_000, &l, true, false),
+            Verdict::RecheckAt(t0 + 11_000)
+        );
+        assert_eq!(
+            judge(&a, t0 + 85_000, &l, true, false),
             Verdict::RecheckAt(t0 + 90_000)
         );
-        assert_eq!(judge(&a, t0 + 90_000, &l, true), Verdict::Idle);
+        assert_eq!(judge(&a, t0 + 90_000, &l, true, false), Verdict::Idle);
         a.reading_head.store(true, Ordering::Relaxed);
-        assert_eq!(judge(&a, t0 + 10_000, &l, true), Verdict::HeaderTimeout);
         assert_eq!(
-            judge(&a, t0 + 10_000, &l, false),
-            Verdict::RecheckAt(t0 + 90_000)
+            judge(&a, t0 + 10_000, &l, true, false),
+            Verdict::HeaderTimeout
+        );
+        assert_eq!(
+            judge(&a, t0 + 10_000, &l, false, false),
+            Verdict::RecheckAt(t0 + 20_000)
         );
         let busy = a.begin();
         assert!(matches!(
-            judge(&a, t0 + 500_000, &l, true),
+            judge(&a, t0 + 500_000, &l, true, false),
             Verdict::RecheckAt(_)
         ));
         drop(busy);
         assert!(!a.reading_head.load(Ordering::Relaxed));
+        // Parking: after PARK_AFTER idle, unless a write is still blocked.
+        let t1 = a.since_ms.load(Ordering::Relaxed);
+        assert_eq!(
+            judge(&a, t1 + 1_000, &l, true, true),
+            Verdict::RecheckAt(t1 + 2_000)
+        );
+        assert_eq!(judge(&a, t1 + 2_000, &l, true, true), Verdict::Park);
+        a.write_blocked.store(true, Ordering::Relaxed);
+        assert!(matches!(
+            judge(&a, t1 + 2_000, &l, true, true),
+            Verdict::RecheckAt(_)
+        ));
+        assert_eq!(judge(&a, t1 + 90_000, &l, true, true), Verdict::Idle);
     }
 }

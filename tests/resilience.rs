@@ -625,3 +625,99 @@ async fn api_added_backends_wait_for_their_first_passing_check() {
         .await
     );
 }
+
+/// Reads one response (with a content-length body) from a raw socket;
+/// bytes of later responses stay in `got`.
+async fn read_response(s: &mut TcpStream, got: &mut Vec<u8>) -> String {
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&got[..end]).to_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length: "))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            if got.len() >= end + 4 + len {
+                let text = String::from_utf8_lossy(&got[..end + 4 + len]).into_owned();
+                got.drain(..end + 4 + len);
+                return text;
+            }
+        }
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            n > 0,
+            "closed before a whole response: {:?}",
+            String::from_utf8_lossy(got)
+        );
+        got.extend_from_slice(&buf[..n]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parked_keep_alive_connections_wake_up_and_still_expire() {
+    // Parking (after 2 s idle) gives hyper's buffers back; the connection
+    // must behave exactly as before: served on the next request, pipelined
+    // requests answered in order, and still closed at idle_timeout.
+    let blue = Upstream::start("blue").await;
+    let green = Upstream::start("green").await;
+    let p = TestProxy::start_with(
+        "idle_timeout = \"4s\"",
+        &[Svc::new("web", &[&blue], &[&green])],
+    )
+    .await;
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    let mut got = Vec::new();
+    s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(read_response(&mut s, &mut got).await.ends_with("blue"));
+    // Time is the subject here: idle past the park delay.
+    tokio::time::sleep(Duration::from_millis(2600)).await;
+    s.write_all(b"GET /a HTTP/1.1\r\nhost: x\r\n\r\nGET /b HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let first = read_response(&mut s, &mut got).await;
+    let second = read_response(&mut s, &mut got).await;
+    assert!(got.is_empty());
+    assert!(
+        first.starts_with("HTTP/1.1 200") && first.ends_with("blue"),
+        "{first}"
+    );
+    assert!(
+        second.starts_with("HTTP/1.1 200") && second.ends_with("blue"),
+        "{second}"
+    );
+    // Parked again, then closed at idle_timeout (4 s after the last request).
+    let t = std::time::Instant::now();
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(Duration::from_secs(8), s.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    let waited = t.elapsed();
+    assert!(
+        waited >= Duration::from_millis(3500) && waited < Duration::from_millis(6000),
+        "closed after {waited:?}"
+    );
+
+    // A parked connection is closed at once by a graceful shutdown.
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    read_response(&mut s, &mut Vec::new()).await;
+    tokio::time::sleep(Duration::from_millis(2600)).await;
+    let t = std::time::Instant::now();
+    assert!(p.shutdown().await, "drained");
+    let n = tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    assert!(t.elapsed() < Duration::from_secs(1));
+}
