@@ -69,6 +69,8 @@ pub struct Metrics {
     pub upgrades_drained: IntCounter,
     /// Connections cut by the header read or idle timeout, by reason.
     pub timeouts: IntCounterVec,
+    /// Idle HTTP/1 client connections parked (no hyper state held).
+    pub parked: IntGauge,
     /// Retries sent to another backend.
     pub retries: IntCounterVec,
     /// Passive ejections of backends.
@@ -161,6 +163,11 @@ impl Metrics {
             "Client connections closed by a timeout: header_read, idle.",
             &["kind"],
         );
+        let parked = must(IntGauge::new(
+            "switchyard_parked_connections",
+            "Idle HTTP/1 client connections parked without buffers.",
+        ));
+        must(registry.register(Box::new(parked.clone())));
         let retries = counter(
             "switchyard_retries_total",
             "Requests retried on another backend after a failure before any response.",
@@ -187,6 +194,7 @@ impl Metrics {
             unmatched,
             upgrades_drained,
             timeouts,
+            parked,
             retries,
             ejections,
         }

@@ -222,8 +222,15 @@ enum Verdict {
 
 /// An HTTP/1 connection idle this long is parked: hyper's connection state
 /// (about 16 KiB of buffers) is dropped and the bare socket waits for
-/// readability, so thousands of idle keep-alive clients cost little memory.
-const PARK_AFTER: Duration = Duration::from_secs(2);
+/// readability, so thousands of idle keep-alive clients cost little memory
+/// (as nginx frees its buffers between keep-alive requests). Short enough
+/// that a burst of clients making one request each never holds many
+/// buffers at once; long enough that clients sending back to back never
+/// park.
+const PARK_AFTER: Duration = Duration::from_millis(100);
+
+/// Longest wait between rechecks of a busy connection.
+const BUSY_RECHECK: Duration = Duration::from_secs(1);
 
 /// What the timer should do now. `park` when the connection may be parked.
 ///
@@ -243,8 +250,12 @@ fn judge(a: &ConnActivity, now: u64, limits: &Limits, track_heads: bool, park: b
     let recheck = |at: u64| Verdict::RecheckAt(at.min(now + cap.max(1)));
     let since = a.since_ms.load(Ordering::Relaxed);
     if a.in_flight.load(Ordering::Relaxed) > 0 {
-        // Busy: the bounds restart when it goes idle.
-        return recheck(u64::MAX);
+        // Busy: the bounds restart when it goes idle; look again now and
+        // then, not at the (short) park delay.
+        let busy_cap = cap
+            .max(ms(BUSY_RECHECK))
+            .min(ms(limits.header_read_timeout));
+        return Verdict::RecheckAt(now + busy_cap.max(1));
     }
     if track_heads && a.reading_head.load(Ordering::Relaxed) {
         let due = since + ms(limits.header_read_timeout);
@@ -460,7 +471,7 @@ impl Server {
             let conn_token = token.clone();
             let gauge = gauge.clone();
             let tls = tls.clone();
-            tokio::spawn(async move {
+            let task = async move {
                 gauge.inc();
                 match tls {
                     None => {
@@ -476,7 +487,8 @@ impl Server {
                     }
                 }
                 gauge.dec();
-            });
+            };
+            tokio::spawn(task);
         }
         // Dropping the listener here stops the kernel accepting for us.
         drop(listener);
@@ -681,6 +693,7 @@ impl Server {
             if !parts.read_buf.is_empty() {
                 io.inner_mut().prefix = parts.read_buf;
             }
+            let _parked = Parked::new(&self.metrics.parked);
             loop {
                 tokio::select! {
                     ready = io.inner().inner.readable() => {
@@ -702,6 +715,22 @@ impl Server {
                 }
             }
         }
+    }
+}
+
+/// Counts a parked connection while it lives.
+struct Parked<'a>(&'a IntGauge);
+
+impl<'a> Parked<'a> {
+    fn new(g: &'a IntGauge) -> Parked<'a> {
+        g.inc();
+        Parked(g)
+    }
+}
+
+impl Drop for Parked<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 
@@ -805,13 +834,13 @@ mod tests {
         // Parking: after PARK_AFTER idle, unless a write is still blocked.
         let t1 = a.since_ms.load(Ordering::Relaxed);
         assert_eq!(
-            judge(&a, t1 + 1_000, &l, true, true),
-            Verdict::RecheckAt(t1 + 2_000)
+            judge(&a, t1 + 50, &l, true, true),
+            Verdict::RecheckAt(t1 + 100)
         );
-        assert_eq!(judge(&a, t1 + 2_000, &l, true, true), Verdict::Park);
+        assert_eq!(judge(&a, t1 + 100, &l, true, true), Verdict::Park);
         a.write_blocked.store(true, Ordering::Relaxed);
         assert!(matches!(
-            judge(&a, t1 + 2_000, &l, true, true),
+            judge(&a, t1 + 100, &l, true, true),
             Verdict::RecheckAt(_)
         ));
         assert_eq!(judge(&a, t1 + 90_000, &l, true, true), Verdict::Idle);

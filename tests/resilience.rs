@@ -659,7 +659,7 @@ async fn read_response(s: &mut TcpStream, got: &mut Vec<u8>) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn parked_keep_alive_connections_wake_up_and_still_expire() {
-    // Parking (after 2 s idle) gives hyper's buffers back; the connection
+    // Parking (after 100 ms idle) gives hyper's buffers back; the connection
     // must behave exactly as before: served on the next request, pipelined
     // requests answered in order, and still closed at idle_timeout.
     let blue = Upstream::start("blue").await;
