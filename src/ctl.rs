@@ -1,38 +1,53 @@
 //! `switchyard ctl`: the admin API client for pipelines (SPEC §1).
 //!
-//! Exit status: 0 when the server accepted the call, 1 when it refused (the
-//! server's error is printed) or could not be reached, 2 for usage errors
-//! (from clap).
+//! Every subcommand is one admin API call (`wait-healthy` polls one), so
+//! what the server accepts or refuses is exactly what the API would. Exit
+//! status, which pipelines branch on:
+//!
+//! | code | meaning |
+//! | --- | --- |
+//! | 0 | done |
+//! | 1 | refused by the server (its message printed), or `wait-healthy` timed out |
+//! | 2 | usage error: bad arguments, bad `--admin` URL, unreadable token file |
+//! | 3 | cannot reach the admin API (refused, reset, timed out, not HTTP) |
 
+use std::fmt::Write as _;
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use clap::{Args, Subcommand};
-use http::{Method, Request};
+use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
 
+/// How long one admin API call may take before ctl gives up (exit 3).
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// `switchyard ctl` options.
 #[derive(Debug, Args)]
 pub struct CtlArgs {
-    /// Admin API base URL.
+    /// Admin API base URL (`http://HOST:PORT`, optionally with a path prefix).
     #[arg(
         long,
+        global = true,
         default_value = "http://127.0.0.1:9901",
         env = "SWITCHYARD_ADMIN"
     )]
     pub admin: String,
-    /// File holding the bearer token (`NAME:SECRET` or `SECRET`; first line used).
-    #[arg(long, env = "SWITCHYARD_TOKEN_FILE")]
+    /// File holding the bearer token (a line as in the server's
+    /// `token_file`: `NAME:SECRET` or `SECRET`; the first one is used).
+    #[arg(long, global = true, env = "SWITCHYARD_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
-    /// Print the server's JSON instead of a summary.
-    #[arg(long)]
-    pub json: bool,
-    /// Only apply if the service is at this generation (If-Match).
+    /// Print the server's JSON instead of a table.
     #[arg(long, global = true)]
-    pub if_match: Option<u64>,
-    /// Reason recorded in history.
+    pub json: bool,
+    /// Apply only if the service is still at this generation (sends
+    /// `If-Match`; a stale generation is refused with 412).
+    #[arg(long, global = true, alias = "if-match", value_name = "N")]
+    pub if_generation: Option<u64>,
+    /// Reason recorded in the history.
     #[arg(long, global = true)]
     pub reason: Option<String>,
     /// What to do.
@@ -43,7 +58,7 @@ pub struct CtlArgs {
 /// `switchyard ctl` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum CtlCommand {
-    /// Show one service, or all.
+    /// Show one service, or all: weights, generation, pools and backends with health.
     Status {
         /// Service name.
         service: Option<String>,
@@ -63,7 +78,7 @@ pub enum CtlCommand {
         /// Service name.
         service: String,
         /// Percent of traffic to green.
-        #[arg(long)]
+        #[arg(long, value_name = "PCT")]
         green: f64,
         /// Even if the pool has no healthy backend.
         #[arg(long)]
@@ -74,7 +89,7 @@ pub enum CtlCommand {
         /// Service name.
         service: String,
         /// Restore the weights of this generation.
-        #[arg(long)]
+        #[arg(long, value_name = "N")]
         to_generation: Option<u64>,
     },
     /// Replace the backends of a pool.
@@ -84,7 +99,7 @@ pub enum CtlCommand {
         /// `blue` or `green`.
         color: String,
         /// `host:port` (or `https://host:port`), one or more.
-        #[arg(required = true)]
+        #[arg(required = true, value_name = "ADDR")]
         backends: Vec<String>,
         /// Even if the pool takes traffic.
         #[arg(long)]
@@ -97,6 +112,47 @@ pub enum CtlCommand {
     },
     /// Re-read the config file.
     Reload,
+    /// Wait until every backend of a pool is healthy (the step after
+    /// deploying to the idle pool); exit 1 if it does not happen in time.
+    WaitHealthy {
+        /// Service name.
+        service: String,
+        /// `blue` or `green`.
+        color: String,
+        /// How long to wait (`60s`, `2m`, ...).
+        #[arg(long, default_value = "60s", value_parser = parse_duration)]
+        timeout: Duration,
+        /// How often to look.
+        #[arg(long, default_value = "500ms", value_parser = parse_duration)]
+        interval: Duration,
+    },
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("`{s}`: {e} (expected e.g. 60s, 2m, 500ms)"))
+}
+
+/// Why a ctl command did not succeed; each maps to an exit status.
+#[derive(Debug)]
+enum Failure {
+    /// The server answered with an error (exit 1). `body` is its JSON.
+    Refused { message: String, body: Value },
+    /// `wait-healthy` ran out of time (exit 1).
+    TimedOut(String),
+    /// Bad arguments (exit 2).
+    Usage(String),
+    /// No usable answer from the admin API (exit 3).
+    Unreachable(String),
+}
+
+impl Failure {
+    fn exit_code(&self) -> i32 {
+        match self {
+            Failure::Refused { .. } | Failure::TimedOut(_) => 1,
+            Failure::Usage(_) => 2,
+            Failure::Unreachable(_) => 3,
+        }
+    }
 }
 
 /// Runs a ctl command; returns the process exit status.
@@ -106,37 +162,52 @@ pub async fn run(args: CtlArgs) -> i32 {
             print!("{out}");
             0
         }
-        Err(msg) => {
-            eprintln!("switchyard ctl: {msg}");
-            1
+        Err(failure) => {
+            match &failure {
+                Failure::Refused { message, body } => {
+                    if args.json {
+                        println!("{}", pretty(body));
+                    }
+                    eprintln!("switchyard ctl: {message}");
+                }
+                Failure::TimedOut(m) | Failure::Usage(m) | Failure::Unreachable(m) => {
+                    eprintln!("switchyard ctl: {m}")
+                }
+            }
+            failure.exit_code()
         }
     }
 }
 
-async fn run_inner(args: &CtlArgs) -> Result<String, String> {
-    let token = match &args.token_file {
-        Some(f) => Some(read_token(f)?),
-        None => None,
-    };
-    let reason = |mut body: Value| {
+async fn run_inner(args: &CtlArgs) -> Result<String, Failure> {
+    let admin = Admin::new(args)?;
+    if let CtlCommand::WaitHealthy {
+        service,
+        color,
+        timeout,
+        interval,
+    } = &args.command
+    {
+        return wait_healthy(&admin, args.json, service, color, *timeout, *interval).await;
+    }
+    let with_reason = |mut body: Value| {
         if let (Some(r), Some(m)) = (&args.reason, body.as_object_mut()) {
             m.insert("reason".into(), Value::from(r.clone()));
         }
         body
     };
+    let service_path = |s: &str| format!("/api/v1/services/{}", segment(s));
     let (method, path, body) = match &args.command {
         CtlCommand::Status { service: None } => (Method::GET, "/api/v1/services".to_string(), None),
-        CtlCommand::Status { service: Some(s) } => {
-            (Method::GET, format!("/api/v1/services/{s}"), None)
-        }
+        CtlCommand::Status { service: Some(s) } => (Method::GET, service_path(s), None),
         CtlCommand::Switch {
             service,
             color,
             force,
         } => (
             Method::POST,
-            format!("/api/v1/services/{service}/switch"),
-            Some(reason(json!({ "to": color, "force": force }))),
+            service_path(service) + "/switch",
+            Some(with_reason(json!({ "to": color, "force": force }))),
         ),
         CtlCommand::Split {
             service,
@@ -144,8 +215,8 @@ async fn run_inner(args: &CtlArgs) -> Result<String, String> {
             force,
         } => (
             Method::POST,
-            format!("/api/v1/services/{service}/split"),
-            Some(reason(json!({ "green": green, "force": force }))),
+            service_path(service) + "/split",
+            Some(with_reason(json!({ "green": green, "force": force }))),
         ),
         CtlCommand::Rollback {
             service,
@@ -157,8 +228,8 @@ async fn run_inner(args: &CtlArgs) -> Result<String, String> {
             };
             (
                 Method::POST,
-                format!("/api/v1/services/{service}/rollback"),
-                Some(reason(body)),
+                service_path(service) + "/rollback",
+                Some(with_reason(body)),
             )
         }
         CtlCommand::SetPool {
@@ -168,179 +239,479 @@ async fn run_inner(args: &CtlArgs) -> Result<String, String> {
             force,
         } => (
             Method::PUT,
-            format!("/api/v1/services/{service}/pools/{color}"),
-            Some(reason(json!({ "backends": backends, "force": force }))),
+            format!("{}/pools/{}", service_path(service), segment(color)),
+            Some(with_reason(json!({ "backends": backends, "force": force }))),
         ),
-        CtlCommand::History { service } => (
-            Method::GET,
-            format!("/api/v1/services/{service}/history"),
-            None,
-        ),
+        CtlCommand::History { service } => (Method::GET, service_path(service) + "/history", None),
         CtlCommand::Reload => (Method::POST, "/api/v1/reload".to_string(), None),
+        CtlCommand::WaitHealthy { .. } => unreachable!("handled above"),
     };
-    let (status, value) = call(
-        &args.admin,
-        method,
-        &path,
-        body,
-        token.as_deref(),
-        args.if_match,
-    )
-    .await?;
-    if !status.is_success() {
-        let msg = value
-            .pointer("/error/message")
-            .and_then(Value::as_str)
-            .map(str::to_string)
-            .unwrap_or_else(|| value.to_string());
-        let code = value
-            .pointer("/error/code")
-            .and_then(Value::as_str)
-            .unwrap_or("error");
-        return Err(format!("{} {code}: {msg}", status.as_u16()));
-    }
+    let value = admin.call(method, &path, body, args.if_generation).await?;
     if args.json {
-        return Ok(format!(
-            "{}\n",
-            serde_json::to_string_pretty(&value).unwrap_or_default()
-        ));
+        return Ok(format!("{}\n", pretty(&value)));
     }
     Ok(match &args.command {
-        CtlCommand::Status { service: None } => value
-            .as_array()
-            .map(|a| a.iter().map(summary).collect::<String>())
-            .unwrap_or_default(),
-        CtlCommand::History { .. } => history(&value),
+        CtlCommand::Status { service: None } => services_table(&value),
+        CtlCommand::History { .. } => history_table(&value),
         CtlCommand::Reload => format!(
             "reloaded\n{}",
-            value
-                .get("services")
-                .and_then(Value::as_array)
-                .map(|a| a.iter().map(summary).collect::<String>())
-                .unwrap_or_default()
+            services_table(value.get("services").unwrap_or(&Value::Null))
         ),
-        _ => summary(&value),
+        _ => service_table(&value),
     })
 }
 
-fn read_token(path: &std::path::Path) -> Result<String, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let line = text
-        .lines()
-        .map(str::trim)
-        .find(|l| !l.is_empty() && !l.starts_with('#'))
-        .ok_or_else(|| format!("{}: no token", path.display()))?;
-    Ok(match line.split_once(':') {
-        Some((_, secret)) => secret.trim().to_string(),
-        None => line.to_string(),
-    })
-}
-
-fn pct(v: &Value) -> String {
-    v.as_f64()
-        .map(|f| format!("{f}"))
-        .unwrap_or_else(|| "?".into())
-}
-
-fn summary(s: &Value) -> String {
-    let mut out = format!(
-        "{}  live={}  blue {}% / green {}%  generation {}\n",
-        s["name"].as_str().unwrap_or("?"),
-        s["live"].as_str().unwrap_or("?"),
-        pct(&s["weights"]["blue"]),
-        pct(&s["weights"]["green"]),
-        s["generation"]
-    );
-    for color in ["blue", "green"] {
-        let backends = s["pools"][color]["backends"]
-            .as_array()
-            .cloned()
+/// Polls the service until every backend of `color` is healthy.
+async fn wait_healthy(
+    admin: &Admin,
+    json: bool,
+    service: &str,
+    color: &str,
+    timeout: Duration,
+    interval: Duration,
+) -> Result<String, Failure> {
+    if color != "blue" && color != "green" {
+        return Err(Failure::Usage(format!(
+            "color `{color}`: expected blue or green"
+        )));
+    }
+    let path = format!("/api/v1/services/{}", segment(service));
+    let deadline = Instant::now() + timeout;
+    let interval = interval.max(Duration::from_millis(10));
+    loop {
+        let value = admin.call(Method::GET, &path, None, None).await?;
+        let backends = value
+            .pointer(&format!("/pools/{color}/backends"))
+            .and_then(Value::as_array)
+            .map(Vec::as_slice)
             .unwrap_or_default();
-        let list: Vec<String> = backends
+        let waiting: Vec<String> = backends
             .iter()
+            .filter(|b| b["healthy"] != Value::Bool(true))
             .map(|b| {
                 format!(
                     "{} ({})",
                     b["addr"].as_str().unwrap_or("?"),
-                    b["state"].as_str().unwrap_or("?")
+                    b["state"].as_str().unwrap_or("not healthy")
                 )
             })
             .collect();
-        out.push_str(&format!("  {color:<5} {}\n", list.join(", ")));
+        if !backends.is_empty() && waiting.is_empty() {
+            return Ok(if json {
+                format!("{}\n", pretty(&value))
+            } else {
+                format!(
+                    "{service} {color}: all {} backend(s) healthy\n{}",
+                    backends.len(),
+                    service_table(&value)
+                )
+            });
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            let what = if backends.is_empty() {
+                "the pool has no backends".to_string()
+            } else {
+                format!("not healthy: {}", waiting.join(", "))
+            };
+            return Err(Failure::TimedOut(format!(
+                "{service} {color}: timed out after {} waiting for healthy backends; {what}",
+                humantime::format_duration(timeout)
+            )));
+        }
+        tokio::time::sleep(interval.min(deadline - now)).await;
+    }
+}
+
+/// Where and how to reach the admin API.
+struct Admin {
+    /// `host:port` to connect to, also the `Host` header.
+    authority: String,
+    /// Path prefix before `/api/v1` (empty, or `/something` without a
+    /// trailing slash).
+    prefix: String,
+    /// The URL as given, for messages.
+    url: String,
+    token: Option<String>,
+}
+
+impl Admin {
+    fn new(args: &CtlArgs) -> Result<Admin, Failure> {
+        let url = args.admin.trim().to_string();
+        let rest = if let Some(rest) = url.strip_prefix("http://") {
+            rest
+        } else if url.starts_with("https://") {
+            return Err(Failure::Usage(format!(
+                "--admin {url}: the admin API speaks plain HTTP; give http://HOST:PORT \
+                 (put a TLS-terminating proxy in front to expose it)"
+            )));
+        } else if url.contains("://") {
+            return Err(Failure::Usage(format!(
+                "--admin {url}: expected http://HOST:PORT"
+            )));
+        } else {
+            &url
+        };
+        let (authority, prefix) = match rest.find('/') {
+            Some(i) => (&rest[..i], rest[i..].trim_end_matches('/')),
+            None => (rest, ""),
+        };
+        if authority.is_empty() || authority.contains('@') {
+            return Err(Failure::Usage(format!(
+                "--admin {url}: expected http://HOST:PORT"
+            )));
+        }
+        let authority = if has_port(authority) {
+            authority.to_string()
+        } else {
+            format!("{authority}:80")
+        };
+        let token = match &args.token_file {
+            Some(f) => Some(read_token(f).map_err(Failure::Usage)?),
+            None => match std::env::var("SWITCHYARD_TOKEN") {
+                Ok(t) if !t.trim().is_empty() => Some(token_of_line(t.trim()).to_string()),
+                _ => None,
+            },
+        };
+        Ok(Admin {
+            authority,
+            prefix: prefix.to_string(),
+            url,
+            token,
+        })
+    }
+
+    /// One admin API call: the JSON body of a 2xx answer, or why not.
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+        if_generation: Option<u64>,
+    ) -> Result<Value, Failure> {
+        let exchange = self.exchange(method, path, body, if_generation);
+        let (status, bytes) = match tokio::time::timeout(CALL_TIMEOUT, exchange).await {
+            Ok(r) => r?,
+            Err(_) => {
+                return Err(Failure::Unreachable(format!(
+                    "the admin API at {} did not answer within {}s",
+                    self.url,
+                    CALL_TIMEOUT.as_secs()
+                )))
+            }
+        };
+        let value: Option<Value> = serde_json::from_slice(&bytes).ok();
+        if status.is_success() {
+            return value.ok_or_else(|| {
+                Failure::Unreachable(format!(
+                    "{}: answer to {path} is not JSON; is this switchyard's admin listener?",
+                    self.url
+                ))
+            });
+        }
+        let body = value.unwrap_or_else(|| Value::from(String::from_utf8_lossy(&bytes)));
+        let message = match (
+            body.pointer("/error/code").and_then(Value::as_str),
+            body.pointer("/error/message").and_then(Value::as_str),
+        ) {
+            (Some(code), Some(msg)) => format!("{} {code}: {msg}", status.as_u16()),
+            _ => format!("{}: {}", status, body.as_str().unwrap_or_default().trim()),
+        };
+        Err(Failure::Refused { message, body })
+    }
+
+    async fn exchange(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+        if_generation: Option<u64>,
+    ) -> Result<(StatusCode, Bytes), Failure> {
+        let unreachable = |e: &dyn std::fmt::Display| {
+            Failure::Unreachable(format!("cannot reach the admin API at {}: {e}", self.url))
+        };
+        let stream = tokio::net::TcpStream::connect(&self.authority)
+            .await
+            .map_err(|e| unreachable(&e))?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| unreachable(&e))?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let mut req = Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.prefix))
+            .header(http::header::HOST, &self.authority)
+            .header(http::header::ACCEPT, "application/json")
+            .header(
+                http::header::USER_AGENT,
+                concat!("switchyard-ctl/", env!("CARGO_PKG_VERSION")),
+            );
+        if body.is_some() {
+            req = req.header(http::header::CONTENT_TYPE, "application/json");
+        }
+        if let Some(t) = &self.token {
+            req = req.header(http::header::AUTHORIZATION, format!("Bearer {t}"));
+        }
+        if let Some(g) = if_generation {
+            req = req.header(http::header::IF_MATCH, format!("\"{g}\""));
+        }
+        let bytes = body.map(|b| b.to_string()).unwrap_or_default();
+        let req = req
+            .body(Full::new(Bytes::from(bytes)))
+            .map_err(|e| Failure::Usage(format!("cannot build the request: {e}")))?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| unreachable(&e))?;
+        let status = resp.status();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| unreachable(&e))?
+            .to_bytes();
+        Ok((status, body))
+    }
+}
+
+/// Does `host:port` (or `[v6]:port`) carry a port?
+fn has_port(authority: &str) -> bool {
+    match authority.rsplit_once(':') {
+        Some((host, port)) => {
+            !port.is_empty()
+                && port.bytes().all(|b| b.is_ascii_digit())
+                && (!host.contains(':') || host.ends_with(']'))
+        }
+        None => false,
+    }
+}
+
+/// Percent-encodes what cannot stand in a path segment, so a name from the
+/// command line can never change which endpoint is called.
+fn segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            let _ = write!(out, "%{b:02X}");
+        }
     }
     out
 }
 
-fn history(v: &Value) -> String {
+fn read_token(path: &std::path::Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("--token-file {}: {e}", path.display()))?;
+    let line = text
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty() && !l.starts_with('#'))
+        .ok_or_else(|| format!("--token-file {}: no token in the file", path.display()))?;
+    Ok(token_of_line(line).to_string())
+}
+
+/// The secret of a token line: `NAME:SECRET` or a bare `SECRET`, as the
+/// server's `token_file` reads it.
+fn token_of_line(line: &str) -> &str {
+    match line.split_once(':') {
+        Some((_, secret)) => secret.trim(),
+        None => line,
+    }
+}
+
+fn pretty(v: &Value) -> String {
+    serde_json::to_string_pretty(v).unwrap_or_default()
+}
+
+fn pct(v: &Value) -> String {
+    v.as_f64()
+        .map(|f| format!("{f}%"))
+        .unwrap_or_else(|| "?".into())
+}
+
+fn text<'a>(v: &'a Value, fallback: &'a str) -> &'a str {
+    v.as_str().unwrap_or(fallback)
+}
+
+/// Left-aligned columns, two spaces apart; each row indented by `indent`.
+fn columns(rows: &[Vec<String>], indent: &str) -> String {
+    let width = |i: usize| {
+        rows.iter()
+            .map(|r| r.get(i).map_or(0, |c| c.chars().count()))
+            .max()
+    };
+    let n = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..n).map(|i| width(i).unwrap_or(0)).collect();
     let mut out = String::new();
-    for e in v.as_array().cloned().unwrap_or_default() {
-        let w = |x: &Value| format!("{}/{}", pct(&x["blue"]), pct(&x["green"]));
-        out.push_str(&format!(
-            "{:>5}  {}  {:<8}  {} -> {}  actor={}{}\n",
-            e["generation"],
-            e["at"].as_str().unwrap_or("?"),
-            e["action"].as_str().unwrap_or("?"),
-            w(&e["from"]),
-            w(&e["to"]),
-            e["actor"].as_str().unwrap_or("?"),
-            e["reason"]
-                .as_str()
-                .map(|r| format!("  reason={r}"))
-                .unwrap_or_default(),
-        ));
+    for row in rows {
+        let mut line = String::from(indent);
+        for (i, cell) in row.iter().enumerate() {
+            if i + 1 == row.len() {
+                line.push_str(cell);
+            } else {
+                let _ = write!(line, "{cell:<w$}  ", w = widths[i]);
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
     }
     out
 }
 
-/// One admin API call; returns status and JSON body.
-async fn call(
-    base: &str,
-    method: Method,
-    path: &str,
-    body: Option<Value>,
-    token: Option<&str>,
-    if_match: Option<u64>,
-) -> Result<(http::StatusCode, Value), String> {
-    let authority = base
-        .strip_prefix("http://")
-        .ok_or_else(|| format!("--admin {base}: expected http://host:port"))?
-        .trim_end_matches('/');
-    let stream = tokio::net::TcpStream::connect(authority)
-        .await
-        .map_err(|e| format!("cannot reach the admin API at {base}: {e}"))?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| format!("{base}: {e}"))?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    let bytes = body.map(|b| b.to_string()).unwrap_or_default();
-    let mut req = Request::builder()
-        .method(method)
-        .uri(path)
-        .header(http::header::HOST, authority)
-        .header(http::header::CONTENT_TYPE, "application/json");
-    if let Some(t) = token {
-        req = req.header(http::header::AUTHORIZATION, format!("Bearer {t}"));
+/// One service: a summary line, then its pools and backends.
+fn service_table(s: &Value) -> String {
+    let mut out = format!(
+        "{}  live={}  blue {} / green {}  generation {}\n",
+        text(&s["name"], "?"),
+        text(&s["live"], "?"),
+        pct(&s["weights"]["blue"]),
+        pct(&s["weights"]["green"]),
+        s["generation"]
+    );
+    let mut rows = vec![vec![
+        "POOL".to_string(),
+        "WEIGHT".into(),
+        "BACKEND".into(),
+        "STATE".into(),
+        "IN-FLIGHT".into(),
+    ]];
+    for color in ["blue", "green"] {
+        let weight = pct(&s["weights"][color]);
+        let backends = s["pools"][color]["backends"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        if backends.is_empty() {
+            rows.push(vec![
+                color.to_string(),
+                weight,
+                "(no backends)".into(),
+                String::new(),
+                String::new(),
+            ]);
+            continue;
+        }
+        for (i, b) in backends.iter().enumerate() {
+            let state = match (b["state"].as_str(), b["healthy"].as_bool()) {
+                (Some(state), _) => state,
+                (None, Some(true)) => "healthy",
+                (None, _) => "unhealthy",
+            };
+            rows.push(vec![
+                if i == 0 {
+                    color.to_string()
+                } else {
+                    String::new()
+                },
+                if i == 0 {
+                    weight.clone()
+                } else {
+                    String::new()
+                },
+                text(&b["addr"], "?").to_string(),
+                state.to_string(),
+                b["in_flight"]
+                    .as_u64()
+                    .map_or(String::new(), |n| n.to_string()),
+            ]);
+        }
     }
-    if let Some(g) = if_match {
-        req = req.header(http::header::IF_MATCH, format!("\"{g}\""));
+    out.push_str(&columns(&rows, "  "));
+    out
+}
+
+/// Every service, one block each.
+fn services_table(v: &Value) -> String {
+    let services = v.as_array().map(Vec::as_slice).unwrap_or_default();
+    if services.is_empty() {
+        return "no services\n".into();
     }
-    let req = req
-        .body(Full::new(Bytes::from(bytes)))
-        .map_err(|e| format!("bad request: {e}"))?;
-    let resp = sender
-        .send_request(req)
-        .await
-        .map_err(|e| format!("{base}: {e}"))?;
-    let status = resp.status();
-    let body = resp
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| format!("{base}: {e}"))?
-        .to_bytes();
-    let value = serde_json::from_slice(&body)
-        .unwrap_or_else(|_| Value::from(String::from_utf8_lossy(&body).to_string()));
-    Ok((status, value))
+    services
+        .iter()
+        .map(service_table)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn history_table(v: &Value) -> String {
+    let mut rows = vec![vec![
+        "GEN".to_string(),
+        "AT".into(),
+        "ACTION".into(),
+        "FROM".into(),
+        "TO".into(),
+        "ACTOR".into(),
+        "REASON".into(),
+    ]];
+    let weights = |x: &Value| {
+        format!(
+            "{}/{}",
+            x["blue"].as_f64().map_or("?".into(), |f| f.to_string()),
+            x["green"].as_f64().map_or("?".into(), |f| f.to_string())
+        )
+    };
+    for e in v.as_array().map(Vec::as_slice).unwrap_or_default() {
+        rows.push(vec![
+            e["generation"].to_string(),
+            text(&e["at"], "?").to_string(),
+            text(&e["action"], "?").to_string(),
+            weights(&e["from"]),
+            weights(&e["to"]),
+            text(&e["actor"], "").to_string(),
+            text(&e["reason"], "").to_string(),
+        ]);
+    }
+    columns(&rows, "")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_and_segments() {
+        assert!(has_port("127.0.0.1:9901"));
+        assert!(has_port("[::1]:9901"));
+        assert!(!has_port("[::1]"));
+        assert!(!has_port("admin.internal"));
+        assert_eq!(segment("web"), "web");
+        assert_eq!(segment("a/../b c"), "a%2F..%2Fb%20c");
+    }
+
+    #[test]
+    fn table_shows_pools_backends_and_health() {
+        let s = json!({
+            "name": "web", "live": "split", "generation": 7,
+            "weights": {"blue": 90, "green": 10},
+            "pools": {
+                "blue": {"backends": [
+                    {"addr": "10.0.0.1:80", "healthy": true, "state": "healthy", "in_flight": 2},
+                    {"addr": "10.0.0.2:80", "healthy": false, "state": "unhealthy", "in_flight": 0}
+                ]},
+                "green": {"backends": []}
+            }
+        });
+        let t = service_table(&s);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(
+            lines[0],
+            "web  live=split  blue 90% / green 10%  generation 7"
+        );
+        assert_eq!(
+            lines[1],
+            "  POOL   WEIGHT  BACKEND        STATE      IN-FLIGHT"
+        );
+        assert_eq!(lines[2], "  blue   90%     10.0.0.1:80    healthy    2");
+        assert_eq!(lines[3], "                 10.0.0.2:80    unhealthy  0");
+        assert_eq!(lines[4], "  green  10%     (no backends)");
+    }
+
+    #[test]
+    fn token_lines() {
+        assert_eq!(token_of_line("ci:s3cret-token"), "s3cret-token");
+        assert_eq!(token_of_line("s3cret-token"), "s3cret-token");
+    }
 }
