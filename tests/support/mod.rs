@@ -78,6 +78,7 @@ impl Drop for TempDir {
 /// A real HTTP/1.1 server. Paths:
 /// - `/` (anything else): answers its name, header `x-upstream: NAME`
 /// - `/healthz`: 200, or 503 while `set_healthy(false)`
+/// - every other path answers 500 while `set_failing(true)`
 /// - `/echo`: streams the request body back
 /// - `/count`: reads the body, answers its length in bytes
 /// - `/bytes/N`: answers N bytes, streamed in 64 KiB chunks
@@ -92,6 +93,7 @@ pub struct Upstream {
     /// Connections open right now.
     pub conns: Arc<AtomicUsize>,
     healthy: Arc<AtomicBool>,
+    failing: Arc<AtomicBool>,
     stop: Option<watch::Sender<()>>,
 }
 
@@ -106,8 +108,13 @@ impl Upstream {
         let addr = listener.local_addr().unwrap();
         let hits = Arc::new(AtomicUsize::new(0));
         let healthy = Arc::new(AtomicBool::new(true));
+        let failing = Arc::new(AtomicBool::new(false));
         let (stop, stop_rx) = watch::channel(());
-        let (h, ok) = (Arc::clone(&hits), Arc::clone(&healthy));
+        let (h, ok, bad) = (
+            Arc::clone(&hits),
+            Arc::clone(&healthy),
+            Arc::clone(&failing),
+        );
         let conns = Arc::new(AtomicUsize::new(0));
         let open = Arc::clone(&conns);
         tokio::spawn(async move {
@@ -117,14 +124,14 @@ impl Upstream {
                     a = listener.accept() => match a { Ok(x) => x, Err(_) => continue },
                     _ = stop_accept.changed() => return,
                 };
-                let (h, ok) = (Arc::clone(&h), Arc::clone(&ok));
+                let (h, ok, bad) = (Arc::clone(&h), Arc::clone(&ok), Arc::clone(&bad));
                 let mut stop_conn = stop_rx.clone();
                 let open = Arc::clone(&open);
                 open.fetch_add(1, Ordering::SeqCst);
                 tokio::spawn(async move {
                     let svc = service_fn(move |req| {
-                        let (h, ok) = (Arc::clone(&h), Arc::clone(&ok));
-                        async move { Ok::<_, Infallible>(upstream_answer(name, req, h, ok).await) }
+                        let (h, ok, bad) = (Arc::clone(&h), Arc::clone(&ok), Arc::clone(&bad));
+                        async move { Ok::<_, Infallible>(upstream_answer(name, req, h, ok, bad).await) }
                     });
                     let conn = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), svc)
@@ -144,6 +151,7 @@ impl Upstream {
             hits,
             conns,
             healthy,
+            failing,
             stop: Some(stop),
         }
     }
@@ -158,6 +166,11 @@ impl Upstream {
 
     pub fn set_healthy(&self, ok: bool) {
         self.healthy.store(ok, Ordering::SeqCst);
+    }
+
+    /// While set, every path but `/healthz` answers 500.
+    pub fn set_failing(&self, failing: bool) {
+        self.failing.store(failing, Ordering::SeqCst);
     }
 
     /// Stops accepting and drops every open connection abruptly.
@@ -177,6 +190,7 @@ async fn upstream_answer(
     req: Request<Incoming>,
     hits: Arc<AtomicUsize>,
     healthy: Arc<AtomicBool>,
+    failing: Arc<AtomicBool>,
 ) -> Response<Body> {
     let path = req.uri().path().to_string();
     if path == "/healthz" {
@@ -189,6 +203,11 @@ async fn upstream_answer(
         };
     }
     hits.fetch_add(1, Ordering::SeqCst);
+    if failing.load(Ordering::SeqCst) {
+        let mut r = Response::new(full(format!("{name} failing")));
+        *r.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+        return r;
+    }
     let mut resp = match path.as_str() {
         "/echo" => Response::new(req.into_body().boxed()),
         "/count" => {
