@@ -926,3 +926,42 @@ fn a_public_admin_listener_without_a_token_file_refuses_to_start() {
     let (code, out, err) = run_binary(&["check", "--config", config.to_str().unwrap()]);
     assert_eq!(code, 0, "{out}{err}");
 }
+
+/// SO_REUSEPORT (one listener per worker) would let a second process bind
+/// the same port and silently take half the connections. A second
+/// switchyard on a port in use must refuse to start, naming the address,
+/// and the first must go on serving.
+#[test]
+fn a_second_instance_on_the_same_port_refuses_to_start() {
+    let blue = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let backend = blue.local_addr().unwrap();
+    let mk = |tag: &str, listen: &str| {
+        let dir = TempDir::new(tag);
+        let text = config_text(
+            dir.path(),
+            "workers = 2",
+            &[Svc::addrs("web", &[backend], &[backend])],
+        )
+        .replace(
+            "listen = \"127.0.0.1:0\"\nworkers",
+            &format!("listen = \"{listen}\"\nworkers"),
+        );
+        let config = dir.join("switchyard.toml");
+        std::fs::write(&config, text).unwrap();
+        (dir, config)
+    };
+    let (_d1, first_config) = mk("first", "127.0.0.1:0");
+    let mut first = ProxyProcess::spawn(&first_config, &[]).expect("first starts");
+    let (_d2, second_config) = mk("second", &first.proxy.to_string());
+    let refused = ProxyProcess::spawn(&second_config, &[])
+        .err()
+        .expect("the second instance refuses to start");
+    assert!(
+        refused.contains(&first.proxy.to_string()) && refused.contains("in use"),
+        "{refused}"
+    );
+    // The first still accepts on its port.
+    assert!(std::net::TcpStream::connect(first.proxy).is_ok());
+    first.signal("TERM");
+    assert_eq!(first.wait_exit(Duration::from_secs(10)), Some(0));
+}
