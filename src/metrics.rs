@@ -18,6 +18,9 @@ const DURATION_BUCKETS: &[f64] = &[
     60.0,
 ];
 
+/// `action` values of `switchyard_routing_changes_total` (SPEC §5).
+const ROUTING_ACTIONS: [&str; 4] = ["switch", "split", "rollback", "pool"];
+
 /// Kinds of upstream error (`kind` label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UpstreamErrorKind {
@@ -245,11 +248,19 @@ impl Metrics {
     }
 
     /// Sets `switchyard_pool_weight` for both pools of a service.
+    ///
+    /// Also creates the service's `switchyard_routing_changes_total` series
+    /// at 0: a counter series that first appears at 1 shows no `increase()`
+    /// or `changes()` in Prometheus, so the first switch after a start
+    /// would be invisible to dashboards and alerts.
     pub fn set_weights(&self, service: &str, weights: crate::state::Weights) {
         for c in Color::ALL {
             self.pool_weight
                 .with_label_values(&[service, c.as_str()])
                 .set(weights.percent(c));
+        }
+        for action in ROUTING_ACTIONS {
+            self.routing_changes.with_label_values(&[service, action]);
         }
     }
 
@@ -284,6 +295,9 @@ impl Metrics {
             let _ = self.failovers.remove_label_values(&[service, pool]);
             let _ = self.retries.remove_label_values(&[service, pool]);
             let _ = self.ejections.remove_label_values(&[service, pool]);
+        }
+        for action in ROUTING_ACTIONS {
+            let _ = self.routing_changes.remove_label_values(&[service, action]);
         }
     }
 }

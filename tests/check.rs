@@ -78,6 +78,10 @@ fn a_good_config_passes() {
     // The example shipped in the repository passes too.
     let (code, stdout, stderr) = run_binary(&["check", "--config", "config/switchyard.toml"]);
     assert_eq!(code, 0, "stdout: {stdout}\nstderr: {stderr}");
+    // So does docker/compose.yaml's: backends named by host (compose
+    // service names) are resolved at connect time, not by `check`.
+    let (code, stdout, stderr) = run_binary(&["check", "--config", "docker/switchyard.toml"]);
+    assert_eq!(code, 0, "stdout: {stdout}\nstderr: {stderr}");
 }
 
 #[test]

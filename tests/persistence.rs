@@ -347,7 +347,7 @@ async fn a_change_that_cannot_be_persisted_is_not_applied() {
             &admin.metrics().await,
             "switchyard_routing_changes_total{action=\"switch\",service=\"web\"}"
         ),
-        None
+        Some(0.0)
     );
 
     // Once the file can be written again, the same change goes through.
