@@ -28,16 +28,15 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// `switchyard ctl` options.
 #[derive(Debug, Args)]
 pub struct CtlArgs {
-    /// Admin API base URL (`http://HOST:PORT`, optionally with a path prefix).
-    #[arg(
-        long,
-        global = true,
-        default_value = "http://127.0.0.1:9901",
-        env = "SWITCHYARD_ADMIN"
-    )]
-    pub admin: String,
+    /// Admin API base URL (`http://HOST:PORT`, optionally with a path
+    /// prefix). Default: the config's `admin.listen` with `--config FILE`,
+    /// else http://127.0.0.1:9901.
+    #[arg(long, global = true, env = "SWITCHYARD_ADMIN")]
+    pub admin: Option<String>,
     /// File holding the bearer token (a line as in the server's
     /// `token_file`: `NAME:SECRET` or `SECRET`; the first one is used).
+    /// Default: `$SWITCHYARD_TOKEN`, else the config's `admin.token_file`
+    /// with `--config FILE`.
     #[arg(long, global = true, env = "SWITCHYARD_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
     /// Print the server's JSON instead of a table.
@@ -155,9 +154,11 @@ impl Failure {
     }
 }
 
-/// Runs a ctl command; returns the process exit status.
-pub async fn run(args: CtlArgs) -> i32 {
-    match run_inner(&args).await {
+/// Runs a ctl command; returns the process exit status. `config`: the
+/// `--config FILE` given to `switchyard`, whose `[admin]` section supplies
+/// the address and token file when the options do not.
+pub async fn run(args: CtlArgs, config: Option<&std::path::Path>) -> i32 {
+    match run_inner(&args, config).await {
         Ok(out) => {
             print!("{out}");
             0
@@ -179,8 +180,8 @@ pub async fn run(args: CtlArgs) -> i32 {
     }
 }
 
-async fn run_inner(args: &CtlArgs) -> Result<String, Failure> {
-    let admin = Admin::new(args)?;
+async fn run_inner(args: &CtlArgs, config: Option<&std::path::Path>) -> Result<String, Failure> {
+    let admin = Admin::new(args, config)?;
     if let CtlCommand::WaitHealthy {
         service,
         color,
@@ -336,8 +337,28 @@ struct Admin {
 }
 
 impl Admin {
-    fn new(args: &CtlArgs) -> Result<Admin, Failure> {
-        let url = args.admin.trim().to_string();
+    fn new(args: &CtlArgs, config: Option<&std::path::Path>) -> Result<Admin, Failure> {
+        let from_config = match config {
+            Some(path) => Some(
+                crate::config::load(path).map_err(|e| Failure::Usage(format!("--config: {e}")))?,
+            ),
+            None => None,
+        };
+        let url = match (&args.admin, &from_config) {
+            (Some(url), _) => url.trim().to_string(),
+            (None, Some(c)) => {
+                // A wildcard listen address is reached on loopback.
+                let mut addr = c.admin.listen;
+                if addr.ip().is_unspecified() {
+                    addr.set_ip(match addr {
+                        std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                        std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+                    });
+                }
+                format!("http://{addr}")
+            }
+            (None, None) => "http://127.0.0.1:9901".to_string(),
+        };
         let rest = if let Some(rest) = url.strip_prefix("http://") {
             rest
         } else if url.starts_with("https://") {
@@ -366,12 +387,15 @@ impl Admin {
         } else {
             format!("{authority}:80")
         };
-        let token = match &args.token_file {
-            Some(f) => Some(read_token(f).map_err(Failure::Usage)?),
-            None => match std::env::var("SWITCHYARD_TOKEN") {
-                Ok(t) if !t.trim().is_empty() => Some(token_of_line(t.trim()).to_string()),
-                _ => None,
-            },
+        let env_token = std::env::var("SWITCHYARD_TOKEN")
+            .ok()
+            .filter(|t| !t.trim().is_empty());
+        let config_token_file = from_config.and_then(|c| c.admin.token_file);
+        let token = match (&args.token_file, env_token, config_token_file) {
+            (Some(f), _, _) => Some(read_token(f).map_err(Failure::Usage)?),
+            (None, Some(t), _) => Some(token_of_line(t.trim()).to_string()),
+            (None, None, Some(f)) => Some(read_token(&f).map_err(Failure::Usage)?),
+            (None, None, None) => None,
         };
         Ok(Admin {
             authority,

@@ -106,7 +106,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            let code = rt.block_on(switchyard::ctl::run(args));
+            let code = rt.block_on(switchyard::ctl::run(args, cli.config.as_deref()));
             ExitCode::from(u8::try_from(code).unwrap_or(1))
         }
         Some(Command::Check) => match cli.config {

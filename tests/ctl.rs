@@ -177,6 +177,39 @@ async fn ctl_sends_the_token() {
     let tf = token_file.display().to_string();
     let (code, _, err) = ctl(admin, &["--token-file", &tf, "switch", "web", "green"]).await;
     assert_eq!(code, 0, "{err}");
+    // On the proxy's host, `--config FILE` supplies the admin address and
+    // the token file (a wildcard listen address is reached on loopback).
+    let ctl_config = p.dir.join("ctl.toml");
+    std::fs::write(
+        &ctl_config,
+        std::fs::read_to_string(&p.config_path).unwrap().replacen(
+            "[admin]\nlisten = \"127.0.0.1:0\"",
+            &format!("[admin]\nlisten = \"0.0.0.0:{}\"", admin.port()),
+            1,
+        ),
+    )
+    .unwrap();
+    let cc = ctl_config.display().to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args(["--config", &cc, "ctl", "switch", "web", "blue"])
+            .env_remove("SWITCHYARD_ADMIN")
+            .env_remove("SWITCHYARD_TOKEN")
+            .env_remove("SWITCHYARD_TOKEN_FILE")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("live=blue"));
+    let (code, _, err) = ctl(admin, &["--token-file", &tf, "switch", "web", "green"]).await;
+    assert_eq!(code, 0, "{err}");
     let (code, out, _) = ctl(admin, &["--token-file", &tf, "history", "web"]).await;
     assert_eq!(code, 0);
     assert!(out.lines().nth(1).unwrap().contains("ci-pipeline"), "{out}");
@@ -259,6 +292,7 @@ async fn ctl_usage_errors_exit_2() {
         &["frobnicate"],
         &["wait-healthy", "web", "green", "--timeout", "soon"],
         &["--token-file", "/nonexistent/token", "status"],
+        &["--config", "/nonexistent/switchyard.toml", "status"],
     ] {
         let (code, _, err) = ctl(closed, args).await;
         assert_eq!(code, 2, "{args:?}: {err}");
