@@ -68,6 +68,12 @@ VERSION=${VERSION:-${BACKENDS[*]}}
 for tool in curl jq; do
   command -v "$tool" >/dev/null || { echo "$0: needs $tool" >&2; exit 2; }
 done
+for pct in $STEPS; do
+  if ! [[ $pct =~ ^[0-9]+(\.[0-9]{1,2})?$ ]] || ! awk -v p="$pct" 'BEGIN { exit !(p > 0 && p <= 100) }'; then
+    echo "$0: STEPS: \"$pct\" is not a percentage in (0, 100]" >&2
+    exit 2
+  fi
+done
 
 GENERATION=
 # ctl ARGS...: runs `switchyard ctl --json`, keeps the service's new
@@ -180,4 +186,8 @@ for pct in $STEPS; do
   watch_for "$PAUSE" || rollback_and_die "$IDLE misbehaved at $pct %"
 done
 
-log "released $VERSION: $IDLE is live (generation $GENERATION)"
+if [ "${pct:-}" = 100 ]; then
+  log "released $VERSION: $IDLE is live (generation $GENERATION)"
+else
+  log "stopped at ${pct:-0} % on $IDLE as STEPS asks (generation $GENERATION); finish with: $SWITCHYARD ctl switch $SERVICE $IDLE"
+fi

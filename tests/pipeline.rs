@@ -218,6 +218,19 @@ async fn failed_smoke_tests_move_no_traffic() {
     assert_eq!(code, 1, "{log}");
     assert!(log.contains("did not become healthy"), "{log}");
     assert_eq!(p.admin.service("web").await["live"], "blue");
+
+    // Usage errors stop before anything is touched.
+    let generation = p.admin.service("web").await["generation"].clone();
+    let (code, log) = release(
+        &p,
+        &[("STEPS", "10 lots")],
+        &["web".into(), sick.addr.to_string()],
+    )
+    .await;
+    assert_eq!(code, 2, "{log}");
+    let (code, _) = release(&p, &[], &["web".into()]).await;
+    assert_eq!(code, 2);
+    assert_eq!(p.admin.service("web").await["generation"], generation);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
