@@ -18,12 +18,16 @@ async fn ctl_env(
     args: &[&str],
     env: &[(&str, &str)],
 ) -> (i32, String, String) {
-    let mut full = vec![
-        "ctl".to_string(),
-        "--admin".into(),
-        format!("http://{admin}"),
-    ];
-    full.extend(args.iter().map(|s| s.to_string()));
+    let url = format!("http://{admin}");
+    let mut full = vec!["ctl", "--admin", &url];
+    full.extend(args);
+    switchyard(&full, env).await
+}
+
+/// Runs `switchyard ARGS` off the async runtime, with none of ctl's
+/// variables from the test's environment, only `env`.
+async fn switchyard(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let full: Vec<String> = args.iter().map(|s| s.to_string()).collect();
     let env: Vec<(String, String)> = env
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -190,24 +194,10 @@ async fn ctl_sends_the_token() {
     )
     .unwrap();
     let cc = ctl_config.display().to_string();
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
-            .args(["--config", &cc, "ctl", "switch", "web", "blue"])
-            .env_remove("SWITCHYARD_ADMIN")
-            .env_remove("SWITCHYARD_TOKEN")
-            .env_remove("SWITCHYARD_TOKEN_FILE")
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("live=blue"));
+    let (code, out, err) =
+        switchyard(&["--config", &cc, "ctl", "switch", "web", "blue"], &[]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("live=blue"), "{out}");
     let (code, _, err) = ctl(admin, &["--token-file", &tf, "switch", "web", "green"]).await;
     assert_eq!(code, 0, "{err}");
     let (code, out, _) = ctl(admin, &["--token-file", &tf, "history", "web"]).await;
@@ -246,23 +236,15 @@ async fn ctl_token_and_admin_from_the_environment() {
     )
     .await;
     assert_eq!(code, 3, "--admin wins over the environment: {err}");
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
-            .args(["ctl", "switch", "web", "green", "--reason", "from env"])
-            .env("SWITCHYARD_ADMIN", &url)
-            .env("SWITCHYARD_TOKEN", "env-token-123")
-            .env_remove("SWITCHYARD_TOKEN_FILE")
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (code, _, err) = switchyard(
+        &["ctl", "switch", "web", "green", "--reason", "from env"],
+        &[
+            ("SWITCHYARD_ADMIN", &url),
+            ("SWITCHYARD_TOKEN", "env-token-123"),
+        ],
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
     let (code, out, err) = ctl_env(
         admin,
         &["history", "web", "--json"],
@@ -298,16 +280,10 @@ async fn ctl_usage_errors_exit_2() {
         assert_eq!(code, 2, "{args:?}: {err}");
         assert!(!err.is_empty(), "{args:?}: says why");
     }
-    let out = tokio::task::spawn_blocking(|| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
-            .args(["ctl", "--admin", "https://127.0.0.1:9901", "status"])
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("plain HTTP"));
+    let (code, _, err) =
+        switchyard(&["ctl", "--admin", "https://127.0.0.1:9901", "status"], &[]).await;
+    assert_eq!(code, 2);
+    assert!(err.contains("plain HTTP"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
