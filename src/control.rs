@@ -225,9 +225,7 @@ impl Control {
         };
         let built =
             build(&config, &inner.state, &inner.runtimes, &metrics).map_err(|e| e.join("; "))?;
-        save(&store, &inner.state)
-            .await
-            .map_err(|e| e.to_string())?;
+        inner.state = save(&store, inner.state).await.map_err(|e| e.to_string())?;
         let snapshot = built.commit(&mut inner, &metrics);
         let (changes, _) = watch::channel(());
         let control = Control {
@@ -310,23 +308,34 @@ impl Control {
             }
             Outcome::Changed(next) => next,
         };
-        let mut new_state = inner.state.clone();
-        new_state.services.insert(service.to_string(), next.clone());
+        let (generation, weights) = (next.generation, next.weights);
+        // The other services as they are, this one as `apply` made it (its
+        // old history is not copied only to be replaced).
+        let mut new_state = RoutingState {
+            services: inner
+                .state
+                .services
+                .iter()
+                .filter(|(name, _)| name.as_str() != service)
+                .map(|(name, s)| (name.clone(), s.clone()))
+                .collect(),
+        };
+        new_state.services.insert(service.to_string(), next);
         // Building fails only if a CA file vanished since it was loaded.
         let built = build(&inner.config, &new_state, &inner.runtimes, &self.metrics)
             .map_err(|errors| ControlError::Build(errors.join("; ")))?;
-        save(&self.store, &new_state).await?;
+        let new_state = save(&self.store, new_state).await?;
         let snapshot = built.commit(&mut inner, &self.metrics);
         inner.state = new_state;
         self.publish(snapshot);
         drop(inner);
-        self.metrics.set_weights(service, next.weights);
+        self.metrics.set_weights(service, weights);
         self.metrics.routing_change(service, cmd.action().as_str());
         tracing::info!(
             service,
             action = cmd.action().as_str(),
-            generation = next.generation,
-            weights = %next.weights,
+            generation,
+            weights = %weights,
             actor = %meta.actor,
             reason = meta.reason.as_deref().unwrap_or(""),
             "routing changed"
@@ -386,7 +395,7 @@ impl Control {
         let new_state = state::reconcile(&inner.state, &config, SystemTime::now());
         let built = build(&config, &new_state, &inner.runtimes, &self.metrics)
             .map_err(|errors| ReloadError::Files(errors.join("; ")))?;
-        save(&self.store, &new_state).await?;
+        let new_state = save(&self.store, new_state).await?;
         let snapshot = built.commit(&mut inner, &self.metrics);
         inner.config = Arc::new(config);
         let removed: Vec<String> = inner
@@ -449,10 +458,15 @@ fn warn_restart_only(old: &Config, new: &Config) {
     }
 }
 
-async fn save(store: &Arc<dyn StateStore>, state: &RoutingState) -> Result<(), StoreError> {
+/// Persists `state` off the runtime threads; hands it back once it is
+/// durable (moved there and back: the state, with every service's history,
+/// is not copied for it).
+async fn save(
+    store: &Arc<dyn StateStore>,
+    state: RoutingState,
+) -> Result<RoutingState, StoreError> {
     let store = Arc::clone(store);
-    let state = state.clone();
-    match tokio::task::spawn_blocking(move || store.save(&state)).await {
+    match tokio::task::spawn_blocking(move || store.save(&state).map(|()| state)).await {
         Ok(r) => r,
         Err(e) => Err(StoreError::Write {
             path: PathBuf::from("state"),

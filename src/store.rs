@@ -54,12 +54,20 @@ pub trait StateStore: Send + Sync + 'static {
     fn save(&self, state: &RoutingState) -> Result<(), StoreError>;
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileFormat {
     version: u32,
     #[serde(flatten)]
     state: RoutingState,
+}
+
+/// [`FileFormat`] for writing: borrows the state instead of copying it.
+#[derive(Serialize)]
+struct FileFormatRef<'a> {
+    version: u32,
+    #[serde(flatten)]
+    state: &'a RoutingState,
 }
 
 /// A JSON file (SPEC §7).
@@ -159,9 +167,9 @@ impl StateStore for FileStore {
     }
 
     fn save(&self, state: &RoutingState) -> Result<(), StoreError> {
-        let file = FileFormat {
+        let file = FileFormatRef {
             version: FORMAT_VERSION,
-            state: state.clone(),
+            state,
         };
         let mut bytes = serde_json::to_vec_pretty(&file).map_err(|e| StoreError::Write {
             path: self.path.clone(),
