@@ -527,22 +527,11 @@ async fn token_file_guards_the_api_and_names_the_actor() {
         Upstream::start("blue").await,
         Upstream::start("green").await,
     );
-    let dir = TempDir::new("admin-token");
-    let token_file = dir.join("admin.token");
-    std::fs::write(
-        &token_file,
+    let (proxy, _) = TestProxy::start_with_tokens(
         "# pipelines\nci:ci-secret-123\n\nbare-secret-456\n",
+        &[Svc::new("web", &[&blue], &[&green])],
     )
-    .unwrap();
-    let text = config_text(dir.path(), "", &[Svc::new("web", &[&blue], &[&green])]).replace(
-        "[admin]\nlisten = \"127.0.0.1:0\"\n",
-        &format!(
-            "[admin]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"{}\"\n",
-            token_file.display()
-        ),
-    );
-    assert!(text.contains("token_file"));
-    let proxy = TestProxy::start_text(dir, &text).await;
+    .await;
     let open = Admin::new(proxy.running.as_ref().unwrap().admin_addr);
     let with = |t: &str| {
         let mut a = Admin::new(proxy.running.as_ref().unwrap().admin_addr);

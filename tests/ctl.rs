@@ -161,19 +161,11 @@ async fn ctl_drives_a_release() {
 async fn ctl_sends_the_token() {
     let blue = Upstream::start("blue").await;
     let green = Upstream::start("green").await;
-    let dir = TempDir::new("ctl-token");
-    let token_file = dir.join("admin.token");
-    std::fs::write(&token_file, "ci-pipeline:s3cret-token-1\n").unwrap();
-    let mut text = config_text(dir.path(), "", &[Svc::new("web", &[&blue], &[&green])]);
-    text = text.replacen(
-        "[admin]\nlisten = \"127.0.0.1:0\"\n",
-        &format!(
-            "[admin]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"{}\"\n",
-            token_file.display()
-        ),
-        1,
-    );
-    let p = TestProxy::start_text(dir, &text).await;
+    let (p, token_file) = TestProxy::start_with_tokens(
+        "ci-pipeline:s3cret-token-1\n",
+        &[Svc::new("web", &[&blue], &[&green])],
+    )
+    .await;
     let admin = p.running.as_ref().unwrap().admin_addr;
     let (code, _, err) = ctl(admin, &["switch", "web", "green"]).await;
     assert_eq!(code, 1);
@@ -209,18 +201,11 @@ async fn ctl_sends_the_token() {
 async fn ctl_token_and_admin_from_the_environment() {
     let blue = Upstream::start("blue").await;
     let green = Upstream::start("green").await;
-    let dir = TempDir::new("ctl-env");
-    let token_file = dir.join("admin.token");
-    std::fs::write(&token_file, "deployer:env-token-123\n").unwrap();
-    let text = config_text(dir.path(), "", &[Svc::new("web", &[&blue], &[&green])]).replacen(
-        "[admin]\nlisten = \"127.0.0.1:0\"\n",
-        &format!(
-            "[admin]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"{}\"\n",
-            token_file.display()
-        ),
-        1,
-    );
-    let p = TestProxy::start_text(dir, &text).await;
+    let (p, _) = TestProxy::start_with_tokens(
+        "deployer:env-token-123\n",
+        &[Svc::new("web", &[&blue], &[&green])],
+    )
+    .await;
     let admin = p.running.as_ref().unwrap().admin_addr;
     // SWITCHYARD_ADMIN stands for --admin (the helper's --admin points at a
     // closed port here, so only the variable can make this succeed).

@@ -428,6 +428,24 @@ impl TestProxy {
         TestProxy::start_text(dir, &text).await
     }
 
+    /// Starts with `[admin] token_file` holding `tokens` (token file
+    /// text); returns the proxy and the token file's path.
+    pub async fn start_with_tokens(tokens: &str, services: &[Svc]) -> (TestProxy, PathBuf) {
+        let dir = TempDir::new("tokens");
+        let token_file = dir.join("admin.token");
+        std::fs::write(&token_file, tokens).unwrap();
+        let text = config_text(dir.path(), "", services).replacen(
+            "[admin]\nlisten = \"127.0.0.1:0\"\n",
+            &format!(
+                "[admin]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"{}\"\n",
+                token_file.display()
+            ),
+            1,
+        );
+        assert!(text.contains("token_file"));
+        (TestProxy::start_text(dir, &text).await, token_file)
+    }
+
     /// Starts from config text (already pointing at `dir` for state).
     pub async fn start_text(dir: TempDir, text: &str) -> TestProxy {
         let config_path = dir.join("switchyard.toml");
