@@ -182,15 +182,6 @@ pub async fn run(args: CtlArgs, config: Option<&std::path::Path>) -> i32 {
 
 async fn run_inner(args: &CtlArgs, config: Option<&std::path::Path>) -> Result<String, Failure> {
     let admin = Admin::new(args, config)?;
-    if let CtlCommand::WaitHealthy {
-        service,
-        color,
-        timeout,
-        interval,
-    } = &args.command
-    {
-        return wait_healthy(&admin, args.json, service, color, *timeout, *interval).await;
-    }
     let with_reason = |mut body: Value| {
         if let (Some(r), Some(m)) = (&args.reason, body.as_object_mut()) {
             m.insert("reason".into(), Value::from(r.clone()));
@@ -245,7 +236,12 @@ async fn run_inner(args: &CtlArgs, config: Option<&std::path::Path>) -> Result<S
         ),
         CtlCommand::History { service } => (Method::GET, service_path(service) + "/history", None),
         CtlCommand::Reload => (Method::POST, "/api/v1/reload".to_string(), None),
-        CtlCommand::WaitHealthy { .. } => unreachable!("handled above"),
+        CtlCommand::WaitHealthy {
+            service,
+            color,
+            timeout,
+            interval,
+        } => return wait_healthy(&admin, args.json, service, color, *timeout, *interval).await,
     };
     let value = admin.call(method, &path, body, args.if_generation).await?;
     if args.json {

@@ -51,10 +51,6 @@ async fn switchyard(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String
     .unwrap()
 }
 
-fn health_fast() -> &'static str {
-    "[service.health]\npath = \"/healthz\"\ninterval = \"50ms\"\ntimeout = \"500ms\"\nunhealthy_after = 1\nhealthy_after = 1"
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ctl_drives_a_release() {
     let blue = Upstream::start("blue").await;
@@ -301,7 +297,8 @@ async fn ctl_unreachable_admin_exits_3() {
 async fn ctl_wait_healthy_waits_for_checks_and_times_out() {
     let blue = Upstream::start("blue").await;
     let green = Upstream::start("green").await;
-    let p = TestProxy::start(&[Svc::new("web", &[&blue], &[&green]).extra(health_fast())]).await;
+    let p = TestProxy::start(&[Svc::new("web", &[&blue], &[&green]).extra(&health_every("50ms"))])
+        .await;
     let admin = p.running.as_ref().unwrap().admin_addr;
 
     // Deploy to the idle pool: the new backend starts unknown and becomes

@@ -44,10 +44,6 @@ fn set_cookie_bucket(h: &HeaderMap) -> Option<u16> {
     })
 }
 
-fn health_fast() -> &'static str {
-    "[service.health]\npath = \"/healthz\"\ninterval = \"100ms\"\ntimeout = \"500ms\"\nunhealthy_after = 1\nhealthy_after = 1"
-}
-
 fn generation(v: &Value) -> u64 {
     v["generation"]
         .as_u64()
@@ -649,7 +645,8 @@ async fn preview_header_reaches_green_or_503_never_blue() {
         Upstream::start("green").await,
     );
     let proxy =
-        TestProxy::start(&[Svc::new("web", &[&blue], &[&green]).extra(health_fast())]).await;
+        TestProxy::start(&[Svc::new("web", &[&blue], &[&green]).extra(&health_every("100ms"))])
+            .await;
     let preview = [("x-switchyard-pool", "green")];
 
     let (s, h, body) = proxy.get_with("/", &preview).await;
@@ -950,7 +947,8 @@ async fn replacing_the_idle_pool_then_switching_serves_the_new_backends() {
     );
     let green2 = Upstream::start("green2").await;
     let proxy =
-        TestProxy::start(&[Svc::new("web", &[&blue], &[&green]).extra(health_fast())]).await;
+        TestProxy::start(&[Svc::new("web", &[&blue], &[&green]).extra(&health_every("100ms"))])
+            .await;
     let admin = &proxy.admin;
     let pools = |v: &Value, c: &str| -> Vec<String> {
         v["pools"][c]["backends"]

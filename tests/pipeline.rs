@@ -12,10 +12,6 @@ use std::time::{Duration, Instant};
 
 use support::*;
 
-fn health_fast() -> &'static str {
-    "[service.health]\npath = \"/healthz\"\ninterval = \"50ms\"\ntimeout = \"500ms\"\nunhealthy_after = 1\nhealthy_after = 1"
-}
-
 /// Runs the script with test-sized pauses; returns (exit code, stderr).
 async fn release(p: &TestProxy, extra_env: &[(&str, &str)], args: &[String]) -> (i32, String) {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/release.sh");
@@ -125,7 +121,8 @@ async fn a_good_release_goes_live_step_by_step_with_no_failed_request() {
     let blue = Upstream::start("blue v1").await;
     let old_green = Upstream::start("green v0").await;
     let p =
-        TestProxy::start(&[Svc::new("web", &[&blue], &[&old_green]).extra(health_fast())]).await;
+        TestProxy::start(&[Svc::new("web", &[&blue], &[&old_green]).extra(&health_every("50ms"))])
+            .await;
     let v2 = Upstream::start("green v2").await;
 
     let traffic = Traffic::start(&p, 4);
@@ -184,7 +181,8 @@ async fn a_good_release_goes_live_step_by_step_with_no_failed_request() {
 async fn failed_smoke_tests_move_no_traffic() {
     let blue = Upstream::start("blue v1").await;
     let green = Upstream::start("green v1").await;
-    let p = TestProxy::start(&[Svc::new("web", &[&blue], &[&green]).extra(health_fast())]).await;
+    let p = TestProxy::start(&[Svc::new("web", &[&blue], &[&green]).extra(&health_every("50ms"))])
+        .await;
     // Healthy by its checks, but answers the wrong thing.
     let wrong = Upstream::start("502 bad gateway page").await;
 
@@ -237,7 +235,8 @@ async fn failed_smoke_tests_move_no_traffic() {
 async fn a_release_failing_during_the_canary_is_rolled_back() {
     let blue = Upstream::start("blue v1").await;
     let green = Upstream::start("green v1").await;
-    let p = TestProxy::start(&[Svc::new("web", &[&blue], &[&green]).extra(health_fast())]).await;
+    let p = TestProxy::start(&[Svc::new("web", &[&blue], &[&green]).extra(&health_every("50ms"))])
+        .await;
     let v2 = Arc::new(Upstream::start("green v2").await);
 
     // The new version breaks once it takes real traffic.

@@ -394,6 +394,14 @@ impl Svc {
     }
 }
 
+/// `[service.health]` on `/healthz` every `interval`, one check to change
+/// state: for tests that wait for backends to be judged.
+pub fn health_every(interval: &str) -> String {
+    format!(
+        "[service.health]\npath = \"/healthz\"\ninterval = \"{interval}\"\ntimeout = \"500ms\"\nunhealthy_after = 1\nhealthy_after = 1"
+    )
+}
+
 /// A config with listeners on ephemeral loopback ports and state in `dir`.
 pub fn config_text(dir: &Path, proxy_extra: &str, services: &[Svc]) -> String {
     let mut s = format!(
