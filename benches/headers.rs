@@ -15,7 +15,7 @@ use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use http::HeaderValue;
-use switchyard::headers::{
+use switchyard::testing::headers::{
     append_forwarded_for, new_request_id, remove_hop_by_hop, X_FORWARDED_FOR,
 };
 

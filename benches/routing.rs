@@ -15,8 +15,8 @@ use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use http::{HeaderMap, HeaderValue};
-use switchyard::metrics::Metrics;
-use switchyard::routing::{choose_pool, pick_backend};
+use switchyard::testing::metrics::Metrics;
+use switchyard::testing::routing::{choose_pool, pick_backend};
 
 fn bench(c: &mut Criterion) {
     let m = Metrics::new();

@@ -18,8 +18,8 @@ use std::thread;
 
 use arc_swap::ArcSwap;
 use criterion::{criterion_group, criterion_main, Criterion};
-use switchyard::metrics::Metrics;
-use switchyard::routing::Snapshot;
+use switchyard::testing::metrics::Metrics;
+use switchyard::testing::routing::Snapshot;
 
 fn bench(c: &mut Criterion) {
     let m = Metrics::new();

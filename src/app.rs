@@ -16,15 +16,17 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpSocket};
 
-use crate::admin::Admin;
-use crate::auth::Tokens;
 use crate::config::Config;
-use crate::control::{Control, ControlParts};
+use crate::control_plane::admin::auth::Tokens;
+use crate::control_plane::admin::Admin;
+use crate::control_plane::control::{Control, ControlParts};
+use crate::control_plane::store::{FileStore, StateStore};
+use crate::data_plane::conn::Limits;
+use crate::data_plane::drain::Drain;
+use crate::data_plane::proxy::Proxy;
+use crate::data_plane::server::Server;
+use crate::data_plane::tls::ServerTls;
 use crate::metrics::Metrics;
-use crate::proxy::Proxy;
-use crate::server::{Drain, Limits, Server};
-use crate::store::{FileStore, StateStore};
-use crate::tls::ServerTls;
 
 /// Options beside the config.
 #[derive(Debug, Clone, Default)]
@@ -35,7 +37,7 @@ pub struct StartOptions {
     /// moved aside, not deleted).
     pub ignore_state: bool,
     /// Worker runtimes to serve client connections on, each with its own
-    /// `SO_REUSEPORT` listener ([`crate::workers`]). Empty: serve on the
+    /// `SO_REUSEPORT` listener ([`crate::data_plane::workers`]). Empty: serve on the
     /// calling runtime.
     pub workers: Vec<tokio::runtime::Handle>,
 }
@@ -47,7 +49,7 @@ pub enum StartError {
     #[error(
         "{0} (start with --ignore-state to start from `initial`; the file is then moved aside)"
     )]
-    State(#[from] crate::store::StoreError),
+    State(#[from] crate::control_plane::store::StoreError),
     /// Certificate, key or token file unusable.
     #[error("{0}")]
     Files(String),
@@ -75,9 +77,7 @@ pub struct Running {
     /// Bound address of the admin listener.
     pub admin_addr: SocketAddr,
     /// The control plane.
-    pub control: Arc<Control>,
-    /// Metrics.
-    pub metrics: Arc<Metrics>,
+    pub(crate) control: Arc<Control>,
     drain: Drain,
     admin_drain: Drain,
     ready: Arc<AtomicBool>,
@@ -214,7 +214,7 @@ pub async fn start(config: Config, opts: StartOptions) -> Result<Running, StartE
     };
     let tls = match config.proxy.tls_listen {
         Some(_) => Some(Arc::new(ServerTls::new(
-            crate::tls::server_config(&config.proxy.tls)
+            crate::data_plane::tls::server_config(&config.proxy.tls)
                 .map_err(|e| StartError::Files(e.join("\n")))?,
         ))),
         None => None,
@@ -312,7 +312,6 @@ pub async fn start(config: Config, opts: StartOptions) -> Result<Running, StartE
         tls_addr,
         admin_addr,
         control,
-        metrics,
         drain,
         admin_drain,
         ready,
@@ -343,7 +342,7 @@ async fn serve_admin(
     listener: TcpListener,
     admin: Arc<Admin>,
     mut drain: tokio::sync::watch::Receiver<()>,
-    token: crate::server::DrainToken,
+    token: crate::data_plane::drain::DrainToken,
 ) {
     loop {
         let (stream, peer) = tokio::select! {

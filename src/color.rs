@@ -17,7 +17,7 @@ pub enum Color {
 
 impl Color {
     /// Both colors, blue first.
-    pub const ALL: [Color; 2] = [Color::Blue, Color::Green];
+    pub(crate) const ALL: [Color; 2] = [Color::Blue, Color::Green];
 
     /// The other pool.
     pub const fn other(self) -> Color {
@@ -28,7 +28,7 @@ impl Color {
     }
 
     /// 0 for blue, 1 for green: an index into `[T; 2]` per-pool arrays.
-    pub const fn index(self) -> usize {
+    pub(crate) const fn index(self) -> usize {
         match self {
             Color::Blue => 0,
             Color::Green => 1,

@@ -3,67 +3,58 @@
 //! # Architecture
 //!
 //! ```text
-//!                 ┌──────────── control plane (admin API, SIGHUP) ─────────────┐
-//!                 │ Command → state::apply (pure) → StateStore::save → Snapshot │
-//!                 └───────────────────────────────┬──────────────────────────────┘
-//!                                                 │ ArcSwap::store
-//! client ─▶ server (accept, detect h1/h2, timeouts) ─▶ proxy::handle ─▶ backend
-//!                                  one ArcSwap load per request ┘
+//!  cli ─▶ app (wiring) ─┬─▶ control_plane ──────────────── publishes ───┐
+//!                       │   admin API / SIGHUP → Command                  │
+//!                       │   → state::apply (pure) → store::save           │ ArcSwap::store
+//!                       │   → side effects (health checkers, series)      ▼
+//!                       └─▶ data_plane: server → conn → proxy ─▶ routing::Snapshot
+//!                                                  └─▶ upstream → backend
+//!  shared by both: config, color, weights, metrics
 //! ```
 //!
-//! # The request path
+//! One rule holds the tree together: **`data_plane` never imports
+//! `control_plane`** (`tests/layout.rs` fails the build otherwise). The
+//! control plane builds a routing [`data_plane::routing::Snapshot`] and
+//! stores it; the data plane loads it once per request and knows nothing
+//! of how it was made.
 //!
-//! 1. [`server`] accepts, tells HTTP/1.1 from h2c (or reads ALPN after TLS),
-//!    and runs the hyper connection beside a timer enforcing
-//!    `header_read_timeout` and `idle_timeout`.
-//! 2. [`proxy::Proxy::handle`] loads the [`routing::Snapshot`] once; the
-//!    request lives on that snapshot until its response body ends.
-//! 3. [`routing`] matches the service (host, then longest path prefix),
-//!    chooses the pool (preview header, sticky bucket, weights) and the
-//!    backend (round robin or least request over available backends,
-//!    failover to the other pool).
-//! 4. [`headers`] rewrites the head (hop-by-hop, `X-Forwarded-*`,
-//!    `x-request-id`); [`backend`] lends a pooled upstream connection.
-//! 5. The response streams back through [`exchange::ProxyBody`], which
-//!    settles metrics, the access log and the pooled connection when the
-//!    body ends.
+//! # The request path, in the order a request meets it
 //!
-//! # Modules
+//! 1. [`data_plane::server`]: accept, tell HTTP/1.1 from h2c (or ALPN after
+//!    TLS), run the hyper connection beside the connection timer of
+//!    [`data_plane::conn`] (header-read and idle timeouts, parking).
+//! 2. [`data_plane::proxy`]: `Proxy::handle` loads the snapshot once and is
+//!    the one place an error becomes a response; `forward` reads top to
+//!    bottom: framing checks, host, service, pool, head rewrite, upstream.
+//! 3. [`data_plane::routing`]: service (host, then longest prefix), pool
+//!    (preview header, sticky bucket, weights), backend (balance, failover).
+//! 4. [`data_plane::upstream`]: the attempt loop (retries under a budget,
+//!    checkout from [`data_plane::backend`], ejection, failover accounting).
+//! 5. [`data_plane::exchange`]: the response body streams back; when it ends,
+//!    metrics, access log and the pooled connection are settled.
 //!
+//! # Where things are
+//!
+//! - [`cli`]: argument parsing, `check`, `run`, `demo`, `ctl`.
 //! - [`config`]: TOML → validated [`config::Config`], every error with its line.
-//! - [`state`]: routing state and the pure [`state::apply`].
-//! - [`store`]: durable state file (write, fsync, rename).
-//! - [`control`]: apply → persist → publish; reload.
-//! - [`admin`]: the admin HTTP API and `/metrics`.
-//! - [`health`]: active checks and passive ejection.
-//! - [`tls`]: rustls server (SNI, reload) and upstream TLS.
-//! - [`h1guard`]: strict HTTP/1 request framing (smuggling defence).
-//! - [`app`]: startup and shutdown wiring.
+//! - [`control_plane`]: state and its pure `apply`, `store`, `control`
+//!   (apply → persist → publish; reload), `admin` (API, auth).
+//! - [`data_plane`]: listeners, connections, proxy, upstream, routing,
+//!   backends, health, TLS, the HTTP/1 framing guard.
+//! - [`app`]: startup and shutdown wiring of the two planes.
 
 // Input from outside never reaches an unwrap (tests may unwrap freely).
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
-#![warn(missing_docs)]
+#![warn(unreachable_pub)]
 
-pub mod admin;
-pub mod app;
-pub mod auth;
-pub mod backend;
-pub mod color;
-pub mod config;
-pub mod control;
-pub mod ctl;
-pub mod demo;
-pub mod error;
-pub mod exchange;
-pub mod h1guard;
-pub mod headers;
-pub mod health;
-pub mod metrics;
-pub mod proxy;
-pub mod routing;
-pub mod server;
-pub mod state;
-pub mod store;
-pub mod tls;
-pub mod upgrade;
-pub mod workers;
+pub(crate) mod app;
+pub mod cli;
+pub(crate) mod color;
+pub(crate) mod config;
+pub(crate) mod control_plane;
+pub(crate) mod data_plane;
+pub(crate) mod metrics;
+pub(crate) mod weights;
+
+#[doc(hidden)]
+pub mod testing;

@@ -23,7 +23,7 @@ const ROUTING_ACTIONS: [&str; 4] = ["switch", "split", "rollback", "pool"];
 
 /// Kinds of upstream error (`kind` label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum UpstreamErrorKind {
+pub(crate) enum UpstreamErrorKind {
     /// Could not connect.
     Connect,
     /// Connect or response head timed out.
@@ -43,7 +43,7 @@ impl UpstreamErrorKind {
     ];
 
     /// Label value.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             UpstreamErrorKind::Connect => "connect",
             UpstreamErrorKind::Timeout => "timeout",
@@ -64,20 +64,20 @@ pub struct Metrics {
     routing_changes: IntCounterVec,
     failovers: IntCounterVec,
     /// `switchyard_open_connections{listener}`.
-    pub open_connections: IntGaugeVec,
+    pub(crate) open_connections: IntGaugeVec,
     config_reloads: IntCounterVec,
     /// `switchyard_requests_total{service="",pool=""}`: no service matched.
     unmatched: [IntCounter; 5],
     /// Upgraded connections closed because their pool stopped taking traffic.
-    pub upgrades_drained: IntCounter,
+    pub(crate) upgrades_drained: IntCounter,
     /// Connections cut by the header read or idle timeout, by reason.
-    pub timeouts: IntCounterVec,
+    pub(crate) timeouts: IntCounterVec,
     /// Idle HTTP/1 client connections parked (no hyper state held).
-    pub parked: IntGauge,
+    pub(crate) parked: IntGauge,
     /// Retries sent to another backend.
-    pub retries: IntCounterVec,
+    pub(crate) retries: IntCounterVec,
     /// Passive ejections of backends.
-    pub ejections: IntCounterVec,
+    pub(crate) ejections: IntCounterVec,
 }
 
 fn must<T>(r: prometheus::Result<T>) -> T {
@@ -204,7 +204,7 @@ impl Metrics {
     }
 
     /// The text exposition of every metric.
-    pub fn render(&self) -> Vec<u8> {
+    pub(crate) fn render(&self) -> Vec<u8> {
         let mut buf = Vec::with_capacity(16 * 1024);
         // Encoding into a Vec cannot fail for well-formed metrics.
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
@@ -212,7 +212,7 @@ impl Metrics {
     }
 
     /// Counts a request no service matched (or refused before routing).
-    pub fn observe_unmatched(&self, status: u16) {
+    pub(crate) fn observe_unmatched(&self, status: u16) {
         let class = usize::from((status / 100).clamp(1, 5) - 1);
         self.unmatched[class].inc();
     }
@@ -241,7 +241,7 @@ impl Metrics {
     }
 
     /// Drops the series of a backend that left its pool.
-    pub fn forget_backend(&self, service: &str, color: Color, backend: &str) {
+    pub(crate) fn forget_backend(&self, service: &str, color: Color, backend: &str) {
         let _ = self
             .backend_healthy
             .remove_label_values(&[service, color.as_str(), backend]);
@@ -253,7 +253,7 @@ impl Metrics {
     /// at 0: a counter series that first appears at 1 shows no `increase()`
     /// or `changes()` in Prometheus, so the first switch after a start
     /// would be invisible to dashboards and alerts.
-    pub fn set_weights(&self, service: &str, weights: crate::state::Weights) {
+    pub(crate) fn set_weights(&self, service: &str, weights: crate::weights::Weights) {
         for c in Color::ALL {
             self.pool_weight
                 .with_label_values(&[service, c.as_str()])
@@ -265,21 +265,21 @@ impl Metrics {
     }
 
     /// Counts an accepted routing change.
-    pub fn routing_change(&self, service: &str, action: &str) {
+    pub(crate) fn routing_change(&self, service: &str, action: &str) {
         self.routing_changes
             .with_label_values(&[service, action])
             .inc();
     }
 
     /// Counts a reload.
-    pub fn config_reload(&self, ok: bool) {
+    pub(crate) fn config_reload(&self, ok: bool) {
         self.config_reloads
             .with_label_values(&[if ok { "ok" } else { "error" }])
             .inc();
     }
 
     /// Drops every series of a service that left the config.
-    pub fn forget_service(&self, service: &str) {
+    pub(crate) fn forget_service(&self, service: &str) {
         for c in Color::ALL {
             let pool = c.as_str();
             for class in ["1xx", "2xx", "3xx", "4xx", "5xx"] {
@@ -314,17 +314,17 @@ pub struct PoolMetrics {
     duration: Histogram,
     upstream_errors: [IntCounter; 4],
     /// Failovers away from this pool.
-    pub failovers_from: IntCounter,
+    pub(crate) failovers_from: IntCounter,
     /// Retries within this pool.
-    pub retries: IntCounter,
+    pub(crate) retries: IntCounter,
     /// Ejections of this pool's backends.
-    pub ejections: IntCounter,
+    pub(crate) ejections: IntCounter,
 }
 
 impl PoolMetrics {
     /// Counts one answered request.
     #[inline]
-    pub fn observe(&self, status: u16, seconds: f64) {
+    pub(crate) fn observe(&self, status: u16, seconds: f64) {
         let class = usize::from((status / 100).clamp(1, 5) - 1);
         self.requests[class].inc();
         self.duration.observe(seconds);
@@ -332,7 +332,7 @@ impl PoolMetrics {
 
     /// Counts one upstream error.
     #[inline]
-    pub fn upstream_error(&self, kind: UpstreamErrorKind) {
+    pub(crate) fn upstream_error(&self, kind: UpstreamErrorKind) {
         let i = match kind {
             UpstreamErrorKind::Connect => 0,
             UpstreamErrorKind::Timeout => 1,

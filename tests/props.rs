@@ -10,15 +10,17 @@ use std::sync::Arc;
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 use proptest::prelude::*;
-use switchyard::backend::{Backend, Health};
-use switchyard::color::Color;
-use switchyard::config::{self, BackendAddr, Balance, HostPattern, PreviewConfig, StickyConfig};
-use switchyard::h1guard::{Finding, H1Guard};
-use switchyard::metrics::Metrics;
-use switchyard::routing::{
+use switchyard::testing::backend::{Backend, Health};
+use switchyard::testing::color::Color;
+use switchyard::testing::config::{
+    self, BackendAddr, Balance, HostPattern, PreviewConfig, StickyConfig,
+};
+use switchyard::testing::h1guard::{Finding, H1Guard};
+use switchyard::testing::metrics::Metrics;
+use switchyard::testing::routing::{
     choose_pool, pick_backend, Decision, Pool, Route, Service, Settings, Snapshot,
 };
-use switchyard::state::{Command, Weights};
+use switchyard::testing::state::{Command, Weights};
 
 fn cases() -> ProptestConfig {
     let cases = std::env::var("PROPTEST_CASES")
@@ -246,7 +248,7 @@ proptest! {
         action in prop::sample::select(vec!["switch", "split", "rollback", "pools/blue", "pools/green", "nope"]),
         body in json_body(),
     ) {
-        match switchyard::admin::decode_mutation(action, &body) {
+        match switchyard::testing::admin::decode_mutation(action, &body) {
             Ok((cmd, reason)) => {
                 prop_assert!(reason.is_none() || body.windows(8).any(|w| w == b"\"reason\""));
                 match cmd {
@@ -297,18 +299,17 @@ fn route(m: &Metrics, name: &str, green_bp: u16, token: Option<&str>, healthy: [
             token: token.map(str::to_string),
         },
         [m.pool(name, Color::Blue), m.pool(name, Color::Green)],
-        false,
     );
     Route {
         service: Arc::new(svc),
         weights: Weights::from_green_percent(f64::from(green_bp) / 100.0).unwrap(),
         generation: 1,
         pools: [
-            Arc::new(Pool::new(
-                Color::Blue,
-                vec![backend(m, 1, healthy[0]), backend(m, 2, healthy[1])],
-            )),
-            Arc::new(Pool::new(Color::Green, vec![backend(m, 3, healthy[2])])),
+            Arc::new(Pool::new(vec![
+                backend(m, 1, healthy[0]),
+                backend(m, 2, healthy[1]),
+            ])),
+            Arc::new(Pool::new(vec![backend(m, 3, healthy[2])])),
         ],
     }
 }
@@ -415,13 +416,13 @@ proptest! {
         let before = choice;
         match pick_backend(&r, &mut choice, &[]) {
             Some(b) => {
-                prop_assert!(b.is_available(switchyard::backend::now_ms()));
+                prop_assert!(b.is_available(switchyard::testing::backend::now_ms()));
                 if before.decision == Decision::Preview {
                     prop_assert_eq!(choice.color, before.color);
                 }
             }
             None => {
-                let pool_ok = |c: Color| r.pool(c).has_available(switchyard::backend::now_ms());
+                let pool_ok = |c: Color| r.pool(c).has_available(switchyard::testing::backend::now_ms());
                 prop_assert!(!pool_ok(before.color));
                 prop_assert!(before.decision == Decision::Preview || !pool_ok(before.color.other()));
             }

@@ -7,12 +7,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::{HeaderMap, HeaderName, HeaderValue};
-use switchyard::backend::{Backend, Health};
-use switchyard::color::Color;
-use switchyard::config::{BackendAddr, Balance, HostPattern, PreviewConfig, StickyConfig};
-use switchyard::metrics::Metrics;
-use switchyard::routing::{Pool, Route, Service, Settings, Snapshot};
-use switchyard::state::Weights;
+use switchyard::testing::backend::{Backend, Health};
+use switchyard::testing::color::Color;
+use switchyard::testing::config::{BackendAddr, Balance, HostPattern, PreviewConfig, StickyConfig};
+use switchyard::testing::metrics::Metrics;
+use switchyard::testing::routing::{Pool, Route, Service, Settings, Snapshot};
+use switchyard::testing::state::Weights;
 
 fn backend(m: &Metrics, svc: &str, color: Color, port: u16) -> Arc<Backend> {
     let addr = BackendAddr::parse(&format!("127.0.0.1:{port}")).expect("addr");
@@ -35,13 +35,12 @@ pub fn route(m: &Metrics, name: &str, green_pct: f64, per_pool: u16, balance: Ba
             token: None,
         },
         [m.pool(name, Color::Blue), m.pool(name, Color::Green)],
-        false,
     ));
     let pool = |color: Color, base: u16| {
         let b = (0..per_pool)
             .map(|i| backend(m, name, color, base + i))
             .collect();
-        Arc::new(Pool::new(color, b))
+        Arc::new(Pool::new(b))
     };
     Route {
         service,

@@ -27,36 +27,36 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// `switchyard ctl` options.
 #[derive(Debug, Args)]
-pub struct CtlArgs {
+pub(crate) struct CtlArgs {
     /// Admin API base URL (`http://HOST:PORT`, optionally with a path
     /// prefix). Default: the config's `admin.listen` with `--config FILE`,
     /// else http://127.0.0.1:9901.
     #[arg(long, global = true, env = "SWITCHYARD_ADMIN")]
-    pub admin: Option<String>,
+    pub(crate) admin: Option<String>,
     /// File holding the bearer token (a line as in the server's
     /// `token_file`: `NAME:SECRET` or `SECRET`; the first one is used).
     /// Default: `$SWITCHYARD_TOKEN`, else the config's `admin.token_file`
     /// with `--config FILE`.
     #[arg(long, global = true, env = "SWITCHYARD_TOKEN_FILE")]
-    pub token_file: Option<PathBuf>,
+    pub(crate) token_file: Option<PathBuf>,
     /// Print the server's JSON instead of a table.
     #[arg(long, global = true)]
-    pub json: bool,
+    pub(crate) json: bool,
     /// Apply only if the service is still at this generation (sends
     /// `If-Match`; a stale generation is refused with 412).
     #[arg(long, global = true, alias = "if-match", value_name = "N")]
-    pub if_generation: Option<u64>,
+    pub(crate) if_generation: Option<u64>,
     /// Reason recorded in the history.
     #[arg(long, global = true)]
-    pub reason: Option<String>,
+    pub(crate) reason: Option<String>,
     /// What to do.
     #[command(subcommand)]
-    pub command: CtlCommand,
+    pub(crate) command: CtlCommand,
 }
 
 /// `switchyard ctl` subcommands.
 #[derive(Debug, Subcommand)]
-pub enum CtlCommand {
+pub(crate) enum CtlCommand {
     /// Show one service, or all: weights, generation, pools and backends with health.
     Status {
         /// Service name.
@@ -157,7 +157,7 @@ impl Failure {
 /// Runs a ctl command; returns the process exit status. `config`: the
 /// `--config FILE` given to `switchyard`, whose `[admin]` section supplies
 /// the address and token file when the options do not.
-pub async fn run(args: CtlArgs, config: Option<&std::path::Path>) -> i32 {
+pub(crate) async fn run(args: CtlArgs, config: Option<&std::path::Path>) -> i32 {
     match run_inner(&args, config).await {
         Ok(out) => {
             print!("{out}");

@@ -15,7 +15,7 @@ use tokio::net::TcpListener;
 
 /// Serves `body` on every path (and `ok` on `/healthz`) until the task is
 /// dropped. Used by the demo and the benchmarks.
-pub async fn serve_upstream(listener: TcpListener, body: &'static str) {
+pub(crate) async fn serve_upstream(listener: TcpListener, body: &'static str) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
@@ -47,7 +47,7 @@ pub async fn serve_upstream(listener: TcpListener, body: &'static str) {
 }
 
 /// Starts the two demo upstreams on ephemeral loopback ports.
-pub async fn start_upstreams() -> std::io::Result<(SocketAddr, SocketAddr)> {
+pub(crate) async fn start_upstreams() -> std::io::Result<(SocketAddr, SocketAddr)> {
     let blue = TcpListener::bind("127.0.0.1:0").await?;
     let green = TcpListener::bind("127.0.0.1:0").await?;
     let (b, g) = (blue.local_addr()?, green.local_addr()?);
@@ -57,7 +57,7 @@ pub async fn start_upstreams() -> std::io::Result<(SocketAddr, SocketAddr)> {
 }
 
 /// The lines the demo prints to try it.
-pub fn instructions(proxy: SocketAddr, admin: SocketAddr) -> String {
+pub(crate) fn instructions(proxy: SocketAddr, admin: SocketAddr) -> String {
     format!(
         "\
 switchyard demo: proxy on http://{proxy}, admin API on http://{admin}

@@ -32,7 +32,7 @@ pub struct Config {
     /// `[admin]`: the admin API listener.
     pub admin: AdminConfig,
     /// `[state]`: where routing state is persisted.
-    pub state: StateConfig,
+    pub(crate) state: StateConfig,
     /// `[[service]]` entries, in file order.
     pub services: Vec<ServiceConfig>,
 }
@@ -41,41 +41,41 @@ pub struct Config {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ProxyConfig {
     /// Plain listener (HTTP/1.1 and h2c prior knowledge). Default `0.0.0.0:8080`.
-    pub listen: SocketAddr,
+    pub(crate) listen: SocketAddr,
     /// TLS listener (HTTP/1.1 and h2 via ALPN). Default none.
     pub tls_listen: Option<SocketAddr>,
     /// `[[proxy.tls]]` certificates; the first also serves clients without SNI.
     pub tls: Vec<TlsCertConfig>,
     /// Worker threads; 0 = one per core. Default 0.
-    pub workers: usize,
+    pub(crate) workers: usize,
     /// Upstream TCP (and TLS) connect bound. Default 2s.
-    pub connect_timeout: Duration,
+    pub(crate) connect_timeout: Duration,
     /// Bound on the whole upstream response head. Default 60s.
-    pub request_timeout: Duration,
+    pub(crate) request_timeout: Duration,
     /// Downstream keep-alive idle bound. Default 90s.
-    pub idle_timeout: Duration,
+    pub(crate) idle_timeout: Duration,
     /// Bound on reading one request head (slowloris). Default 10s.
-    pub header_read_timeout: Duration,
+    pub(crate) header_read_timeout: Duration,
     /// Largest request header section accepted (431 above). Default 65536.
-    pub max_request_header_bytes: usize,
+    pub(crate) max_request_header_bytes: usize,
     /// Graceful shutdown deadline, and how long upgraded connections may
     /// outlive their pool taking traffic (0 = never closed). Default 30s.
-    pub drain_timeout: Duration,
+    pub(crate) drain_timeout: Duration,
     /// Add `x-switchyard-pool: blue|green` to responses. Default true.
-    pub add_pool_header: bool,
+    pub(crate) add_pool_header: bool,
     /// One access-log line per request (extension to SPEC). Default true.
-    pub access_log: bool,
+    pub(crate) access_log: bool,
 }
 
 /// One `[[proxy.tls]]` entry.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TlsCertConfig {
     /// PEM certificate chain.
-    pub cert: PathBuf,
+    pub(crate) cert: PathBuf,
     /// PEM private key (PKCS#8, RSA or EC).
-    pub key: PathBuf,
+    pub(crate) key: PathBuf,
     /// Line of the entry in the config file, for error messages at reload.
-    pub line: usize,
+    pub(crate) line: usize,
 }
 
 /// `[admin]`.
@@ -90,9 +90,9 @@ pub struct AdminConfig {
 
 /// `[state]`.
 #[derive(Debug, Clone, PartialEq)]
-pub struct StateConfig {
+pub(crate) struct StateConfig {
     /// Default `var/switchyard-state.json`.
-    pub path: PathBuf,
+    pub(crate) path: PathBuf,
 }
 
 /// One `[[service]]`.
@@ -101,34 +101,34 @@ pub struct ServiceConfig {
     /// Unique; `[A-Za-z0-9_.-]+` (it appears in admin URLs and metric labels).
     pub name: String,
     /// Host patterns; default `["*"]`.
-    pub hosts: Vec<HostPattern>,
+    pub(crate) hosts: Vec<HostPattern>,
     /// Path prefix; default `/`. Must start with `/`.
     pub path_prefix: String,
     /// Pool live when no state file exists. Default blue.
-    pub initial: Color,
+    pub(crate) initial: Color,
     /// Balance policy within a pool. Default round robin.
-    pub balance: Balance,
+    pub(crate) balance: Balance,
     /// CA bundle for `https://` backends (else webpki roots).
-    pub upstream_ca: Option<PathBuf>,
+    pub(crate) upstream_ca: Option<PathBuf>,
     /// Skip upstream certificate verification (logged loudly). Default false.
-    pub upstream_insecure_skip_verify: bool,
+    pub(crate) upstream_insecure_skip_verify: bool,
     /// `[service.blue] backends`.
     pub blue: Vec<BackendAddr>,
     /// `[service.green] backends`.
     pub green: Vec<BackendAddr>,
     /// `[service.health]`; `None` = passive ejection only.
-    pub health: Option<HealthConfig>,
+    pub(crate) health: Option<HealthConfig>,
     /// `[service.sticky]`; defaults to cookie `switchyard_bucket`, no key.
-    pub sticky: StickyConfig,
+    pub(crate) sticky: StickyConfig,
     /// `[service.preview]`; defaults to header `x-switchyard-pool`, no token.
-    pub preview: PreviewConfig,
+    pub(crate) preview: PreviewConfig,
     /// Line of `[[service]]` in the file (0 for built-in configs).
-    pub line: usize,
+    pub(crate) line: usize,
 }
 
 impl ServiceConfig {
     /// The configured backends of one pool.
-    pub fn pool(&self, color: Color) -> &[BackendAddr] {
+    pub(crate) fn pool(&self, color: Color) -> &[BackendAddr] {
         match color {
             Color::Blue => &self.blue,
             Color::Green => &self.green,
@@ -159,7 +159,7 @@ pub enum Balance {
 
 /// Upstream scheme of a backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Scheme {
+pub(crate) enum Scheme {
     /// Plain HTTP/1.1.
     Http,
     /// HTTP/1.1 over TLS.
@@ -170,7 +170,7 @@ pub enum Scheme {
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct BackendAddr {
     /// `http` unless written `https://`.
-    pub scheme: Scheme,
+    pub(crate) scheme: Scheme,
     /// Host name or IP literal (IPv6 without brackets).
     pub host: String,
     /// Port (required).
@@ -244,7 +244,7 @@ impl BackendAddr {
     }
 
     /// `host:port` (brackets around IPv6), as used in the `Host` header.
-    pub fn authority(&self) -> String {
+    pub(crate) fn authority(&self) -> String {
         if self.host.contains(':') {
             format!("[{}]:{}", self.host, self.port)
         } else {
@@ -264,17 +264,17 @@ impl fmt::Display for BackendAddr {
 
 /// `[service.health]`.
 #[derive(Debug, Clone, PartialEq)]
-pub struct HealthConfig {
+pub(crate) struct HealthConfig {
     /// Path of the GET check; default `/healthz`.
-    pub path: String,
+    pub(crate) path: String,
     /// Default 2s.
-    pub interval: Duration,
+    pub(crate) interval: Duration,
     /// Default 1s.
-    pub timeout: Duration,
+    pub(crate) timeout: Duration,
     /// Consecutive failures to mark unhealthy; default 3.
-    pub unhealthy_after: u32,
+    pub(crate) unhealthy_after: u32,
     /// Consecutive successes to mark healthy; default 2.
-    pub healthy_after: u32,
+    pub(crate) healthy_after: u32,
 }
 
 /// `[service.sticky]`.
@@ -318,9 +318,9 @@ pub struct ConfigError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigErrors {
     /// The file, as given on the command line.
-    pub file: PathBuf,
+    pub(crate) file: PathBuf,
     /// In file order.
-    pub errors: Vec<ConfigError>,
+    pub(crate) errors: Vec<ConfigError>,
 }
 
 impl fmt::Display for ConfigErrors {
@@ -448,7 +448,7 @@ impl Config {
     /// The embedded config of `switchyard demo`: proxy on 127.0.0.1:8080,
     /// admin on 127.0.0.1:9901, one service `demo` for every host and path
     /// whose pools are the two given in-process upstreams.
-    pub fn demo(blue: SocketAddr, green: SocketAddr) -> Config {
+    pub(crate) fn demo(blue: SocketAddr, green: SocketAddr) -> Config {
         let backend = |a: SocketAddr| BackendAddr {
             scheme: Scheme::Http,
             host: a.ip().to_string(),
@@ -1126,7 +1126,7 @@ backends = ["127.0.0.1:9101"]
 
     #[test]
     fn example_file_parses() {
-        let c = match parse(include_str!("../config/switchyard.toml")) {
+        let c = match parse(include_str!("../../config/switchyard.toml")) {
             Ok(c) => c,
             Err(e) => panic!("{e:#?}"),
         };

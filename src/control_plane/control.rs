@@ -26,22 +26,22 @@ use arc_swap::ArcSwap;
 use serde::Serialize;
 use tokio::sync::{watch, Mutex};
 
-use crate::auth::Tokens;
-use crate::backend::{now_ms, Backend, Health};
 use crate::color::Color;
 use crate::config::{BackendAddr, Config, ConfigErrors, ServiceConfig};
-use crate::metrics::Metrics;
-use crate::routing::{Pool, Route, Service, Settings, Snapshot};
-use crate::state::{
+use crate::control_plane::admin::auth::Tokens;
+use crate::control_plane::state::{
     self, ChangeMeta, Command, CommandError, HealthView, HistoryEntry, Outcome, RoutingState,
-    Weights,
 };
-use crate::store::{StateStore, StoreError};
-use crate::tls::{ServerTls, UpstreamTls};
+use crate::control_plane::store::{StateStore, StoreError};
+use crate::data_plane::backend::{now_ms, Backend, Health};
+use crate::data_plane::routing::{Pool, Route, Service, Settings, Snapshot};
+use crate::data_plane::tls::{ServerTls, UpstreamTls};
+use crate::metrics::Metrics;
+use crate::weights::Weights;
 
 /// Why a change was not made. The running state is unchanged in every case.
 #[derive(Debug, thiserror::Error)]
-pub enum ControlError {
+pub(crate) enum ControlError {
     /// Refused by `apply`.
     #[error(transparent)]
     Command(#[from] CommandError),
@@ -55,7 +55,7 @@ pub enum ControlError {
 
 /// Why a reload failed; the old config keeps running.
 #[derive(Debug, thiserror::Error)]
-pub enum ReloadError {
+pub(crate) enum ReloadError {
     /// There is no config file (demo mode).
     #[error("no config file to reload (demo mode)")]
     NoFile,
@@ -72,51 +72,51 @@ pub enum ReloadError {
 
 /// A backend in the admin API's service object.
 #[derive(Debug, Clone, Serialize)]
-pub struct BackendView {
+pub(crate) struct BackendView {
     /// `host:port` or `https://host:port`.
-    pub addr: String,
+    pub(crate) addr: String,
     /// Takes traffic now (healthy and not ejected).
-    pub healthy: bool,
+    pub(crate) healthy: bool,
     /// `healthy`, `unhealthy`, `unknown` (not checked yet) or `ejected`.
-    pub state: &'static str,
+    pub(crate) state: &'static str,
     /// Requests in flight to it.
-    pub in_flight: usize,
+    pub(crate) in_flight: usize,
 }
 
 /// One pool in the service object.
 #[derive(Debug, Clone, Serialize)]
-pub struct PoolView {
+pub(crate) struct PoolView {
     /// Its backends.
-    pub backends: Vec<BackendView>,
+    pub(crate) backends: Vec<BackendView>,
 }
 
 /// Both pools.
 #[derive(Debug, Clone, Serialize)]
-pub struct PoolsView {
+pub(crate) struct PoolsView {
     /// Blue.
-    pub blue: PoolView,
+    pub(crate) blue: PoolView,
     /// Green.
-    pub green: PoolView,
+    pub(crate) green: PoolView,
 }
 
 /// The service object of SPEC §4.
 #[derive(Debug, Clone, Serialize)]
-pub struct ServiceView {
+pub(crate) struct ServiceView {
     /// Name.
-    pub name: String,
+    pub(crate) name: String,
     /// `blue`, `green` or `split`.
-    pub live: &'static str,
+    pub(crate) live: &'static str,
     /// Current weights.
-    pub weights: Weights,
+    pub(crate) weights: Weights,
     /// Current generation.
-    pub generation: u64,
+    pub(crate) generation: u64,
     /// Pools and backends with health.
-    pub pools: PoolsView,
+    pub(crate) pools: PoolsView,
 }
 
 impl ServiceView {
     /// The view of `route` as the table has it now.
-    pub fn of(route: &Route) -> ServiceView {
+    pub(crate) fn of(route: &Route) -> ServiceView {
         let now = now_ms();
         let pool = |c: Color| PoolView {
             backends: route
@@ -166,7 +166,7 @@ struct Inner {
 }
 
 /// The control plane. See the module docs.
-pub struct Control {
+pub(crate) struct Control {
     inner: Mutex<Inner>,
     table: Arc<ArcSwap<Snapshot>>,
     changes: watch::Sender<()>,
@@ -185,28 +185,28 @@ impl HealthView for Snapshot {
 }
 
 /// Everything `Control::start` needs.
-pub struct ControlParts {
+pub(crate) struct ControlParts {
     /// The validated config.
-    pub config: Config,
+    pub(crate) config: Config,
     /// Its file (None in demo mode).
-    pub config_path: Option<PathBuf>,
+    pub(crate) config_path: Option<PathBuf>,
     /// The state loaded from the store (None: start from `initial`).
-    pub stored: Option<RoutingState>,
+    pub(crate) stored: Option<RoutingState>,
     /// Where state is persisted.
-    pub store: Arc<dyn StateStore>,
+    pub(crate) store: Arc<dyn StateStore>,
     /// Metrics.
-    pub metrics: Arc<Metrics>,
+    pub(crate) metrics: Arc<Metrics>,
     /// The TLS acceptor, if a TLS listener is configured.
-    pub tls: Option<Arc<ServerTls>>,
+    pub(crate) tls: Option<Arc<ServerTls>>,
     /// Admin tokens.
-    pub tokens: Arc<ArcSwap<Tokens>>,
+    pub(crate) tokens: Arc<ArcSwap<Tokens>>,
 }
 
 impl Control {
     /// Reconciles the stored state with the config, persists it, and
     /// publishes the first snapshot. Must run inside the runtime (health
     /// checks are spawned).
-    pub async fn start(parts: ControlParts) -> Result<Arc<Control>, String> {
+    pub(crate) async fn start(parts: ControlParts) -> Result<Arc<Control>, String> {
         let ControlParts {
             config,
             config_path,
@@ -248,22 +248,22 @@ impl Control {
     }
 
     /// The routing table the data plane reads.
-    pub fn table(&self) -> Arc<ArcSwap<Snapshot>> {
+    pub(crate) fn table(&self) -> Arc<ArcSwap<Snapshot>> {
         Arc::clone(&self.table)
     }
 
     /// Ticks whenever the table is swapped.
-    pub fn changes(&self) -> watch::Receiver<()> {
+    pub(crate) fn changes(&self) -> watch::Receiver<()> {
         self.changes.subscribe()
     }
 
     /// Admin tokens (swapped on reload).
-    pub fn tokens(&self) -> Arc<Tokens> {
+    pub(crate) fn tokens(&self) -> Arc<Tokens> {
         self.tokens.load_full()
     }
 
     /// Every service, in config order.
-    pub fn views(&self) -> Vec<ServiceView> {
+    pub(crate) fn views(&self) -> Vec<ServiceView> {
         self.table
             .load()
             .routes
@@ -273,12 +273,12 @@ impl Control {
     }
 
     /// One service.
-    pub fn view(&self, name: &str) -> Option<ServiceView> {
+    pub(crate) fn view(&self, name: &str) -> Option<ServiceView> {
         self.table.load().route(name).map(ServiceView::of)
     }
 
     /// History of a service, newest first.
-    pub async fn history(&self, name: &str) -> Option<Vec<HistoryEntry>> {
+    pub(crate) async fn history(&self, name: &str) -> Option<Vec<HistoryEntry>> {
         let inner = self.inner.lock().await;
         inner
             .state
@@ -288,7 +288,7 @@ impl Control {
     }
 
     /// Applies a command: decide, persist, publish. Returns the new view.
-    pub async fn execute(
+    pub(crate) async fn execute(
         &self,
         service: &str,
         cmd: Command,
@@ -346,7 +346,7 @@ impl Control {
 
     /// Re-reads the config file (and certificate and token files). A bad
     /// file keeps everything as it was; the error names it.
-    pub async fn reload(&self) -> Result<(), ReloadError> {
+    pub(crate) async fn reload(&self) -> Result<(), ReloadError> {
         let result = self.reload_inner().await;
         self.metrics.config_reload(result.is_ok());
         match &result {
@@ -368,7 +368,7 @@ impl Control {
         // Every file the config names must load before anything changes.
         let server_tls = match (&self.tls, config.proxy.tls_listen) {
             (Some(_), Some(_)) => Some(
-                crate::tls::server_config(&config.proxy.tls)
+                crate::data_plane::tls::server_config(&config.proxy.tls)
                     .map_err(|e| ReloadError::Files(e.join("; ")))?,
             ),
             _ => None,
@@ -523,7 +523,6 @@ fn build(
                             metrics.pool(&svc.name, Color::Blue),
                             metrics.pool(&svc.name, Color::Green),
                         ],
-                        svc.health.is_some(),
                     )),
                     tls: None,
                     backends: HashMap::new(),
@@ -574,7 +573,7 @@ fn build(
                             gauge,
                         ));
                         if let Some(h) = &svc.health {
-                            crate::health::spawn_checker(
+                            crate::data_plane::health::spawn_checker(
                                 &b,
                                 h.clone(),
                                 Arc::clone(&rt.service.name),
@@ -587,7 +586,7 @@ fn build(
                 list.push(Arc::clone(&backend));
                 keep.insert(key, backend);
             }
-            pools.push(Arc::new(Pool::new(color, list)));
+            pools.push(Arc::new(Pool::new(list)));
         }
         rt.backends = keep;
         let green = pools.pop();

@@ -5,200 +5,40 @@
 //! (admin API, SIGHUP reload, and the controllers of later issues) is a
 //! [`Command`] given to [`apply`], which either returns the new state of that
 //! service or refuses with a [`CommandError`] and changes nothing. The caller
-//! ([`crate::control`]) then persists the new state and publishes a new
+//! ([`crate::control_plane::control`]) then persists the new state and publishes a new
 //! routing snapshot, in that order.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::fmt;
 use std::time::SystemTime;
 
 use serde::de::{self, Deserializer};
-use serde::ser::{SerializeMap, Serializer};
+use serde::ser::Serializer;
 use serde::{Deserialize, Serialize};
 
 use crate::color::Color;
 use crate::config::{BackendAddr, Config, ServiceConfig};
+use crate::weights::{Live, Weights};
 
 /// How many history entries a service keeps (oldest dropped first).
-pub const HISTORY_LIMIT: usize = 500;
-
-/// Traffic weights of one service, held as the green share in basis points
-/// (0..=10000, so 0.01 % steps); blue gets the rest, so they always sum to 100 %.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Weights {
-    green_bp: u16,
-}
-
-/// Which pool is live.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Live {
-    /// One pool has 100 %.
-    Full(Color),
-    /// Both pools take traffic.
-    Split,
-}
-
-impl Live {
-    /// `"blue"`, `"green"` or `"split"`, as in the service object.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Live::Full(c) => c.as_str(),
-            Live::Split => "split",
-        }
-    }
-}
-
-impl Weights {
-    /// All traffic to `color`.
-    pub const fn full(color: Color) -> Weights {
-        match color {
-            Color::Blue => Weights { green_bp: 0 },
-            Color::Green => Weights { green_bp: 10_000 },
-        }
-    }
-
-    /// Green share in basis points; `None` above 10000.
-    pub const fn from_green_bp(green_bp: u16) -> Option<Weights> {
-        if green_bp <= 10_000 {
-            Some(Weights { green_bp })
-        } else {
-            None
-        }
-    }
-
-    /// Green share as a percentage (`10`, `12.5`); an error message names
-    /// what is wrong with it (range, more than two decimals, not finite).
-    pub fn from_green_percent(pct: f64) -> Result<Weights, String> {
-        if !pct.is_finite() || !(0.0..=100.0).contains(&pct) {
-            return Err(format!("must be a number from 0 to 100, got {pct}"));
-        }
-        let bp = (pct * 100.0).round();
-        if (bp - pct * 100.0).abs() > 1e-6 {
-            return Err(format!("at most two decimals (0.01 % steps), got {pct}"));
-        }
-        // In range by the check above, so the cast is exact.
-        Ok(Weights {
-            green_bp: bp as u16,
-        })
-    }
-
-    /// Green share in basis points (0..=10000).
-    pub const fn green_bp(self) -> u16 {
-        self.green_bp
-    }
-
-    /// Share of `color` in basis points.
-    pub const fn bp(self, color: Color) -> u16 {
-        match color {
-            Color::Blue => 10_000 - self.green_bp,
-            Color::Green => self.green_bp,
-        }
-    }
-
-    /// Share of `color` as a percentage (0..=100, two decimals).
-    pub fn percent(self, color: Color) -> f64 {
-        f64::from(self.bp(color)) / 100.0
-    }
-
-    /// Which pool is live.
-    pub const fn live(self) -> Live {
-        match self.green_bp {
-            0 => Live::Full(Color::Blue),
-            10_000 => Live::Full(Color::Green),
-            _ => Live::Split,
-        }
-    }
-
-    /// Does `color` take any traffic?
-    pub const fn takes_traffic(self, color: Color) -> bool {
-        self.bp(color) > 0
-    }
-
-    /// The pool a request with this bucket (0..=9999) goes to: buckets
-    /// below the green share go green. Raising the green share only ever
-    /// moves buckets from blue to green (SPEC §3).
-    #[inline]
-    pub const fn pick(self, bucket: u16) -> Color {
-        if bucket < self.green_bp {
-            Color::Green
-        } else {
-            Color::Blue
-        }
-    }
-}
-
-/// A percentage as JSON: an integer when whole (`90`), else two decimals (`12.5`).
-fn serialize_percent<S: Serializer>(bp: u16, s: S) -> Result<S::Ok, S::Error> {
-    if bp % 100 == 0 {
-        s.serialize_u64(u64::from(bp / 100))
-    } else {
-        s.serialize_f64(f64::from(bp) / 100.0)
-    }
-}
-
-impl Serialize for Weights {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        struct Pct(u16);
-        impl Serialize for Pct {
-            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-                serialize_percent(self.0, s)
-            }
-        }
-        let mut m = s.serialize_map(Some(2))?;
-        m.serialize_entry("blue", &Pct(self.bp(Color::Blue)))?;
-        m.serialize_entry("green", &Pct(self.bp(Color::Green)))?;
-        m.end()
-    }
-}
-
-impl<'de> Deserialize<'de> for Weights {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(deny_unknown_fields)]
-        struct Raw {
-            blue: f64,
-            green: f64,
-        }
-        let raw = Raw::deserialize(d)?;
-        let w = Weights::from_green_percent(raw.green).map_err(de::Error::custom)?;
-        if (w.percent(Color::Blue) - raw.blue).abs() > 1e-6 {
-            return Err(de::Error::custom(format!(
-                "weights must sum to 100, got blue {} + green {}",
-                raw.blue, raw.green
-            )));
-        }
-        Ok(w)
-    }
-}
-
-impl fmt::Display for Weights {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "blue {}% / green {}%",
-            self.percent(Color::Blue),
-            self.percent(Color::Green)
-        )
-    }
-}
+pub(crate) const HISTORY_LIMIT: usize = 500;
 
 /// The backends of one pool, and where they came from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PoolState {
+pub(crate) struct PoolState {
     /// The backends serving now.
     #[serde(with = "addr_list")]
-    pub backends: Vec<BackendAddr>,
+    pub(crate) backends: Vec<BackendAddr>,
     /// The config file's list when this state was last reconciled with it.
     /// If the file's list changes, the file wins; otherwise `backends` (which
     /// the API may have replaced) stands. So the latest writer wins.
     #[serde(with = "addr_list")]
-    pub config: Vec<BackendAddr>,
+    pub(crate) config: Vec<BackendAddr>,
 }
 
 /// What kind of change a history entry records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Action {
+pub(crate) enum Action {
     /// The service first appeared (from `initial`).
     Init,
     /// All traffic to one pool.
@@ -213,7 +53,7 @@ pub enum Action {
 
 impl Action {
     /// Lowercase name, as in JSON and metric labels.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Action::Init => "init",
             Action::Switch => "switch",
@@ -226,67 +66,67 @@ impl Action {
 
 /// A pool replacement recorded in history.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PoolChange {
+pub(crate) struct PoolChange {
     /// The pool replaced.
-    pub color: Color,
+    pub(crate) color: Color,
     /// Backends before.
     #[serde(with = "addr_list")]
-    pub from: Vec<BackendAddr>,
+    pub(crate) from: Vec<BackendAddr>,
     /// Backends after.
     #[serde(with = "addr_list")]
-    pub to: Vec<BackendAddr>,
+    pub(crate) to: Vec<BackendAddr>,
 }
 
 /// One accepted change.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct HistoryEntry {
+pub(crate) struct HistoryEntry {
     /// Generation this change produced.
-    pub generation: u64,
+    pub(crate) generation: u64,
     /// When, RFC 3339 UTC.
-    pub at: String,
+    pub(crate) at: String,
     /// What kind of change.
-    pub action: Action,
+    pub(crate) action: Action,
     /// Weights before.
-    pub from: Weights,
+    pub(crate) from: Weights,
     /// Weights after.
-    pub to: Weights,
+    pub(crate) to: Weights,
     /// Free text given by the caller.
-    pub reason: Option<String>,
+    pub(crate) reason: Option<String>,
     /// Token name, client address, or `config`.
-    pub actor: String,
+    pub(crate) actor: String,
     /// For `pool` changes: which pool, old and new backends.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pool: Option<PoolChange>,
+    pub(crate) pool: Option<PoolChange>,
 }
 
 /// The dynamic state of one service.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ServiceState {
+pub(crate) struct ServiceState {
     /// Current weights.
-    pub weights: Weights,
+    pub(crate) weights: Weights,
     /// Bumped by every accepted change.
-    pub generation: u64,
+    pub(crate) generation: u64,
     /// The pool last live at 100 % before the current state: where
     /// `rollback` goes.
-    pub previous: Option<Color>,
+    pub(crate) previous: Option<Color>,
     /// Blue and green.
-    pub pools: Pools,
+    pub(crate) pools: Pools,
     /// Oldest first (the API shows newest first).
-    pub history: VecDeque<HistoryEntry>,
+    pub(crate) history: VecDeque<HistoryEntry>,
 }
 
 /// The two pools of a service.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Pools {
+pub(crate) struct Pools {
     /// Blue pool.
-    pub blue: PoolState,
+    pub(crate) blue: PoolState,
     /// Green pool.
-    pub green: PoolState,
+    pub(crate) green: PoolState,
 }
 
 impl Pools {
     /// One pool.
-    pub fn get(&self, color: Color) -> &PoolState {
+    pub(crate) fn get(&self, color: Color) -> &PoolState {
         match color {
             Color::Blue => &self.blue,
             Color::Green => &self.green,
@@ -294,7 +134,7 @@ impl Pools {
     }
 
     /// One pool, mutably.
-    pub fn get_mut(&mut self, color: Color) -> &mut PoolState {
+    pub(crate) fn get_mut(&mut self, color: Color) -> &mut PoolState {
         match color {
             Color::Blue => &mut self.blue,
             Color::Green => &mut self.green,
@@ -304,23 +144,23 @@ impl Pools {
 
 /// The dynamic state of every service, by name.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct RoutingState {
+pub(crate) struct RoutingState {
     /// By service name.
-    pub services: BTreeMap<String, ServiceState>,
+    pub(crate) services: BTreeMap<String, ServiceState>,
 }
 
 /// Who asked for a change, why and when. Not part of the decision, except
 /// `if_match`.
 #[derive(Debug, Clone)]
-pub struct ChangeMeta {
+pub(crate) struct ChangeMeta {
     /// Token name or client address.
-    pub actor: String,
+    pub(crate) actor: String,
     /// Free text for history.
-    pub reason: Option<String>,
+    pub(crate) reason: Option<String>,
     /// When the change was asked.
-    pub at: SystemTime,
+    pub(crate) at: SystemTime,
     /// `If-Match: "<generation>"`: refuse unless the generation is this one.
-    pub if_match: Option<u64>,
+    pub(crate) if_match: Option<u64>,
 }
 
 /// A change to one service's routing.
@@ -358,7 +198,7 @@ pub enum Command {
 
 impl Command {
     /// The action recorded in history and metrics.
-    pub fn action(&self) -> Action {
+    pub(crate) fn action(&self) -> Action {
         match self {
             Command::Switch { .. } => Action::Switch,
             Command::Split { .. } => Action::Split,
@@ -370,7 +210,7 @@ impl Command {
 
 /// Why a command was refused. The state is unchanged in every case.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum CommandError {
+pub(crate) enum CommandError {
     /// No such service.
     #[error("unknown service `{0}`")]
     UnknownService(String),
@@ -407,14 +247,16 @@ pub enum CommandError {
 }
 
 /// Read-only facts `apply` needs about the running backends.
-pub trait HealthView {
+pub(crate) trait HealthView {
     /// Does the pool have at least one backend that can take traffic now?
     fn pool_has_healthy(&self, service: &str, color: Color) -> bool;
 }
 
 /// Every pool healthy (tests, and `check`).
-pub struct AllHealthy;
+#[cfg(test)]
+pub(crate) struct AllHealthy;
 
+#[cfg(test)]
 impl HealthView for AllHealthy {
     fn pool_has_healthy(&self, _: &str, _: Color) -> bool {
         true
@@ -423,7 +265,7 @@ impl HealthView for AllHealthy {
 
 /// The result of an accepted command.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Outcome {
+pub(crate) enum Outcome {
     /// The service state changed (new generation, history appended).
     Changed(ServiceState),
     /// The command asked for what already is; nothing to persist.
@@ -432,7 +274,7 @@ pub enum Outcome {
 
 /// Applies `cmd` to the service `name` in `state`. Pure: the result depends
 /// only on the arguments, and a refusal changes nothing.
-pub fn apply(
+pub(crate) fn apply(
     state: &RoutingState,
     name: &str,
     cmd: &Command,
@@ -579,7 +421,7 @@ fn push_history(state: &mut ServiceState, entry: HistoryEntry) {
 /// in the file changed since the state last saw it takes the file's list
 /// (recorded as a `pool` change by `config`). Weights and generations of
 /// existing services are kept. Pure, like [`apply`].
-pub fn reconcile(state: &RoutingState, config: &Config, at: SystemTime) -> RoutingState {
+pub(crate) fn reconcile(state: &RoutingState, config: &Config, at: SystemTime) -> RoutingState {
     let mut out = RoutingState::default();
     for svc in &config.services {
         let next = match state.services.get(&svc.name) {

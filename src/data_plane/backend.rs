@@ -28,7 +28,7 @@ use prometheus::IntGauge;
 use tokio::net::TcpStream;
 
 use crate::config::{BackendAddr, Scheme};
-use crate::tls::UpstreamTls;
+use crate::data_plane::tls::UpstreamTls;
 
 /// Idle upstream connections kept per backend.
 const MAX_IDLE_PER_BACKEND: usize = 512;
@@ -68,7 +68,7 @@ impl Health {
 
 /// The body of a request sent upstream: the client's body streamed through,
 /// or a small body held in memory (replayable on retry).
-pub enum UpstreamBody {
+pub(crate) enum UpstreamBody {
     /// Streamed from the client.
     Incoming(Incoming),
     /// Held in memory (empty, or small enough to replay).
@@ -77,7 +77,7 @@ pub enum UpstreamBody {
 
 impl UpstreamBody {
     /// No body.
-    pub const fn empty() -> UpstreamBody {
+    pub(crate) const fn empty() -> UpstreamBody {
         UpstreamBody::Full(None)
     }
 }
@@ -114,7 +114,7 @@ impl Body for UpstreamBody {
 
 /// Why a connection to a backend could not be made.
 #[derive(Debug, thiserror::Error)]
-pub enum ConnectError {
+pub(crate) enum ConnectError {
     /// Name resolution failed or gave nothing.
     #[error("cannot resolve {host}: {source}")]
     Resolve {
@@ -138,18 +138,18 @@ pub enum ConnectError {
 }
 
 /// A pooled HTTP/1.1 connection to a backend.
-pub struct UpstreamConn {
+pub(crate) struct UpstreamConn {
     /// Send side of the connection; the connection task runs separately.
-    pub sender: http1::SendRequest<UpstreamBody>,
+    pub(crate) sender: http1::SendRequest<UpstreamBody>,
     idle_since_ms: u64,
 }
 
 /// One backend of one pool of one service.
 pub struct Backend {
     /// Where it is.
-    pub addr: BackendAddr,
+    pub(crate) addr: BackendAddr,
     /// `addr` as text (metric label, logs, admin API).
-    pub label: String,
+    pub(crate) label: String,
     /// Pre-resolved IP address when `addr.host` is an IP literal.
     ip: Option<SocketAddr>,
     tls: Option<Arc<UpstreamTls>>,
@@ -169,7 +169,7 @@ pub struct Backend {
     ejections: AtomicU32,
     in_flight: AtomicUsize,
     retired: AtomicBool,
-    /// Idle connections, one queue per thread slot ([`crate::workers::slot`]):
+    /// Idle connections, one queue per thread slot ([`crate::data_plane::workers::slot`]):
     /// a worker reuses only connections whose task runs on its own thread.
     idle: Box<[ArrayQueue<UpstreamConn>]>,
     healthy_gauge: IntGauge,
@@ -207,7 +207,7 @@ impl Backend {
             in_flight: AtomicUsize::new(0),
             retired: AtomicBool::new(false),
             idle: {
-                let slots = crate::workers::slots();
+                let slots = crate::data_plane::workers::slots();
                 let per_slot = (MAX_IDLE_PER_BACKEND / slots).max(64);
                 (0..slots).map(|_| ArrayQueue::new(per_slot)).collect()
             },
@@ -223,14 +223,14 @@ impl Backend {
     }
 
     /// Health as judged by active checks.
-    pub fn health(&self) -> Health {
+    pub(crate) fn health(&self) -> Health {
         Health::from_u8(self.health.load(Ordering::Relaxed))
     }
 
     /// Sets health from an active check result. Returns true if it changed.
     /// A passing check also ends a passive ejection whose back-off is over
     /// (the backend "returns through the active check").
-    pub fn set_health(&self, h: Health) -> bool {
+    pub(crate) fn set_health(&self, h: Health) -> bool {
         let old = self.health.swap(h as u8, Ordering::Relaxed);
         if h == Health::Healthy
             && self.ejected_until_ms.load(Ordering::Relaxed) != 0
@@ -245,12 +245,12 @@ impl Backend {
     }
 
     /// TLS settings for `https://` backends.
-    pub fn tls(&self) -> Option<&Arc<UpstreamTls>> {
+    pub(crate) fn tls(&self) -> Option<&Arc<UpstreamTls>> {
         self.tls.as_ref()
     }
 
     /// Is it passively ejected right now?
-    pub fn is_ejected(&self) -> bool {
+    pub(crate) fn is_ejected(&self) -> bool {
         self.ejected_until_ms.load(Ordering::Relaxed) > now_ms()
     }
 
@@ -262,14 +262,14 @@ impl Backend {
 
     /// Counts a request as in flight until the guard drops.
     #[inline]
-    pub fn start_request(self: &Arc<Self>) -> InFlight {
+    pub(crate) fn start_request(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         InFlight(Arc::clone(self))
     }
 
     /// A request to it succeeded.
     #[inline]
-    pub fn record_success(&self) {
+    pub(crate) fn record_success(&self) {
         if self.consecutive_failures.load(Ordering::Relaxed) != 0 {
             self.consecutive_failures.store(0, Ordering::Relaxed);
         }
@@ -279,7 +279,7 @@ impl Backend {
     /// `threshold` consecutive failures it is ejected for `base * 2^n`
     /// (n = recent ejections, capped at `max`), if `may_eject` allows.
     /// Returns true if this ejected it.
-    pub fn record_failure(
+    pub(crate) fn record_failure(
         &self,
         threshold: u32,
         base: Duration,
@@ -314,7 +314,7 @@ impl Backend {
 
     /// Takes the backend out of service: idle connections close now, busy
     /// ones close when their request ends.
-    pub fn retire(&self) {
+    pub(crate) fn retire(&self) {
         self.retired.store(true, Ordering::Relaxed);
         self.healthy_gauge.set(0);
         for q in &*self.idle {
@@ -323,26 +323,21 @@ impl Backend {
     }
 
     /// Has it left its pool?
-    pub fn is_retired(&self) -> bool {
+    pub(crate) fn is_retired(&self) -> bool {
         self.retired.load(Ordering::Relaxed)
     }
 
     /// The idle queue of the calling thread.
     #[inline]
     fn idle_here(&self) -> &ArrayQueue<UpstreamConn> {
-        let slot = crate::workers::slot();
+        let slot = crate::data_plane::workers::slot();
         // Slots are fixed before any backend exists; 0 always exists.
         &self.idle[slot.min(self.idle.len() - 1)]
     }
 
-    /// Number of idle pooled connections.
-    pub fn idle_connections(&self) -> usize {
-        self.idle.iter().map(ArrayQueue::len).sum()
-    }
-
     /// A ready connection: a pooled one if any is usable, else a new one.
     /// The `bool` says whether it was reused.
-    pub async fn checkout(
+    pub(crate) async fn checkout(
         &self,
         connect_timeout: Duration,
     ) -> Result<(UpstreamConn, bool), ConnectError> {
@@ -362,7 +357,7 @@ impl Backend {
     }
 
     /// Returns a connection whose exchange ended cleanly to the pool.
-    pub fn checkin(self: &Arc<Self>, mut conn: UpstreamConn) {
+    pub(crate) fn checkin(self: &Arc<Self>, mut conn: UpstreamConn) {
         if self.is_retired() || conn.sender.is_closed() {
             return;
         }
@@ -456,11 +451,11 @@ where
 
 /// Counts one request against its backend until dropped (at the end of the
 /// response body, or when the exchange is abandoned).
-pub struct InFlight(Arc<Backend>);
+pub(crate) struct InFlight(Arc<Backend>);
 
 impl InFlight {
     /// The backend.
-    pub fn backend(&self) -> &Arc<Backend> {
+    pub(crate) fn backend(&self) -> &Arc<Backend> {
         &self.0
     }
 }

@@ -5,17 +5,17 @@ use std::time::Duration;
 
 use http::StatusCode;
 
-use crate::backend::ConnectError;
 use crate::color::Color;
+use crate::data_plane::backend::ConnectError;
 use crate::metrics::UpstreamErrorKind;
 
 /// Who is at fault, which decides the status and whether a retry may help.
 #[derive(Debug, thiserror::Error)]
-pub enum ProxyError {
+pub(crate) enum ProxyError {
     /// The request is malformed (missing/invalid Host, bad target, ...).
     #[error("bad request: {0}")]
     BadRequest(&'static str),
-    /// The request target is longer than [`crate::proxy::MAX_TARGET_BYTES`].
+    /// The request target is longer than [`crate::data_plane::proxy::MAX_TARGET_BYTES`].
     #[error("request target too long")]
     UriTooLong,
     /// No service matches host and path.
@@ -59,7 +59,7 @@ pub enum ProxyError {
 impl ProxyError {
     /// The status code answered. Exhaustive on purpose: a new variant must
     /// decide its status here.
-    pub fn status(&self) -> StatusCode {
+    pub(crate) fn status(&self) -> StatusCode {
         match self {
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::UriTooLong => StatusCode::URI_TOO_LONG,
@@ -77,7 +77,7 @@ impl ProxyError {
     }
 
     /// The `kind` label of `switchyard_upstream_errors_total`, if upstream.
-    pub fn upstream_kind(&self) -> Option<UpstreamErrorKind> {
+    pub(crate) fn upstream_kind(&self) -> Option<UpstreamErrorKind> {
         match self {
             ProxyError::BadRequest(_)
             | ProxyError::UriTooLong
@@ -98,7 +98,7 @@ impl ProxyError {
     }
 
     /// The short body sent to the client: what went wrong, not internals.
-    pub fn body(&self) -> &'static str {
+    pub(crate) fn body(&self) -> &'static str {
         match self {
             ProxyError::BadRequest(why) => why,
             ProxyError::UriTooLong => "414 request target too long\n",

@@ -17,40 +17,40 @@ use http::{HeaderValue, Method, Uri};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
-use crate::backend::{InFlight, UpstreamConn};
 use crate::color::Color;
-use crate::routing::{PoolChoice, Service};
-use crate::server::ActiveRequest;
+use crate::data_plane::backend::{InFlight, UpstreamConn};
+use crate::data_plane::conn::ActiveRequest;
+use crate::data_plane::routing::{PoolChoice, Service};
 
 /// Fields only the access log needs; allocated only when it is on.
-pub struct LogFields {
+pub(crate) struct LogFields {
     /// Request method.
-    pub method: Method,
+    pub(crate) method: Method,
     /// Request target.
-    pub uri: Uri,
+    pub(crate) uri: Uri,
     /// Client address.
-    pub client: SocketAddr,
+    pub(crate) client: SocketAddr,
     /// Why the proxy answered itself, if it did.
-    pub error: Option<String>,
+    pub(crate) error: Option<String>,
 }
 
 /// The bookkeeping of one exchange, settled on drop.
-pub struct Exchange {
+pub(crate) struct Exchange {
     start: Instant,
     /// The service that matched (metrics), if any.
-    pub service: Option<Arc<Service>>,
+    pub(crate) service: Option<Arc<Service>>,
     /// The pool choice (metrics and access log).
-    pub choice: Option<PoolChoice>,
+    pub(crate) choice: Option<PoolChoice>,
     /// Response status.
-    pub status: u16,
+    pub(crate) status: u16,
     /// `x-request-id` of the request.
-    pub request_id: Option<HeaderValue>,
+    pub(crate) request_id: Option<HeaderValue>,
     /// The backend serving it, counted in flight.
-    pub in_flight: Option<InFlight>,
+    pub(crate) in_flight: Option<InFlight>,
     /// The upstream connection, pooled again if the body ends cleanly.
-    pub upstream: Option<UpstreamConn>,
+    pub(crate) upstream: Option<UpstreamConn>,
     /// Access log fields, when the access log is on.
-    pub log: Option<Box<LogFields>>,
+    pub(crate) log: Option<Box<LogFields>>,
     unmatched: Option<Arc<crate::metrics::Metrics>>,
     bytes: u64,
     eos: bool,
@@ -59,7 +59,7 @@ pub struct Exchange {
 
 impl Exchange {
     /// Starts the record of a request, holding its connection active.
-    pub fn new(start: Instant, active: ActiveRequest) -> Exchange {
+    pub(crate) fn new(start: Instant, active: ActiveRequest) -> Exchange {
         Exchange {
             start,
             service: None,
@@ -77,7 +77,7 @@ impl Exchange {
     }
 
     /// Counts this exchange under the "no service matched" series.
-    pub fn count_unmatched(&mut self, metrics: Arc<crate::metrics::Metrics>) {
+    pub(crate) fn count_unmatched(&mut self, metrics: Arc<crate::metrics::Metrics>) {
         self.unmatched = Some(metrics);
     }
 }
@@ -143,7 +143,7 @@ impl Drop for Exchange {
 
 /// The response body given to hyper: the backend's body streamed through,
 /// or a small body the proxy wrote itself.
-pub struct ProxyBody {
+pub(crate) struct ProxyBody {
     inner: Inner,
     exchange: Option<Exchange>,
 }
@@ -155,7 +155,7 @@ enum Inner {
 
 impl ProxyBody {
     /// Streams the backend's body.
-    pub fn upstream(body: Incoming, exchange: Exchange) -> ProxyBody {
+    pub(crate) fn upstream(body: Incoming, exchange: Exchange) -> ProxyBody {
         ProxyBody {
             inner: Inner::Upstream(body),
             exchange: Some(exchange),
@@ -163,17 +163,9 @@ impl ProxyBody {
     }
 
     /// A body written by the proxy.
-    pub fn full(bytes: impl Into<Bytes>, exchange: Option<Exchange>) -> ProxyBody {
+    pub(crate) fn full(bytes: impl Into<Bytes>, exchange: Option<Exchange>) -> ProxyBody {
         ProxyBody {
             inner: Inner::Full(Some(bytes.into())),
-            exchange,
-        }
-    }
-
-    /// No body.
-    pub fn empty(exchange: Option<Exchange>) -> ProxyBody {
-        ProxyBody {
-            inner: Inner::Full(None),
             exchange,
         }
     }
@@ -250,6 +242,6 @@ impl Drop for ProxyBody {
 }
 
 /// Static pool names for headers.
-pub fn pool_header(color: Color) -> HeaderValue {
+pub(crate) fn pool_header(color: Color) -> HeaderValue {
     HeaderValue::from_static(color.as_str())
 }

@@ -140,11 +140,6 @@ impl H1Guard {
         }
     }
 
-    /// Is the guard still following the framing?
-    pub fn is_active(&self) -> bool {
-        !matches!(self.state, State::Off)
-    }
-
     /// Scans bytes just read from the client, in order, before hyper parses
     /// them. May overwrite one byte of a refused head.
     pub fn scan(&mut self, buf: &mut [u8]) -> Finding {

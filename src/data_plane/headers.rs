@@ -12,13 +12,13 @@ use http::header::{
 /// `x-forwarded-for`.
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 /// `x-forwarded-proto`.
-pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub(crate) static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 /// `x-forwarded-host`.
-pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+pub(crate) static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 /// `x-request-id`.
-pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub(crate) static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// `x-switchyard-pool` (upstream request and client response).
-pub static X_SWITCHYARD_POOL: HeaderName = HeaderName::from_static("x-switchyard-pool");
+pub(crate) static X_SWITCHYARD_POOL: HeaderName = HeaderName::from_static("x-switchyard-pool");
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
@@ -101,7 +101,7 @@ pub fn append_forwarded_for(headers: &mut HeaderMap, client_ip: &HeaderValue) {
 }
 
 /// Is this a usable request id (1..=128 visible ASCII characters)?
-pub fn valid_request_id(v: &HeaderValue) -> bool {
+pub(crate) fn valid_request_id(v: &HeaderValue) -> bool {
     let b = v.as_bytes();
     !b.is_empty() && b.len() <= 128 && b.iter().all(|c| c.is_ascii_graphic())
 }
@@ -121,11 +121,6 @@ pub fn new_request_id() -> HeaderValue {
     // its first clone.
     HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(buf))
         .unwrap_or_else(|_| HeaderValue::from_static("0"))
-}
-
-/// Static `x-switchyard-pool` values.
-pub fn pool_value(color: crate::color::Color) -> HeaderValue {
-    HeaderValue::from_static(color.as_str())
 }
 
 #[cfg(test)]

@@ -18,24 +18,24 @@ use http::{Request, StatusCode};
 use http_body_util::Empty;
 use hyper_util::rt::TokioIo;
 
-use crate::backend::{now_ms, Backend, Health};
 use crate::config::{HealthConfig, Scheme};
-use crate::routing::Pool;
+use crate::data_plane::backend::{now_ms, Backend, Health};
+use crate::data_plane::routing::Pool;
 
 /// Consecutive failures that eject a backend.
-pub const EJECT_AFTER_FAILURES: u32 = 5;
+pub(crate) const EJECT_AFTER_FAILURES: u32 = 5;
 /// First ejection length; doubles with each further ejection.
-pub const EJECT_BASE: Duration = Duration::from_secs(5);
+pub(crate) const EJECT_BASE: Duration = Duration::from_secs(5);
 /// Longest ejection.
-pub const EJECT_MAX: Duration = Duration::from_secs(300);
+pub(crate) const EJECT_MAX: Duration = Duration::from_secs(300);
 /// Largest share of a pool that may be ejected at once, in percent.
-pub const MAX_EJECTED_PERCENT: usize = 50;
+pub(crate) const MAX_EJECTED_PERCENT: usize = 50;
 
 /// May `backend` be ejected from `pool`? Only if another backend of the
 /// pool stays available and at most half the pool would be ejected: a blip
 /// must never empty a pool (a pool of one is never passively ejected; its
 /// active checks still judge it).
-pub fn may_eject(pool: &Pool, backend: &Backend) -> bool {
+pub(crate) fn may_eject(pool: &Pool, backend: &Backend) -> bool {
     let now = now_ms();
     let n = pool.backends.len();
     let ejected = pool.backends.iter().filter(|b| b.is_ejected()).count();
@@ -48,7 +48,7 @@ pub fn may_eject(pool: &Pool, backend: &Backend) -> bool {
 
 /// Consecutive-result counter with thresholds.
 #[derive(Debug, Clone)]
-pub struct Hysteresis {
+pub(crate) struct Hysteresis {
     healthy: bool,
     streak: u32,
     unhealthy_after: u32,
@@ -57,7 +57,7 @@ pub struct Hysteresis {
 
 impl Hysteresis {
     /// Starts in `healthy`.
-    pub fn new(healthy: bool, unhealthy_after: u32, healthy_after: u32) -> Hysteresis {
+    pub(crate) fn new(healthy: bool, unhealthy_after: u32, healthy_after: u32) -> Hysteresis {
         Hysteresis {
             healthy,
             streak: 0,
@@ -67,7 +67,7 @@ impl Hysteresis {
     }
 
     /// Records one check; returns the new state only when it flips.
-    pub fn record(&mut self, ok: bool) -> Option<bool> {
+    pub(crate) fn record(&mut self, ok: bool) -> Option<bool> {
         if ok == self.healthy {
             self.streak = 0;
             return None;
@@ -90,7 +90,7 @@ impl Hysteresis {
 
 /// Starts the active check task of `backend`. It stops by itself when the
 /// backend is retired or dropped.
-pub fn spawn_checker(
+pub(crate) fn spawn_checker(
     backend: &Arc<Backend>,
     cfg: HealthConfig,
     service: Arc<str>,
@@ -146,7 +146,7 @@ pub fn spawn_checker(
 
 /// One GET of the health path on a fresh connection; 2xx/3xx within the
 /// timeout passes.
-pub async fn check_once(backend: &Backend, cfg: &HealthConfig) -> bool {
+pub(crate) async fn check_once(backend: &Backend, cfg: &HealthConfig) -> bool {
     let fut = async {
         let conn = backend_probe(backend, cfg).await;
         matches!(conn, Some(s) if s.is_success() || s.is_redirection())
@@ -201,7 +201,7 @@ mod tests {
                 Arc::new(Backend::new(addr, None, Health::Healthy, false, g))
             })
             .collect();
-        Pool::new(crate::color::Color::Blue, backends)
+        Pool::new(backends)
     }
 
     fn eject(pool: &Pool, i: usize) -> bool {

@@ -6,7 +6,6 @@
 //! the work and returns `Result`; `handle` is the only place an error turns
 //! into a response.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -17,53 +16,29 @@ use http::uri::{PathAndQuery, Uri};
 use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 
-use crate::backend::{now_ms, Backend, UpstreamBody, UpstreamConn};
 use crate::color::Color;
-use crate::error::ProxyError;
-use crate::exchange::{pool_header, Exchange, LogFields, ProxyBody};
-use crate::headers::{
+use crate::data_plane::backend::{now_ms, Backend, UpstreamBody, UpstreamConn};
+use crate::data_plane::conn::{ActiveRequest, ClientInfo};
+use crate::data_plane::error::ProxyError;
+use crate::data_plane::exchange::{pool_header, Exchange, LogFields, ProxyBody};
+use crate::data_plane::headers::{
     append_forwarded_for, new_request_id, remove_hop_by_hop, valid_request_id, X_FORWARDED_HOST,
     X_FORWARDED_PROTO, X_REQUEST_ID, X_SWITCHYARD_POOL,
 };
+use crate::data_plane::routing::{
+    choose_pool, pick_backend, PoolChoice, Route, Settings, Snapshot,
+};
+use crate::data_plane::upgrade;
 use crate::metrics::Metrics;
-use crate::routing::{choose_pool, pick_backend, PoolChoice, Route, Settings, Snapshot};
-use crate::server::{ActiveRequest, DrainToken};
-use crate::upgrade;
 
 /// Attempts per request when connections fail before the request is sent.
 const MAX_ATTEMPTS: usize = 3;
 
 /// Longest request target (path and query) accepted; 414 above.
-pub const MAX_TARGET_BYTES: usize = 8192;
-
-/// What the proxy knows about the client connection a request came on.
-pub struct ClientInfo {
-    /// Peer address.
-    pub addr: SocketAddr,
-    /// Peer IP as a header value (for `X-Forwarded-For`), made once per connection.
-    pub ip: HeaderValue,
-    /// Did it come over TLS?
-    pub tls: bool,
-    /// Keeps shutdown waiting while upgraded connections live.
-    pub drain: DrainToken,
-}
-
-impl ClientInfo {
-    /// Info for a connection from `addr`.
-    pub fn new(addr: SocketAddr, tls: bool, drain: DrainToken) -> ClientInfo {
-        let ip = HeaderValue::from_str(&addr.ip().to_string())
-            .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
-        ClientInfo {
-            addr,
-            ip,
-            tls,
-            drain,
-        }
-    }
-}
+pub(crate) const MAX_TARGET_BYTES: usize = 8192;
 
 /// The data plane: the routing table and the metrics.
-pub struct Proxy {
+pub(crate) struct Proxy {
     table: Arc<ArcSwap<Snapshot>>,
     changes: tokio::sync::watch::Receiver<()>,
     metrics: Arc<Metrics>,
@@ -71,7 +46,7 @@ pub struct Proxy {
 
 impl Proxy {
     /// A proxy routing by `table`; `changes` ticks whenever it is swapped.
-    pub fn new(
+    pub(crate) fn new(
         table: Arc<ArcSwap<Snapshot>>,
         changes: tokio::sync::watch::Receiver<()>,
         metrics: Arc<Metrics>,
@@ -84,7 +59,7 @@ impl Proxy {
     }
 
     /// Serves one request. Never fails: errors become responses here.
-    pub async fn handle(
+    pub(crate) async fn handle(
         &self,
         req: Request<Incoming>,
         client: &ClientInfo,
@@ -220,7 +195,7 @@ impl Proxy {
                             color: choice.color,
                             drain_timeout: settings.drain_timeout,
                             metrics: Arc::clone(&self.metrics),
-                            drain: client.drain.clone(),
+                            _drain: client.drain.clone(),
                         },
                     );
                 }
@@ -400,10 +375,10 @@ impl Proxy {
     fn upstream_failed(&self, route: &Route, backend: &Arc<Backend>, color: Color) {
         let pool = route.pool(color);
         let ejected = backend.record_failure(
-            crate::health::EJECT_AFTER_FAILURES,
-            crate::health::EJECT_BASE,
-            crate::health::EJECT_MAX,
-            || crate::health::may_eject(pool, backend),
+            crate::data_plane::health::EJECT_AFTER_FAILURES,
+            crate::data_plane::health::EJECT_BASE,
+            crate::data_plane::health::EJECT_MAX,
+            || crate::data_plane::health::may_eject(pool, backend),
         );
         if ejected {
             route.service.pool_metrics(color).ejections.inc();
@@ -420,7 +395,7 @@ impl Proxy {
 /// Refuses what hyper lets through but a proxy must not pass on: a
 /// `Transfer-Encoding` other than exactly `chunked` (hyper already refuses
 /// one whose last coding is not `chunked`, and a `Content-Length` beside
-/// it: see [`crate::h1guard`]), and an over-long target.
+/// it: see [`crate::data_plane::h1guard`]), and an over-long target.
 fn check_framing(parts: &http::request::Parts) -> Result<(), ProxyError> {
     let target = parts.uri.path_and_query().map_or(0, |pq| pq.as_str().len());
     if target > MAX_TARGET_BYTES {

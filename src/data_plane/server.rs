@@ -19,9 +19,8 @@ use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::{Response, StatusCode};
@@ -29,144 +28,22 @@ use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use prometheus::IntGauge;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
-use crate::backend::now_ms;
-use crate::exchange::ProxyBody;
-use crate::h1guard::{Finding, H1Guard};
+use crate::data_plane::backend::now_ms;
+use crate::data_plane::conn::{
+    judge, next_request_is_bad, ClientInfo, ConnActivity, Limits, Parked, TrackedIo, Transport,
+    Verdict,
+};
+use crate::data_plane::drain::DrainToken;
+use crate::data_plane::exchange::ProxyBody;
+use crate::data_plane::h1guard::H1Guard;
+use crate::data_plane::proxy::Proxy;
 use crate::metrics::Metrics;
-use crate::proxy::{ClientInfo, Proxy};
 
 /// The HTTP/2 connection preface.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-
-/// Limits of client connections (from `[proxy]`).
-#[derive(Debug, Clone)]
-pub struct Limits {
-    /// Request head must arrive within this from its first byte.
-    pub header_read_timeout: Duration,
-    /// Keep-alive connections with no request are closed after this (0 = never).
-    pub idle_timeout: Duration,
-    /// Largest request header section (431 above).
-    pub max_request_header_bytes: usize,
-    /// Largest number of request headers.
-    pub max_headers: usize,
-    /// Concurrent streams per HTTP/2 connection.
-    pub max_concurrent_streams: u32,
-}
-
-/// Keeps shutdown waiting while it lives. Clone it into every task that
-/// must finish (or be cut at the deadline) before the process exits.
-#[derive(Clone, Debug)]
-pub struct DrainToken(#[allow(dead_code)] mpsc::Sender<()>);
-
-/// Tells tasks to stop and waits for them.
-pub struct Drain {
-    signal: Option<watch::Sender<()>>,
-    token: Option<DrainToken>,
-    done: mpsc::Receiver<()>,
-}
-
-impl Drain {
-    /// A drain with no tasks yet.
-    pub fn new() -> Drain {
-        let (signal, _) = watch::channel(());
-        let (tx, done) = mpsc::channel(1);
-        Drain {
-            signal: Some(signal),
-            token: Some(DrainToken(tx)),
-            done,
-        }
-    }
-
-    /// A receiver that fires (with `Err`) when shutdown starts.
-    pub fn watcher(&self) -> watch::Receiver<()> {
-        match &self.signal {
-            Some(s) => s.subscribe(),
-            None => watch::channel(()).1,
-        }
-    }
-
-    /// A token for a task shutdown must wait for.
-    pub fn token(&self) -> DrainToken {
-        match &self.token {
-            Some(t) => t.clone(),
-            None => DrainToken(mpsc::channel(1).0),
-        }
-    }
-
-    /// Signals every task and waits until all tokens are dropped or
-    /// `deadline` passes. Returns true if everything finished in time.
-    pub async fn drain(mut self, deadline: Duration) -> bool {
-        drop(self.signal.take());
-        drop(self.token.take());
-        tokio::time::timeout(deadline, self.done.recv())
-            .await
-            .is_ok()
-    }
-}
-
-impl Default for Drain {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-/// What the per-connection timer reads.
-#[derive(Debug)]
-pub struct ConnActivity {
-    in_flight: AtomicU32,
-    /// When the current state began (idle since / head started), in `now_ms`.
-    since_ms: AtomicU64,
-    reading_head: AtomicBool,
-    /// The last write to the client could not complete (the client is not
-    /// reading): hyper still holds response bytes.
-    write_blocked: AtomicBool,
-    /// HTTP/1: requests handed to the service so far.
-    requests: AtomicU64,
-    /// HTTP/1: index of a request whose body the [`H1Guard`] found
-    /// malformed (`u64::MAX`: none).
-    bad_body: AtomicU64,
-}
-
-impl ConnActivity {
-    fn new() -> Arc<ConnActivity> {
-        Arc::new(ConnActivity {
-            in_flight: AtomicU32::new(0),
-            since_ms: AtomicU64::new(now_ms()),
-            reading_head: AtomicBool::new(false),
-            requests: AtomicU64::new(0),
-            bad_body: AtomicU64::new(u64::MAX),
-            write_blocked: AtomicBool::new(false),
-        })
-    }
-
-    /// A request started on this connection.
-    pub fn begin(self: &Arc<Self>) -> ActiveRequest {
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
-        self.reading_head.store(false, Ordering::Relaxed);
-        ActiveRequest(Arc::clone(self))
-    }
-
-    /// Bytes arrived; if the connection was idle, a request head starts.
-    #[inline]
-    fn on_read(&self) {
-        if self.in_flight.load(Ordering::Relaxed) == 0 && !self.reading_head.load(Ordering::Relaxed)
-        {
-            self.since_ms.store(now_ms(), Ordering::Relaxed);
-            self.reading_head.store(true, Ordering::Relaxed);
-        }
-    }
-}
-
-/// Counts an HTTP/1 request handed to the service; true if the guard
-/// already found its body malformed.
-fn next_request_is_bad(a: &ConnActivity) -> bool {
-    let n = a.requests.fetch_add(1, Ordering::Relaxed);
-    a.bad_body.load(Ordering::Relaxed) == n
-}
 
 /// The answer to a request whose chunked body is malformed: nothing of it
 /// is sent upstream.
@@ -188,186 +65,9 @@ fn bad_body_response() -> Response<ProxyBody> {
     resp
 }
 
-/// Holds its connection busy until dropped (end of the response body).
-#[derive(Debug)]
-pub struct ActiveRequest(Arc<ConnActivity>);
-
-impl ActiveRequest {
-    /// A guard on no connection (tests, internal requests).
-    pub fn detached() -> ActiveRequest {
-        ConnActivity::new().begin()
-    }
-}
-
-impl Drop for ActiveRequest {
-    fn drop(&mut self) {
-        if self.0.in_flight.fetch_sub(1, Ordering::Relaxed) == 1 {
-            self.0.since_ms.store(now_ms(), Ordering::Relaxed);
-        }
-    }
-}
-
-/// What the timer decides.
-#[derive(Debug, PartialEq, Eq)]
-enum Verdict {
-    /// Look again at this `now_ms`.
-    RecheckAt(u64),
-    /// The request head did not arrive in time.
-    HeaderTimeout,
-    /// Idle too long.
-    Idle,
-    /// Idle long enough to give hyper's buffers back ([`PARK_AFTER`]).
-    Park,
-}
-
-/// An HTTP/1 connection idle this long is parked: hyper's connection state
-/// (about 16 KiB of buffers) is dropped and the bare socket waits for
-/// readability, so thousands of idle keep-alive clients cost little memory
-/// (as nginx frees its buffers between keep-alive requests). Short enough
-/// that a burst of clients making one request each never holds many
-/// buffers at once; long enough that clients sending back to back never
-/// park.
-const PARK_AFTER: Duration = Duration::from_millis(100);
-
-/// Longest wait between rechecks of a busy connection.
-const BUSY_RECHECK: Duration = Duration::from_secs(1);
-
-/// What the timer should do now. `park` when the connection may be parked.
-///
-/// The timer is re-armed only when it fires, so a deadline can be late by
-/// the time between rechecks after the connection changes state (a request
-/// ends, bytes arrive). Every recheck is therefore at most `cap` away: the
-/// shortest of the bounds that apply.
-fn judge(a: &ConnActivity, now: u64, limits: &Limits, track_heads: bool, park: bool) -> Verdict {
-    let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX / 4);
-    let mut cap = ms(limits.header_read_timeout);
-    if !limits.idle_timeout.is_zero() {
-        cap = cap.min(ms(limits.idle_timeout));
-    }
-    if park {
-        cap = cap.min(ms(PARK_AFTER));
-    }
-    let recheck = |at: u64| Verdict::RecheckAt(at.min(now + cap.max(1)));
-    let since = a.since_ms.load(Ordering::Relaxed);
-    if a.in_flight.load(Ordering::Relaxed) > 0 {
-        // Busy: the bounds restart when it goes idle; look again now and
-        // then, not at the (short) park delay.
-        let busy_cap = cap
-            .max(ms(BUSY_RECHECK))
-            .min(ms(limits.header_read_timeout));
-        return Verdict::RecheckAt(now + busy_cap.max(1));
-    }
-    if track_heads && a.reading_head.load(Ordering::Relaxed) {
-        let due = since + ms(limits.header_read_timeout);
-        return if now >= due {
-            Verdict::HeaderTimeout
-        } else {
-            recheck(due)
-        };
-    }
-    let idle_due = if limits.idle_timeout.is_zero() {
-        u64::MAX
-    } else {
-        since + ms(limits.idle_timeout)
-    };
-    if now >= idle_due {
-        return Verdict::Idle;
-    }
-    if park {
-        let park_due = since + ms(PARK_AFTER);
-        if now >= park_due {
-            if !a.write_blocked.load(Ordering::Relaxed) {
-                return Verdict::Park;
-            }
-            // Still flushing to a slow reader: look again later.
-            return recheck(u64::MAX);
-        }
-        return recheck(park_due);
-    }
-    recheck(idle_due)
-}
-
-/// The IO of a client connection, reporting reads to its [`ConnActivity`].
-struct TrackedIo<T> {
-    inner: T,
-    activity: Arc<ConnActivity>,
-    /// HTTP/1 only: strict framing checks before hyper parses.
-    guard: Option<H1Guard>,
-    /// Bytes hyper had read but not parsed when the connection was parked;
-    /// served first (already scanned by the guard).
-    prefix: bytes::Bytes,
-}
-
-impl<T> TrackedIo<T> {
-    fn note_write<R>(&self, r: &Poll<io::Result<R>>) {
-        self.activity
-            .write_blocked
-            .store(r.is_pending(), Ordering::Relaxed);
-    }
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for TrackedIo<T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = &mut *self;
-        if !this.prefix.is_empty() {
-            let n = this.prefix.len().min(buf.remaining());
-            buf.put_slice(&this.prefix.split_to(n));
-            this.activity.on_read();
-            return Poll::Ready(Ok(()));
-        }
-        let before = buf.filled().len();
-        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
-        if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            this.activity.on_read();
-            if let Some(guard) = &mut this.guard {
-                if let Finding::BadBody(n) = guard.scan(&mut buf.filled_mut()[before..]) {
-                    this.activity.bad_body.store(n, Ordering::Relaxed);
-                }
-            }
-        }
-        r
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for TrackedIo<T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
-        self.note_write(&r);
-        r
-    }
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        self.note_write(&r);
-        r
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let r = Pin::new(&mut self.inner).poll_flush(cx);
-        self.note_write(&r);
-        r
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
-
 /// HTTP protocol of a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Protocol {
+pub(crate) enum Protocol {
     /// HTTP/1.x.
     Http1,
     /// HTTP/2 (prior knowledge or ALPN `h2`).
@@ -375,7 +75,7 @@ pub enum Protocol {
 }
 
 /// Everything connection tasks share.
-pub struct Server {
+pub(crate) struct Server {
     proxy: Arc<Proxy>,
     metrics: Arc<Metrics>,
     limits: Limits,
@@ -385,7 +85,7 @@ pub struct Server {
 
 impl Server {
     /// A server for `proxy` with `limits`.
-    pub fn new(proxy: Arc<Proxy>, metrics: Arc<Metrics>, limits: Limits) -> Server {
+    pub(crate) fn new(proxy: Arc<Proxy>, metrics: Arc<Metrics>, limits: Limits) -> Server {
         let mut h1 = http1::Builder::new();
         h1.timer(TokioTimer::new())
             // Our own timer enforces the header read bound from the first
@@ -415,7 +115,7 @@ impl Server {
     }
 
     /// Accepts plain connections on `listener` until `drain` signals.
-    pub async fn serve_plain(
+    pub(crate) async fn serve_plain(
         self: Arc<Self>,
         listener: TcpListener,
         drain: watch::Receiver<()>,
@@ -426,10 +126,10 @@ impl Server {
     }
 
     /// Accepts TLS connections on `listener` until `drain` signals.
-    pub async fn serve_tls(
+    pub(crate) async fn serve_tls(
         self: Arc<Self>,
         listener: TcpListener,
-        acceptor: Arc<crate::tls::ServerTls>,
+        acceptor: Arc<crate::data_plane::tls::ServerTls>,
         drain: watch::Receiver<()>,
         token: DrainToken,
     ) {
@@ -444,7 +144,7 @@ impl Server {
         mut drain: watch::Receiver<()>,
         token: DrainToken,
         gauge: IntGauge,
-        tls: Option<Arc<crate::tls::ServerTls>>,
+        tls: Option<Arc<crate::data_plane::tls::ServerTls>>,
     ) {
         let mut backoff = Duration::from_millis(5);
         loop {
@@ -525,7 +225,7 @@ impl Server {
         &self,
         stream: TcpStream,
         peer: SocketAddr,
-        acceptor: Arc<crate::tls::ServerTls>,
+        acceptor: Arc<crate::data_plane::tls::ServerTls>,
         mut drain: watch::Receiver<()>,
         token: DrainToken,
     ) {
@@ -718,53 +418,6 @@ impl Server {
     }
 }
 
-/// Counts a parked connection while it lives.
-struct Parked<'a>(&'a IntGauge);
-
-impl<'a> Parked<'a> {
-    fn new(g: &'a IntGauge) -> Parked<'a> {
-        g.inc();
-        Parked(g)
-    }
-}
-
-impl Drop for Parked<'_> {
-    fn drop(&mut self) {
-        self.0.dec();
-    }
-}
-
-/// What the connection loop needs from a client transport beyond IO.
-pub trait Transport: AsyncRead + AsyncWrite + Send + Unpin + 'static {
-    /// Can an idle HTTP/1 connection on it be parked, that is, does it hold
-    /// no buffered state of its own that readiness of the socket would miss?
-    fn parkable(&self) -> bool;
-
-    /// Resolves when the socket is readable (data or end of stream).
-    fn readable(&self) -> impl std::future::Future<Output = io::Result<()>> + Send + '_;
-}
-
-impl Transport for TcpStream {
-    fn parkable(&self) -> bool {
-        true
-    }
-
-    fn readable(&self) -> impl std::future::Future<Output = io::Result<()>> + Send + '_ {
-        TcpStream::readable(self)
-    }
-}
-
-impl Transport for tokio_rustls::server::TlsStream<TcpStream> {
-    /// rustls may hold decrypted bytes the socket no longer shows.
-    fn parkable(&self) -> bool {
-        false
-    }
-
-    fn readable(&self) -> impl std::future::Future<Output = io::Result<()>> + Send + '_ {
-        std::future::pending()
-    }
-}
-
 /// Tells HTTP/2 prior knowledge from HTTP/1 by peeking at the first bytes.
 async fn detect(stream: &TcpStream) -> io::Result<Protocol> {
     let mut buf = [0u8; 24];
@@ -783,66 +436,5 @@ async fn detect(stream: &TcpStream) -> io::Result<Protocol> {
         // Rare (a real client sends the preface in one segment), and bounded
         // by the caller's timeout.
         tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn limits() -> Limits {
-        Limits {
-            header_read_timeout: Duration::from_secs(10),
-            idle_timeout: Duration::from_secs(90),
-            max_request_header_bytes: 65536,
-            max_headers: 100,
-            max_concurrent_streams: 100,
-        }
-    }
-
-    #[test]
-    fn timer_verdicts() {
-        let a = ConnActivity::new();
-        let l = limits();
-        let t0 = a.since_ms.load(Ordering::Relaxed);
-        // Rechecks are at most min(header_read, idle) = 10 s away.
-        assert_eq!(
-            judge(&a, t0 + 1_000, &l, true, false),
-            Verdict::RecheckAt(t0 + 11_000)
-        );
-        assert_eq!(
-            judge(&a, t0 + 85_000, &l, true, false),
-            Verdict::RecheckAt(t0 + 90_000)
-        );
-        assert_eq!(judge(&a, t0 + 90_000, &l, true, false), Verdict::Idle);
-        a.reading_head.store(true, Ordering::Relaxed);
-        assert_eq!(
-            judge(&a, t0 + 10_000, &l, true, false),
-            Verdict::HeaderTimeout
-        );
-        assert_eq!(
-            judge(&a, t0 + 10_000, &l, false, false),
-            Verdict::RecheckAt(t0 + 20_000)
-        );
-        let busy = a.begin();
-        assert!(matches!(
-            judge(&a, t0 + 500_000, &l, true, false),
-            Verdict::RecheckAt(_)
-        ));
-        drop(busy);
-        assert!(!a.reading_head.load(Ordering::Relaxed));
-        // Parking: after PARK_AFTER idle, unless a write is still blocked.
-        let t1 = a.since_ms.load(Ordering::Relaxed);
-        assert_eq!(
-            judge(&a, t1 + 50, &l, true, true),
-            Verdict::RecheckAt(t1 + 100)
-        );
-        assert_eq!(judge(&a, t1 + 100, &l, true, true), Verdict::Park);
-        a.write_blocked.store(true, Ordering::Relaxed);
-        assert!(matches!(
-            judge(&a, t1 + 100, &l, true, true),
-            Verdict::RecheckAt(_)
-        ));
-        assert_eq!(judge(&a, t1 + 90_000, &l, true, true), Verdict::Idle);
     }
 }

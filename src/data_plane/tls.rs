@@ -16,12 +16,12 @@ use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
 /// The crypto provider used everywhere.
-pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+pub(crate) fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
 /// Reads every certificate of a PEM file; the error names the file.
-pub fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+pub(crate) fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
     use rustls::pki_types::pem::PemObject;
     let certs: Result<Vec<_>, _> = CertificateDer::pem_file_iter(path)
         .map_err(|e| format!("{}: {e}", path.display()))?
@@ -45,7 +45,7 @@ pub struct UpstreamTls {
 impl UpstreamTls {
     /// Verifies against `ca` (PEM bundle) if given, else the webpki roots;
     /// `insecure` turns verification off.
-    pub fn new(ca: Option<&Path>, insecure: bool) -> Result<UpstreamTls, String> {
+    pub(crate) fn new(ca: Option<&Path>, insecure: bool) -> Result<UpstreamTls, String> {
         Ok(UpstreamTls {
             config: arc_swap::ArcSwap::new(Self::client_config(ca, insecure)?),
             ca: ca.map(Path::to_path_buf),
@@ -55,12 +55,12 @@ impl UpstreamTls {
 
     /// Re-reads the CA file: the settings to [`install`](Self::install)
     /// once every other file of a reload has loaded too.
-    pub fn reread(&self) -> Result<Arc<ClientConfig>, String> {
+    pub(crate) fn reread(&self) -> Result<Arc<ClientConfig>, String> {
         Self::client_config(self.ca.as_deref(), self.insecure)
     }
 
     /// New connections (and health checks) use `config` from now on.
-    pub fn install(&self, config: Arc<ClientConfig>) {
+    pub(crate) fn install(&self, config: Arc<ClientConfig>) {
         self.config.store(config);
     }
 
@@ -93,7 +93,11 @@ impl UpstreamTls {
     }
 
     /// TLS handshake on `tcp`, with SNI (and verification) for `host`.
-    pub async fn connect(&self, host: &str, tcp: TcpStream) -> io::Result<TlsStream<TcpStream>> {
+    pub(crate) async fn connect(
+        &self,
+        host: &str,
+        tcp: TcpStream,
+    ) -> io::Result<TlsStream<TcpStream>> {
         let name = ServerName::try_from(host.to_string())
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         TlsConnector::from(self.config.load_full())
@@ -287,7 +291,7 @@ fn load_cert(entry: &crate::config::TlsCertConfig) -> Result<LoadedCert, String>
 
 /// Builds a rustls server config from `[[proxy.tls]]`: TLS 1.2 and 1.3,
 /// ALPN `h2` and `http/1.1`, certificate by SNI.
-pub fn server_config(
+pub(crate) fn server_config(
     entries: &[crate::config::TlsCertConfig],
 ) -> Result<Arc<rustls::ServerConfig>, Vec<String>> {
     let mut certs = Vec::new();
@@ -315,25 +319,25 @@ pub fn server_config(
 
 /// The TLS listener's acceptor; its config is swapped on reload so new
 /// handshakes use new certificates while open connections keep theirs.
-pub struct ServerTls {
+pub(crate) struct ServerTls {
     config: arc_swap::ArcSwap<rustls::ServerConfig>,
 }
 
 impl ServerTls {
     /// An acceptor using `config`.
-    pub fn new(config: Arc<rustls::ServerConfig>) -> ServerTls {
+    pub(crate) fn new(config: Arc<rustls::ServerConfig>) -> ServerTls {
         ServerTls {
             config: arc_swap::ArcSwap::new(config),
         }
     }
 
     /// Replaces the config for new handshakes.
-    pub fn replace(&self, config: Arc<rustls::ServerConfig>) {
+    pub(crate) fn replace(&self, config: Arc<rustls::ServerConfig>) {
         self.config.store(config);
     }
 
     /// Runs the handshake on `tcp`.
-    pub async fn accept(
+    pub(crate) async fn accept(
         &self,
         tcp: TcpStream,
     ) -> io::Result<tokio_rustls::server::TlsStream<TcpStream>> {

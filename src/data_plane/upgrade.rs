@@ -15,28 +15,28 @@ use hyper::Response;
 use hyper_util::rt::TokioIo;
 use tokio::sync::watch;
 
-use crate::backend::InFlight;
 use crate::color::Color;
+use crate::data_plane::backend::InFlight;
+use crate::data_plane::drain::DrainToken;
+use crate::data_plane::routing::Snapshot;
 use crate::metrics::Metrics;
-use crate::routing::Snapshot;
-use crate::server::DrainToken;
 
 /// What an upgraded connection watches to know when to drain.
-pub struct Watch {
+pub(crate) struct Watch {
     /// The routing table.
-    pub table: Arc<ArcSwap<Snapshot>>,
+    pub(crate) table: Arc<ArcSwap<Snapshot>>,
     /// Ticks whenever the table is swapped.
-    pub changes: watch::Receiver<()>,
+    pub(crate) changes: watch::Receiver<()>,
     /// The service it belongs to.
-    pub service: Arc<str>,
+    pub(crate) service: Arc<str>,
     /// The pool it was routed to.
-    pub color: Color,
+    pub(crate) color: Color,
     /// Grace after its pool stops taking traffic; 0 = never close.
-    pub drain_timeout: Duration,
+    pub(crate) drain_timeout: Duration,
     /// For `switchyard_upgrades_drained_total`.
-    pub metrics: Arc<Metrics>,
+    pub(crate) metrics: Arc<Metrics>,
     /// Keeps shutdown waiting while it lives.
-    pub drain: DrainToken,
+    pub(crate) _drain: DrainToken,
 }
 
 impl Watch {
@@ -49,7 +49,7 @@ impl Watch {
 }
 
 /// Joins the client's and the backend's upgraded streams in a task.
-pub fn bridge(
+pub(crate) fn bridge(
     client: OnUpgrade,
     resp: &mut Response<Incoming>,
     in_flight: InFlight,

@@ -29,14 +29,14 @@ static SLOTS: OnceLock<usize> = OnceLock::new();
 
 /// How many per-thread slots per-backend structures need (1 unless
 /// [`Workers::start`] ran).
-pub fn slots() -> usize {
+pub(crate) fn slots() -> usize {
     SLOTS.get().copied().unwrap_or(1)
 }
 
 /// The calling thread's slot: 1..=N on worker threads, 0 elsewhere. Always
 /// below [`slots`].
 #[inline]
-pub fn slot() -> usize {
+pub(crate) fn slot() -> usize {
     let s = SLOT.with(Cell::get);
     if s < slots() {
         s
@@ -46,7 +46,7 @@ pub fn slot() -> usize {
 }
 
 /// The worker threads and their runtimes.
-pub struct Workers {
+pub(crate) struct Workers {
     handles: Vec<Handle>,
     stops: Vec<oneshot::Sender<()>>,
     threads: Vec<JoinHandle<()>>,
@@ -55,7 +55,7 @@ pub struct Workers {
 impl Workers {
     /// Starts `n` worker threads, each running a current-thread runtime
     /// until [`Workers::stop`].
-    pub fn start(n: usize) -> io::Result<Workers> {
+    pub(crate) fn start(n: usize) -> io::Result<Workers> {
         let _ = SLOTS.set(n + 1);
         let mut handles = Vec::with_capacity(n);
         let mut stops = Vec::with_capacity(n);
@@ -97,13 +97,13 @@ impl Workers {
     }
 
     /// Handles to spawn onto, one per worker.
-    pub fn handles(&self) -> &[Handle] {
+    pub(crate) fn handles(&self) -> &[Handle] {
         &self.handles
     }
 
     /// Stops every worker runtime (cancelling what still runs there) and
     /// joins the threads.
-    pub fn stop(self) {
+    pub(crate) fn stop(self) {
         for s in self.stops {
             let _ = s.send(());
         }

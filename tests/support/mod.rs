@@ -417,7 +417,7 @@ pub fn config_text(dir: &Path, proxy_extra: &str, services: &[Svc]) -> String {
 // ===== In-process proxy =====
 
 pub struct TestProxy {
-    pub running: Option<switchyard::app::Running>,
+    pub running: Option<switchyard::testing::app::Running>,
     pub addr: SocketAddr,
     pub admin: Admin,
     pub dir: TempDir,
@@ -458,11 +458,11 @@ impl TestProxy {
     pub async fn start_text(dir: TempDir, text: &str) -> TestProxy {
         let config_path = dir.join("switchyard.toml");
         std::fs::write(&config_path, text).unwrap();
-        let config = switchyard::config::load(&config_path)
+        let config = switchyard::testing::config::load(&config_path)
             .unwrap_or_else(|e| panic!("test config invalid:\n{e}\n{text}"));
-        let running = switchyard::app::start(
+        let running = switchyard::testing::app::start(
             config,
-            switchyard::app::StartOptions {
+            switchyard::testing::app::StartOptions {
                 config_path: Some(config_path.clone()),
                 ..Default::default()
             },

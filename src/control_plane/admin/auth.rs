@@ -4,30 +4,30 @@
 
 use std::path::Path;
 
-use crate::routing::constant_time_eq;
+use crate::data_plane::routing::constant_time_eq;
 
 /// The accepted tokens; empty means the API is open (no `token_file`).
 #[derive(Debug, Default)]
-pub struct Tokens {
+pub(crate) struct Tokens {
     entries: Vec<(String, Vec<u8>)>,
     required: bool,
 }
 
 impl Tokens {
     /// No token file: every caller is allowed.
-    pub fn none() -> Tokens {
+    pub(crate) fn none() -> Tokens {
         Tokens::default()
     }
 
     /// Reads a token file; the error names the file and line.
-    pub fn load(path: &Path) -> Result<Tokens, String> {
+    pub(crate) fn load(path: &Path) -> Result<Tokens, String> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| format!("{}: cannot read token file: {e}", path.display()))?;
         Tokens::parse(&text).map_err(|(line, msg)| format!("{}:{line}: {msg}", path.display()))
     }
 
     /// Parses token file text.
-    pub fn parse(text: &str) -> Result<Tokens, (usize, String)> {
+    pub(crate) fn parse(text: &str) -> Result<Tokens, (usize, String)> {
         let mut entries = Vec::new();
         for (i, line) in text.lines().enumerate() {
             let line = line.trim();
@@ -63,13 +63,13 @@ impl Tokens {
     }
 
     /// Is a token required?
-    pub fn required(&self) -> bool {
+    pub(crate) fn required(&self) -> bool {
         self.required
     }
 
     /// The name of the token in `Authorization: Bearer TOKEN`, if valid.
     /// Every entry is compared, so timing does not tell which matched.
-    pub fn check(&self, authorization: Option<&[u8]>) -> Option<&str> {
+    pub(crate) fn check(&self, authorization: Option<&[u8]>) -> Option<&str> {
         let given = authorization?.strip_prefix(b"Bearer ")?.trim_ascii();
         let mut found = None;
         for (name, secret) in &self.entries {

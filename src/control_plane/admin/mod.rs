@@ -6,6 +6,8 @@
 //! so that every refusal names the field at fault; unknown fields are
 //! refused. Every mutation goes through [`Control::execute`].
 
+pub(crate) mod auth;
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,15 +23,16 @@ use serde_json::{json, Map, Value};
 
 use crate::color::Color;
 use crate::config::BackendAddr;
-use crate::control::{Control, ControlError, ReloadError};
+use crate::control_plane::control::{Control, ControlError, ReloadError};
+use crate::control_plane::state::{ChangeMeta, Command, CommandError};
 use crate::metrics::Metrics;
-use crate::state::{ChangeMeta, Command, CommandError, Weights};
+use crate::weights::Weights;
 
 /// Largest admin request body.
-pub const MAX_BODY: usize = 1 << 20;
+pub(crate) const MAX_BODY: usize = 1 << 20;
 
 /// Shared by admin connections.
-pub struct Admin {
+pub(crate) struct Admin {
     control: Arc<Control>,
     metrics: Arc<Metrics>,
     ready: Arc<AtomicBool>,
@@ -143,7 +146,11 @@ fn method_not_allowed(allow: &'static str) -> ApiError {
 
 impl Admin {
     /// The admin service over `control`; `/readyz` answers from `ready`.
-    pub fn new(control: Arc<Control>, metrics: Arc<Metrics>, ready: Arc<AtomicBool>) -> Admin {
+    pub(crate) fn new(
+        control: Arc<Control>,
+        metrics: Arc<Metrics>,
+        ready: Arc<AtomicBool>,
+    ) -> Admin {
         Admin {
             control,
             metrics,
@@ -152,7 +159,7 @@ impl Admin {
     }
 
     /// Serves one request. Never fails.
-    pub async fn handle(
+    pub(crate) async fn handle(
         &self,
         req: Request<Incoming>,
         peer: SocketAddr,

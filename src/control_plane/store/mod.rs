@@ -8,11 +8,11 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::state::RoutingState;
+use crate::control_plane::state::RoutingState;
 
 /// Version of the state file format.
 const FORMAT_VERSION: u32 = 1;
@@ -47,7 +47,7 @@ pub enum StoreError {
 }
 
 /// Persists routing state. `save` must be durable when it returns.
-pub trait StateStore: Send + Sync + 'static {
+pub(crate) trait StateStore: Send + Sync + 'static {
     /// The stored state, `None` if nothing was ever stored.
     fn load(&self) -> Result<Option<RoutingState>, StoreError>;
     /// Stores `state` durably, replacing what was there.
@@ -72,24 +72,19 @@ struct FileFormatRef<'a> {
 
 /// A JSON file (SPEC §7).
 #[derive(Debug, Clone)]
-pub struct FileStore {
+pub(crate) struct FileStore {
     path: PathBuf,
 }
 
 impl FileStore {
     /// A store at `path` (the directory is created on first save).
-    pub fn new(path: impl Into<PathBuf>) -> FileStore {
+    pub(crate) fn new(path: impl Into<PathBuf>) -> FileStore {
         FileStore { path: path.into() }
-    }
-
-    /// The file.
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     /// Moves an unreadable file aside (`NAME.corrupt-UNIXTIME`) so that
     /// `--ignore-state` does not destroy evidence. Returns the new name.
-    pub fn set_aside(&self) -> io::Result<PathBuf> {
+    pub(crate) fn set_aside(&self) -> io::Result<PathBuf> {
         let secs = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
@@ -205,12 +200,15 @@ mod tests {
             "127.0.0.1:1".parse().expect("addr"),
             "127.0.0.1:2".parse().expect("addr"),
         );
-        let state =
-            crate::state::reconcile(&RoutingState::default(), &cfg, std::time::SystemTime::now());
+        let state = crate::control_plane::state::reconcile(
+            &RoutingState::default(),
+            &cfg,
+            std::time::SystemTime::now(),
+        );
         store.save(&state).expect("save");
         assert_eq!(store.load().expect("load"), Some(state));
 
-        fs::write(store.path(), b"{\"version\":1,\"services\":{\"x\":").expect("write");
+        fs::write(&store.path, b"{\"version\":1,\"services\":{\"x\":").expect("write");
         let err = store.load().expect_err("corrupt");
         let msg = err.to_string();
         assert!(msg.contains("state.json is corrupt"), "{msg}");

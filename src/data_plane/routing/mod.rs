@@ -14,11 +14,11 @@ use std::time::Duration;
 use http::header::{HeaderMap, COOKIE};
 use http::HeaderValue;
 
-use crate::backend::{now_ms, Backend};
 use crate::color::Color;
 use crate::config::{Balance, HostPattern, PreviewConfig, ProxyConfig, StickyConfig, StickyKey};
+use crate::data_plane::backend::{now_ms, Backend};
 use crate::metrics::PoolMetrics;
-use crate::state::Weights;
+use crate::weights::Weights;
 
 /// Data-plane settings that may change on reload.
 #[derive(Debug, Clone)]
@@ -37,7 +37,7 @@ pub struct Settings {
 
 impl Settings {
     /// From `[proxy]`.
-    pub fn from_config(p: &ProxyConfig) -> Settings {
+    pub(crate) fn from_config(p: &ProxyConfig) -> Settings {
         Settings {
             connect_timeout: p.connect_timeout,
             request_timeout: p.request_timeout,
@@ -52,7 +52,7 @@ impl Settings {
 /// to a reserve of 100), every retry spends one. So retries add at most
 /// about 20 % to the load a service sees, even when all its backends fail
 /// (Envoy's retry budget, as a token bucket). Starts with 10 retries.
-pub struct RetryBudget {
+pub(crate) struct RetryBudget {
     /// Tenths of a retry.
     tenths: AtomicUsize,
 }
@@ -63,7 +63,7 @@ impl RetryBudget {
     const COST: usize = 10;
 
     /// A budget holding 10 retries.
-    pub fn new() -> RetryBudget {
+    pub(crate) fn new() -> RetryBudget {
         RetryBudget {
             tenths: AtomicUsize::new(100),
         }
@@ -71,14 +71,14 @@ impl RetryBudget {
 
     /// A request passed: earn. Only a load when the reserve is full.
     #[inline]
-    pub fn earn(&self) {
+    pub(crate) fn earn(&self) {
         if self.tenths.load(Ordering::Relaxed) < Self::CAP {
             self.tenths.fetch_add(Self::EARN, Ordering::Relaxed);
         }
     }
 
     /// Spends one retry if the budget allows it.
-    pub fn try_spend(&self) -> bool {
+    pub(crate) fn try_spend(&self) -> bool {
         self.tenths
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| {
                 t.checked_sub(Self::COST)
@@ -99,19 +99,17 @@ pub struct Service {
     /// Name (admin URLs, labels, logs).
     pub name: Arc<str>,
     /// Balance policy.
-    pub balance: Balance,
+    pub(crate) balance: Balance,
     /// Sticky bucket settings.
-    pub sticky: StickyConfig,
+    pub(crate) sticky: StickyConfig,
     /// `NAME=` of the sticky cookie, for the Set-Cookie value.
     cookie_prefix: String,
     /// Preview header settings.
-    pub preview: PreviewConfig,
+    pub(crate) preview: PreviewConfig,
     /// Metric handles per pool (`[blue, green]`).
-    pub metrics: [PoolMetrics; 2],
-    /// Are active health checks configured?
-    pub health_checked: bool,
+    pub(crate) metrics: [PoolMetrics; 2],
     /// Bounds retries across all its requests.
-    pub retry_budget: RetryBudget,
+    pub(crate) retry_budget: RetryBudget,
 }
 
 impl Service {
@@ -122,7 +120,6 @@ impl Service {
         sticky: StickyConfig,
         preview: PreviewConfig,
         metrics: [PoolMetrics; 2],
-        health_checked: bool,
     ) -> Service {
         let cookie_prefix = format!("{}=", sticky.cookie);
         Service {
@@ -132,14 +129,13 @@ impl Service {
             cookie_prefix,
             preview,
             metrics,
-            health_checked,
             retry_budget: RetryBudget::new(),
         }
     }
 
     /// Metric handles of one pool.
     #[inline]
-    pub fn pool_metrics(&self, color: Color) -> &PoolMetrics {
+    pub(crate) fn pool_metrics(&self, color: Color) -> &PoolMetrics {
         &self.metrics[color.index()]
     }
 
@@ -148,7 +144,7 @@ impl Service {
     /// Written on every fresh request during a split, so it is assembled
     /// by hand into one buffer that becomes the header value without a
     /// copy (no `format!`, one allocation).
-    pub fn bucket_cookie(&self, bucket: u16) -> HeaderValue {
+    pub(crate) fn bucket_cookie(&self, bucket: u16) -> HeaderValue {
         const ATTRS: &[u8] = b"; Path=/; Max-Age=604800; HttpOnly; SameSite=Lax";
         let mut v = bytes::BytesMut::with_capacity(self.cookie_prefix.len() + 4 + ATTRS.len());
         v.extend_from_slice(self.cookie_prefix.as_bytes());
@@ -171,18 +167,15 @@ impl Service {
 
 /// The backends of one pool, as one snapshot sees them.
 pub struct Pool {
-    /// Which pool.
-    pub color: Color,
     /// Its backends (may be empty only transiently; config forbids it).
-    pub backends: Box<[Arc<Backend>]>,
+    pub(crate) backends: Box<[Arc<Backend>]>,
     next: AtomicUsize,
 }
 
 impl Pool {
     /// A pool of `backends`.
-    pub fn new(color: Color, backends: Vec<Arc<Backend>>) -> Pool {
+    pub fn new(backends: Vec<Arc<Backend>>) -> Pool {
         Pool {
-            color,
             backends: backends.into_boxed_slice(),
             next: AtomicUsize::new(0),
         }
@@ -195,7 +188,12 @@ impl Pool {
 
     /// Picks an available backend by `balance`, skipping those in `exclude`
     /// (already tried by this request). `None` if none is available.
-    pub fn pick(&self, balance: Balance, now_ms: u64, exclude: &[usize]) -> Option<&Arc<Backend>> {
+    pub(crate) fn pick(
+        &self,
+        balance: Balance,
+        now_ms: u64,
+        exclude: &[usize],
+    ) -> Option<&Arc<Backend>> {
         let n = self.backends.len();
         if n == 0 {
             return None;
@@ -271,7 +269,7 @@ pub enum Decision {
 
 impl Decision {
     /// Log value.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Decision::Preview => "preview",
             Decision::Sticky => "sticky",
@@ -319,7 +317,7 @@ pub fn choose_pool(route: &Route, headers: &HeaderMap) -> PoolChoice {
         color: route.weights.pick(bucket),
         decision,
         bucket: Some(bucket),
-        set_cookie: fresh && route.weights.live() == crate::state::Live::Split,
+        set_cookie: fresh && route.weights.live() == crate::weights::Live::Split,
     }
 }
 
@@ -346,7 +344,7 @@ fn preview(cfg: &PreviewConfig, headers: &HeaderMap) -> Option<Color> {
 }
 
 /// Compares secrets without an early exit on the first difference.
-pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;
     }
@@ -378,7 +376,7 @@ fn parse_bucket(v: &[u8]) -> Option<u16> {
 }
 
 /// The bucket of a sticky key: FNV-1a, so every replica agrees.
-pub fn bucket_of_key(key: &[u8]) -> u16 {
+pub(crate) fn bucket_of_key(key: &[u8]) -> u16 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for &b in key {
         h ^= u64::from(b);
@@ -432,7 +430,7 @@ pub struct Snapshot {
     pub routes: Vec<Route>,
     entries: Vec<MatchEntry>,
     /// Data-plane settings.
-    pub settings: Settings,
+    pub(crate) settings: Settings,
 }
 
 impl Snapshot {
@@ -479,7 +477,7 @@ impl Snapshot {
     }
 
     /// The route of service `name`.
-    pub fn route(&self, name: &str) -> Option<&Route> {
+    pub(crate) fn route(&self, name: &str) -> Option<&Route> {
         self.routes.iter().find(|r| &*r.service.name == name)
     }
 }
@@ -544,7 +542,6 @@ mod tests {
                 token: None,
             },
             [m.pool(name, Color::Blue), m.pool(name, Color::Green)],
-            false,
         ))
     }
 
@@ -554,7 +551,7 @@ mod tests {
         Arc::new(Backend::new(
             addr,
             None,
-            crate::backend::Health::Healthy,
+            crate::data_plane::backend::Health::Healthy,
             false,
             g,
         ))
@@ -566,8 +563,8 @@ mod tests {
             weights: Weights::from_green_percent(green_pct).expect("weights"),
             generation: 1,
             pools: [
-                Arc::new(Pool::new(Color::Blue, vec![backend(m, 1), backend(m, 2)])),
-                Arc::new(Pool::new(Color::Green, vec![backend(m, 3)])),
+                Arc::new(Pool::new(vec![backend(m, 1), backend(m, 2)])),
+                Arc::new(Pool::new(vec![backend(m, 3)])),
             ],
         }
     }
@@ -695,7 +692,7 @@ mod tests {
         assert_eq!(choose_pool(&r, &h).color, Color::Green);
         h.insert("x-switchyard-pool", HeaderValue::from_static("purple"));
         assert_eq!(choose_pool(&r, &h).decision, Decision::Weight);
-        let mut svc = Service::new(
+        let svc = Service::new(
             "web",
             Balance::RoundRobin,
             r.service.sticky.clone(),
@@ -704,9 +701,7 @@ mod tests {
                 token: Some("s3cret".into()),
             },
             [m.pool("web", Color::Blue), m.pool("web", Color::Green)],
-            false,
         );
-        svc.health_checked = false;
         r.service = Arc::new(svc);
         h.insert("x-switchyard-pool", HeaderValue::from_static("green"));
         assert_eq!(choose_pool(&r, &h).decision, Decision::Weight);
@@ -745,7 +740,7 @@ mod tests {
             })
             .collect();
         assert_eq!(picks.iter().filter(|&&p| p == 1).count(), 2);
-        blue.backends[0].set_health(crate::backend::Health::Unhealthy);
+        blue.backends[0].set_health(crate::data_plane::backend::Health::Unhealthy);
         for _ in 0..4 {
             assert_eq!(
                 blue.pick(Balance::RoundRobin, now_ms(), &[])
@@ -759,7 +754,7 @@ mod tests {
         assert!(blue
             .pick(Balance::RoundRobin, now_ms(), &excluded)
             .is_none());
-        blue.backends[1].set_health(crate::backend::Health::Unhealthy);
+        blue.backends[1].set_health(crate::data_plane::backend::Health::Unhealthy);
         let mut choice = PoolChoice {
             color: Color::Blue,
             decision: Decision::Weight,
