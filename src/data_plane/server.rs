@@ -1,19 +1,10 @@
-//! Client connections: accept loop, protocol detection, per-connection
-//! timeouts and graceful shutdown.
+//! Client connections: the accept loop, protocol detection (HTTP/1.1,
+//! h2c prior knowledge, ALPN after TLS), and the task that runs each hyper
+//! connection beside its timer.
 //!
-//! Each connection runs in its own task that polls the hyper connection and,
-//! beside it, one lazily re-armed timer that enforces two bounds hyper does
-//! not separate: `header_read_timeout` (from the first byte of a request
-//! head to its end: slowloris) and `idle_timeout` (keep-alive with no
-//! request). [`ConnActivity`] is what the timer reads: the IO wrapper marks
-//! when a request head starts arriving, and every request holds an
-//! [`ActiveRequest`] until its response body ends.
-//!
-//! Shutdown follows the dropped-sender pattern: dropping the
-//! `watch::Sender` tells every connection to finish gracefully (HTTP/1.1
-//! closes after the current response, HTTP/2 sends GOAWAY); every task
-//! holds a [`DrainToken`], and shutdown waits until all are gone or
-//! `drain_timeout` passes.
+//! The timer's decisions and the per-connection state it reads live in
+//! [`crate::data_plane::conn`]; shutdown (dropped senders, a
+//! [`DrainToken`] per task) in [`crate::data_plane::drain`].
 
 use std::convert::Infallible;
 use std::io;
