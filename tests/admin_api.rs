@@ -628,3 +628,57 @@ async fn token_file_guards_the_api_and_names_the_actor() {
     }
     assert!(open.metrics().await.contains("switchyard_pool_weight"));
 }
+
+/// Issue 17 item 10: the `Bearer` scheme is case-insensitive (RFC 9110
+/// §11.1), so `bearer …` and `BEARER …` authenticate; the secret is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bearer_scheme_is_case_insensitive() {
+    let (blue, green) = (
+        Upstream::start("blue").await,
+        Upstream::start("green").await,
+    );
+    let (proxy, _) = TestProxy::start_with_tokens(
+        "ci:ci-secret-123\n",
+        &[Svc::new("web", &[&blue], &[&green])],
+    )
+    .await;
+    let open = Admin::new(proxy.running.as_ref().unwrap().admin_addr);
+    for scheme in ["bearer", "BEARER", "BeArEr"] {
+        let value = format!("{scheme} ci-secret-123");
+        let (s, v) = open
+            .call("GET", "/api/v1/services", None, &[("authorization", &value)])
+            .await;
+        assert_eq!(s, StatusCode::OK, "{value}: {v}");
+        assert_eq!(v[0]["name"], "web");
+    }
+    // A mutation with a lower-case scheme is applied and names the token.
+    let (s, v) = open
+        .call(
+            "POST",
+            "/api/v1/services/web/switch",
+            Some(r#"{"to":"green"}"#),
+            &[("authorization", "bearer ci-secret-123")],
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(proxy.get("/").await.2, "green");
+    let (_, h) = open
+        .call(
+            "GET",
+            "/api/v1/services/web/history",
+            None,
+            &[("authorization", "bearer ci-secret-123")],
+        )
+        .await;
+    assert_eq!(h[0]["actor"], "ci", "{h}");
+    // The secret itself stays case-sensitive.
+    let (s, _) = open
+        .call(
+            "GET",
+            "/api/v1/services",
+            None,
+            &[("authorization", "bearer CI-SECRET-123")],
+        )
+        .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+}

@@ -68,9 +68,16 @@ impl Tokens {
     }
 
     /// The name of the token in `Authorization: Bearer TOKEN`, if valid.
-    /// Every entry is compared, so timing does not tell which matched.
+    /// The scheme is matched in any case (RFC 9110 §11.1: `bearer`,
+    /// `BEARER`), followed by one or more spaces. Every entry is compared,
+    /// so timing does not tell which matched.
     pub(crate) fn check(&self, authorization: Option<&[u8]>) -> Option<&str> {
-        let given = authorization?.strip_prefix(b"Bearer ")?.trim_ascii();
+        let value = authorization?.trim_ascii_start();
+        let (scheme, rest) = value.split_at_checked(b"Bearer".len())?;
+        if !scheme.eq_ignore_ascii_case(b"Bearer") || !rest.starts_with(b" ") {
+            return None;
+        }
+        let given = rest.trim_ascii();
         let mut found = None;
         for (name, secret) in &self.entries {
             if constant_time_eq(given, secret) && found.is_none() {
@@ -92,6 +99,14 @@ mod tests {
         assert_eq!(t.check(Some(b"Bearer secret-for-admin")), Some("admin"));
         assert_eq!(t.check(Some(b"Bearer nope")), None);
         assert_eq!(t.check(Some(b"abcdefgh12")), None);
+        // The scheme is case-insensitive (RFC 9110 §11.1), the secret is not.
+        assert_eq!(t.check(Some(b"bearer abcdefgh12")), Some("ci"));
+        assert_eq!(t.check(Some(b"BEARER abcdefgh12")), Some("ci"));
+        assert_eq!(t.check(Some(b"bEaReR  abcdefgh12")), Some("ci"));
+        assert_eq!(t.check(Some(b"Bearer ABCDEFGH12")), None);
+        assert_eq!(t.check(Some(b"Bearerabcdefgh12")), None);
+        assert_eq!(t.check(Some(b"Basic abcdefgh12")), None);
+        assert_eq!(t.check(Some(b"Bear")), None);
         assert_eq!(t.check(None), None);
         assert!(Tokens::parse("a:short").is_err());
         assert!(Tokens::parse("\n# only comments\n").is_err());
