@@ -646,7 +646,12 @@ async fn bearer_scheme_is_case_insensitive() {
     for scheme in ["bearer", "BEARER", "BeArEr"] {
         let value = format!("{scheme} ci-secret-123");
         let (s, v) = open
-            .call("GET", "/api/v1/services", None, &[("authorization", &value)])
+            .call(
+                "GET",
+                "/api/v1/services",
+                None,
+                &[("authorization", &value)],
+            )
             .await;
         assert_eq!(s, StatusCode::OK, "{value}: {v}");
         assert_eq!(v[0]["name"], "web");

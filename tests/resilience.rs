@@ -471,10 +471,11 @@ async fn graceful_shutdown_finishes_in_flight_requests() {
         .starts_with("HTTP/1.1 200"));
     assert!(eventually(Duration::from_secs(5), || async { blue.hits() >= 11 }).await);
 
-    let started = std::time::Instant::now();
+    // Waiting for the idle keep-alive connection would outlast
+    // drain_timeout and make the shutdown unclean: `clean` proves it was not
+    // waited for (no wall-clock bound needed).
     let clean = p.shutdown().await;
     assert!(clean, "drained within drain_timeout");
-    assert!(started.elapsed() < Duration::from_secs(4));
     for t in slow {
         let (s, h, body) = t.await.unwrap();
         assert_eq!((s, body.as_str()), (StatusCode::OK, "blue"));
@@ -529,11 +530,9 @@ async fn slowloris_is_cut_and_idle_connections_expire() {
             .unwrap_or(0);
         assert_eq!(n, 0, "connection closed without an answer");
     }
-    assert!(
-        started.elapsed() < Duration::from_millis(2000),
-        "cut late: {:?}",
-        started.elapsed()
-    );
+    // Cut at all (the trickle gives up after 3 s and the read above waits
+    // 2 s more); the deadline itself is tested exactly on paused time
+    // (`conn::tests::timer_verdicts_on_paused_time`).
     assert!(
         started.elapsed() >= Duration::from_millis(250),
         "cut early: {:?}",
@@ -542,19 +541,15 @@ async fn slowloris_is_cut_and_idle_connections_expire() {
 
     // A silent connection is idle, not slow: it gets idle_timeout... but the
     // first request head is bounded by header_read_timeout from accept.
+    // (Counted as a header_read timeout below, not an idle one: that, not
+    // a wall-clock bound, shows which deadline closed it.)
     let mut silent = TcpStream::connect(p.addr).await.unwrap();
-    let t = std::time::Instant::now();
     let mut buf = [0u8; 64];
     let n = tokio::time::timeout(Duration::from_secs(3), silent.read(&mut buf))
         .await
         .unwrap()
         .unwrap_or(0);
     assert_eq!(n, 0, "{:?}", String::from_utf8_lossy(&buf[..n]));
-    assert!(
-        t.elapsed() < Duration::from_millis(1000),
-        "{:?}",
-        t.elapsed()
-    );
 
     // After a request, a keep-alive connection lives idle_timeout, not header_read_timeout.
     let mut ka = TcpStream::connect(p.addr).await.unwrap();
@@ -575,8 +570,8 @@ async fn slowloris_is_cut_and_idle_connections_expire() {
     assert_eq!(n, 0);
     let idle = t.elapsed();
     assert!(
-        idle >= Duration::from_millis(500) && idle < Duration::from_millis(1500),
-        "idle close after {idle:?}"
+        idle >= Duration::from_millis(500),
+        "closed at header_read_timeout, not idle_timeout: {idle:?}"
     );
     let m = p.admin.metrics().await;
     assert!(
@@ -675,8 +670,14 @@ async fn parked_keep_alive_connections_wake_up_and_still_expire() {
         .await
         .unwrap();
     assert!(read_response(&mut s, &mut got).await.ends_with("blue"));
-    // Time is the subject here: idle past the park delay.
-    tokio::time::sleep(Duration::from_millis(2600)).await;
+    // Idle past the park delay (100 ms): wait until it is parked.
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            metric(&p.admin.metrics().await, "switchyard_parked_connections") == Some(1.0)
+        })
+        .await,
+        "never parked"
+    );
     s.write_all(b"GET /a HTTP/1.1\r\nhost: x\r\n\r\nGET /b HTTP/1.1\r\nhost: x\r\n\r\n")
         .await
         .unwrap();
@@ -692,17 +693,19 @@ async fn parked_keep_alive_connections_wake_up_and_still_expire() {
         "{second}"
     );
     // Parked again, then closed at idle_timeout (4 s after the last request).
+    // (The exact deadline is tested on paused time in conn.rs; here: not
+    // before it, and at all.)
     let t = std::time::Instant::now();
     let mut buf = [0u8; 16];
-    let n = tokio::time::timeout(Duration::from_secs(8), s.read(&mut buf))
+    let n = tokio::time::timeout(Duration::from_secs(20), s.read(&mut buf))
         .await
         .unwrap()
         .unwrap_or(0);
     assert_eq!(n, 0);
     let waited = t.elapsed();
     assert!(
-        waited >= Duration::from_millis(3500) && waited < Duration::from_millis(6000),
-        "closed after {waited:?}"
+        waited >= Duration::from_millis(3500),
+        "closed before idle_timeout: {waited:?}"
     );
 
     // A parked connection is closed at once by a graceful shutdown.
@@ -711,13 +714,85 @@ async fn parked_keep_alive_connections_wake_up_and_still_expire() {
         .await
         .unwrap();
     read_response(&mut s, &mut Vec::new()).await;
-    tokio::time::sleep(Duration::from_millis(2600)).await;
-    let t = std::time::Instant::now();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            metric(&p.admin.metrics().await, "switchyard_parked_connections") == Some(1.0)
+        })
+        .await,
+        "never parked"
+    );
+    // A parked connection kept open would hold the shutdown until
+    // drain_timeout and make it unclean: `drained` proves it was closed
+    // at once (no wall-clock bound needed).
     assert!(p.shutdown().await, "drained");
     let n = tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf))
         .await
         .unwrap()
         .unwrap_or(0);
     assert_eq!(n, 0);
-    assert!(t.elapsed() < Duration::from_secs(1));
+}
+
+/// Issue 17 item 5: a reload that changes only settings other than the
+/// backend lists (balance, sticky, preview, health, hosts) keeps the
+/// backends whose address did not change, the same objects: an open
+/// WebSocket stays open and counted on its backend, and is never drained
+/// ("its pool stopped taking traffic" was false).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_survives_a_reload_that_changes_unrelated_settings() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let blue = Upstream::start("blue").await;
+    let green = Upstream::start("green").await;
+    let drain = Duration::from_millis(200);
+    let p = TestProxy::start_with(
+        "drain_timeout = \"200ms\"",
+        &[Svc::new("web", &[&blue], &[&green])],
+    )
+    .await;
+    let (mut ws, resp) = tokio_tungstenite::connect_async(format!("ws://{}/ws", p.addr))
+        .await
+        .unwrap();
+    assert_eq!(resp.headers()["x-switchyard-pool"], "blue");
+    ws.send(Message::text("before")).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("before"));
+
+    // Every per-service setting but the backend lists changes.
+    let text = std::fs::read_to_string(&p.config_path)
+        .unwrap()
+        .replace("hosts = [\"*\"]\n", "hosts = [\"*\", \"web.example\"]\n")
+        .replace(
+            "path_prefix = \"/\"\n",
+            "path_prefix = \"/\"\nbalance = \"least_request\"\n",
+        );
+    assert!(text.contains("web.example") && text.contains("least_request"));
+    std::fs::write(
+        &p.config_path,
+        format!(
+            "{text}{}\n[service.sticky]\ncookie = \"bucket2\"\n[service.preview]\nheader = \"x-preview-2\"\n",
+            health_every("100ms")
+        ),
+    )
+    .unwrap();
+    let (s, v) = p.admin.post("/api/v1/reload", "").await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let hits = blue.hits();
+    // The backend is the same object: it still counts the WebSocket.
+    let s = p.admin.service("web").await;
+    assert_eq!(
+        s["pools"]["blue"]["backends"][0]["in_flight"], 1,
+        "the reload replaced the backend under the WebSocket: {s}"
+    );
+    // The new health check runs on the kept backend (the checker was
+    // replaced, not lost): it reaches blue's health path.
+    assert!(
+        eventually(Duration::from_secs(5), || async { blue.hits() >= hits + 2 }).await,
+        "no health check reached the kept backend"
+    );
+    // Well past drain_timeout (a drain would have closed it by now: this
+    // sleep is the subject, not synchronisation), it still echoes.
+    tokio::time::sleep(drain * 3).await;
+    ws.send(Message::text("after")).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("after"));
+    let m = p.admin.metrics().await;
+    assert_eq!(metric(&m, "switchyard_upgrades_drained_total"), Some(0.0));
 }

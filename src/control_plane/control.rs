@@ -7,9 +7,13 @@
 //!   state::apply (pure)         config::load + state::reconcile (pure)
 //!        │ new state, or refusal (nothing changed)
 //!        ▼
+//!   prepare (CA files; can fail, no side effect)
+//!        ▼
 //!   StateStore::save   (durable before anyone is told)
 //!        ▼
-//!   build Snapshot → ArcSwap::store   (next request sees it)
+//!   commit: backends, checkers, metric series → Snapshot
+//!        ▼
+//!   ArcSwap::store   (next request sees it)
 //!        ▼
 //!   metrics, log, `changes` tick
 //! ```
@@ -149,8 +153,9 @@ impl ServiceView {
     }
 }
 
-/// Runtime objects of one service, reused across snapshots while its
-/// config (apart from its backend lists) is unchanged.
+/// Runtime objects of one service. Its `Service` is reused while its config
+/// (apart from backend lists and health) is unchanged; its backends while
+/// their address and TLS settings are.
 #[derive(Clone)]
 struct ServiceRuntime {
     config: ServiceConfig,
@@ -220,13 +225,13 @@ impl Control {
         let config = Arc::new(config);
         let mut inner = Inner {
             config: Arc::clone(&config),
-            state,
+            state: RoutingState::default(),
             runtimes: HashMap::new(),
         };
-        let built =
-            build(&config, &inner.state, &inner.runtimes, &metrics).map_err(|e| e.join("; "))?;
-        inner.state = save(&store, inner.state).await.map_err(|e| e.to_string())?;
-        let snapshot = built.commit(&mut inner, &metrics);
+        let prepared = prepare(&config, &state, &inner.runtimes).map_err(|e| e.join("; "))?;
+        let state = save(&store, state).await.map_err(|e| e.to_string())?;
+        let snapshot = prepared.commit(&config, &state, &mut inner, &metrics);
+        inner.state = state;
         let (changes, _) = watch::channel(());
         let control = Control {
             table: Arc::new(ArcSwap::from_pointee(snapshot)),
@@ -322,10 +327,11 @@ impl Control {
         };
         new_state.services.insert(service.to_string(), next);
         // Building fails only if a CA file vanished since it was loaded.
-        let built = build(&inner.config, &new_state, &inner.runtimes, &self.metrics)
+        let prepared = prepare(&inner.config, &new_state, &inner.runtimes)
             .map_err(|errors| ControlError::Build(errors.join("; ")))?;
         let new_state = save(&self.store, new_state).await?;
-        let snapshot = built.commit(&mut inner, &self.metrics);
+        let config = Arc::clone(&inner.config);
+        let snapshot = prepared.commit(&config, &new_state, &mut inner, &self.metrics);
         inner.state = new_state;
         self.publish(snapshot);
         drop(inner);
@@ -384,7 +390,7 @@ impl Control {
             let Some(rt) = inner.runtimes.get(&svc.name) else {
                 continue;
             };
-            if let (Some(tls), true) = (&rt.tls, same_static_part(&rt.config, svc)) {
+            if let (Some(tls), true) = (&rt.tls, same_tls(&rt.config, svc)) {
                 let fresh = tls.reread().map_err(|e| {
                     ReloadError::Files(format!("service \"{}\": upstream_ca: {e}", svc.name))
                 })?;
@@ -393,10 +399,10 @@ impl Control {
         }
         warn_restart_only(&inner.config, &config);
         let new_state = state::reconcile(&inner.state, &config, SystemTime::now());
-        let built = build(&config, &new_state, &inner.runtimes, &self.metrics)
+        let prepared = prepare(&config, &new_state, &inner.runtimes)
             .map_err(|errors| ReloadError::Files(errors.join("; ")))?;
         let new_state = save(&self.store, new_state).await?;
-        let snapshot = built.commit(&mut inner, &self.metrics);
+        let snapshot = prepared.commit(&config, &new_state, &mut inner, &self.metrics);
         inner.config = Arc::new(config);
         let removed: Vec<String> = inner
             .state
@@ -475,46 +481,111 @@ async fn save(
     }
 }
 
-/// Does a service config differ in anything but its backend lists?
+/// Does a service config differ in anything but its backend lists (and
+/// the health check, which kept backends take over)? Then its `Service`
+/// (balance, sticky, preview, retry budget) is rebuilt.
 fn same_static_part(a: &ServiceConfig, b: &ServiceConfig) -> bool {
     let strip = |s: &ServiceConfig| {
         let mut s = s.clone();
         s.blue.clear();
         s.green.clear();
+        s.health = None;
         s.line = 0;
         s
     };
     strip(a) == strip(b)
 }
 
-/// Builds the snapshot for `inner.state` under `inner.config`, creating
-/// runtime objects for new services and backends. Only when the whole build
-/// succeeds are backends that left their pools retired and the runtimes
-/// replaced; on error `inner` is untouched.
-fn build(
+/// Do two service configs reach their backends with the same TLS settings?
+/// Then the service keeps its `UpstreamTls` (and its `https://` backends).
+fn same_tls(a: &ServiceConfig, b: &ServiceConfig) -> bool {
+    a.upstream_ca == b.upstream_ca
+        && a.upstream_insecure_skip_verify == b.upstream_insecure_skip_verify
+}
+
+/// The half of a change that can fail: every service's upstream TLS
+/// settings (CA files are read here). It has no side effect: no backend,
+/// health checker or metric series exists until [`Prepared::commit`], which
+/// runs only once the new state is persisted, so a refused or unsaved change
+/// leaves nothing behind.
+fn prepare(
     config: &Config,
     state: &RoutingState,
     runtimes: &HashMap<String, ServiceRuntime>,
-    metrics: &Arc<Metrics>,
-) -> Result<Built, Vec<String>> {
+) -> Result<Prepared, Vec<String>> {
     let mut errors = Vec::new();
-    let mut next_runtimes: HashMap<String, ServiceRuntime> = HashMap::new();
-    let mut routes = Vec::new();
+    let mut tls = HashMap::new();
     for svc in &config.services {
         let Some(st) = state.services.get(&svc.name) else {
             continue;
         };
-        let old = runtimes.get(&svc.name);
-        let first_build = old.is_none();
-        let mut rt = match old {
-            Some(rt) if same_static_part(&rt.config, svc) => rt.clone(),
-            _ => {
-                if svc.upstream_insecure_skip_verify {
-                    tracing::warn!(service = %svc.name, "upstream_insecure_skip_verify is on: backend TLS certificates are NOT verified");
+        let kept = runtimes
+            .get(&svc.name)
+            .filter(|rt| same_tls(&rt.config, svc))
+            .and_then(|rt| rt.tls.clone());
+        let t = match kept {
+            Some(t) => Some(t),
+            None if needs_tls(svc, st) => match UpstreamTls::new(
+                svc.upstream_ca.as_deref(),
+                svc.upstream_insecure_skip_verify,
+            ) {
+                Ok(t) => Some(Arc::new(t)),
+                Err(e) => {
+                    errors.push(format!("service \"{}\": upstream_ca: {e}", svc.name));
+                    continue;
                 }
-                ServiceRuntime {
-                    config: svc.clone(),
-                    service: Arc::new(Service::new(
+            },
+            None => None,
+        };
+        tls.insert(svc.name.clone(), t);
+    }
+    if errors.is_empty() {
+        Ok(Prepared { tls })
+    } else {
+        Err(errors)
+    }
+}
+
+/// A change that will succeed, not yet in force.
+struct Prepared {
+    /// Upstream TLS per service (`None`: no `https://` backend, no CA).
+    tls: HashMap<String, Option<Arc<UpstreamTls>>>,
+}
+
+impl Prepared {
+    /// Builds the snapshot for `state` under `config` and makes its runtimes
+    /// current: creates new services and backends (with their metric series
+    /// and health checkers), retires the backends that left, and returns the
+    /// snapshot to publish. Call only after `state` is persisted.
+    ///
+    /// A backend whose pool and address are unchanged is kept, the same
+    /// `Arc<Backend>`, whatever else changed (balance, sticky, preview,
+    /// health, hosts): its pooled connections, health, ejection record and
+    /// upgraded connections carry on (issue 17 item 5). Only a change of
+    /// the service's TLS settings replaces its `https://` backends.
+    fn commit(
+        self,
+        config: &Config,
+        state: &RoutingState,
+        inner: &mut Inner,
+        metrics: &Arc<Metrics>,
+    ) -> Snapshot {
+        let mut next_runtimes: HashMap<String, ServiceRuntime> = HashMap::new();
+        let mut routes = Vec::new();
+        for svc in &config.services {
+            let (Some(st), Some(tls)) = (state.services.get(&svc.name), self.tls.get(&svc.name))
+            else {
+                continue;
+            };
+            let old = inner.runtimes.get(&svc.name);
+            let first_build = old.is_none();
+            let service = match old {
+                Some(rt) if same_static_part(&rt.config, svc) => Arc::clone(&rt.service),
+                _ => {
+                    if svc.upstream_insecure_skip_verify {
+                        tracing::warn!(service = %svc.name, "upstream_insecure_skip_verify is on: backend TLS certificates are NOT verified");
+                    }
+                    Arc::new(Service::new(
                         &svc.name,
                         svc.balance,
                         svc.sticky.clone(),
@@ -523,110 +594,80 @@ fn build(
                             metrics.pool(&svc.name, Color::Blue),
                             metrics.pool(&svc.name, Color::Green),
                         ],
-                    )),
-                    tls: None,
-                    backends: HashMap::new(),
+                    ))
                 }
-            }
-        };
-        rt.config = svc.clone();
-        if rt.tls.is_none() && needs_tls(svc, st) {
-            match UpstreamTls::new(
-                svc.upstream_ca.as_deref(),
-                svc.upstream_insecure_skip_verify,
-            ) {
-                Ok(t) => rt.tls = Some(Arc::new(t)),
-                Err(e) => {
-                    errors.push(format!("service \"{}\": upstream_ca: {e}", svc.name));
-                    continue;
-                }
-            }
-        }
-        let mut pools = Vec::with_capacity(2);
-        let mut keep = HashMap::new();
-        for color in Color::ALL {
-            let mut list = Vec::new();
-            for addr in &st.pools.get(color).backends {
-                let key = (color, addr.clone());
-                let backend = match rt.backends.get(&key) {
-                    Some(b) => Arc::clone(b),
-                    None => {
-                        // Backends present at start (or named in the config)
-                        // serve at once; ones added later through the API
-                        // wait for their first passing check (SPEC §3). A
-                        // backend rebuilt with its service (its settings
-                        // changed on reload) keeps the health it had.
-                        let from_config = svc.pool(color).contains(addr);
-                        let before = old.and_then(|o| o.backends.get(&key)).map(|b| b.health());
-                        let health = match before {
-                            _ if svc.health.is_none() => Health::Healthy,
-                            Some(h) => h,
-                            None if first_build || from_config => Health::Healthy,
-                            None => Health::Unknown,
-                        };
-                        let gauge = metrics.backend_healthy(&svc.name, color, &addr.to_string());
-                        let b = Arc::new(Backend::new(
-                            addr.clone(),
-                            rt.tls.clone(),
-                            health,
-                            svc.health.is_some(),
-                            gauge,
-                        ));
-                        if let Some(h) = &svc.health {
-                            crate::data_plane::health::spawn_checker(
-                                &b,
-                                h.clone(),
-                                Arc::clone(&rt.service.name),
-                                color.as_str(),
-                            );
+            };
+            let health_changed = old.is_some_and(|o| o.config.health != svc.health);
+            let mut backends = HashMap::new();
+            let mut pools = Color::ALL.map(|color| {
+                let mut list = Vec::new();
+                for addr in &st.pools.get(color).backends {
+                    let key = (color, addr.clone());
+                    let before = old.and_then(|o| o.backends.get(&key));
+                    let reusable = before.filter(|b| {
+                        addr.scheme == crate::config::Scheme::Http
+                            || same_arc(b.tls(), tls.as_ref())
+                    });
+                    let backend = match reusable {
+                        Some(b) => {
+                            if health_changed {
+                                b.set_checked(svc.health.is_some());
+                                match &svc.health {
+                                    Some(h) => crate::data_plane::health::spawn_checker(
+                                        b,
+                                        h.clone(),
+                                        Arc::clone(&service.name),
+                                        color.as_str(),
+                                    ),
+                                    // Stops the checker it had.
+                                    None => {
+                                        b.claim_checker();
+                                    }
+                                }
+                            }
+                            Arc::clone(b)
                         }
-                        b
-                    }
-                };
-                list.push(Arc::clone(&backend));
-                keep.insert(key, backend);
-            }
-            pools.push(Arc::new(Pool::new(list)));
+                        None => new_backend(
+                            svc,
+                            color,
+                            addr,
+                            tls.clone(),
+                            before.map(|b| b.health()),
+                            first_build,
+                            &service,
+                            metrics,
+                        ),
+                    };
+                    list.push(Arc::clone(&backend));
+                    backends.insert(key, backend);
+                }
+                Some(Arc::new(Pool::new(list)))
+            });
+            let (Some(blue), Some(green)) = (pools[0].take(), pools[1].take()) else {
+                continue;
+            };
+            routes.push((
+                Route {
+                    service: Arc::clone(&service),
+                    weights: st.weights,
+                    generation: st.generation,
+                    pools: [blue, green],
+                },
+                svc.hosts.clone(),
+                svc.path_prefix.clone(),
+            ));
+            next_runtimes.insert(
+                svc.name.clone(),
+                ServiceRuntime {
+                    config: svc.clone(),
+                    service,
+                    tls: tls.clone(),
+                    backends,
+                },
+            );
         }
-        rt.backends = keep;
-        let green = pools.pop();
-        let blue = pools.pop();
-        let (Some(blue), Some(green)) = (blue, green) else {
-            continue;
-        };
-        routes.push((
-            Route {
-                service: Arc::clone(&rt.service),
-                weights: st.weights,
-                generation: st.generation,
-                pools: [blue, green],
-            },
-            svc.hosts.clone(),
-            svc.path_prefix.clone(),
-        ));
-        next_runtimes.insert(svc.name.clone(), rt);
-    }
-    if !errors.is_empty() {
-        return Err(errors);
-    }
-    Ok(Built {
-        snapshot: Snapshot::new(routes, Settings::from_config(&config.proxy)),
-        runtimes: next_runtimes,
-    })
-}
-
-/// A snapshot and the runtimes behind it, not yet in force.
-struct Built {
-    snapshot: Snapshot,
-    runtimes: HashMap<String, ServiceRuntime>,
-}
-
-impl Built {
-    /// Makes the new runtimes current, retiring the backends that left, and
-    /// returns the snapshot to publish.
-    fn commit(self, inner: &mut Inner, metrics: &Metrics) -> Snapshot {
         for (name, old) in &inner.runtimes {
-            let next = self.runtimes.get(name);
+            let next = next_runtimes.get(name);
             for (key, b) in &old.backends {
                 let kept = next
                     .and_then(|n| n.backends.get(key))
@@ -634,8 +675,8 @@ impl Built {
                 if !kept {
                     b.retire();
                     match next.and_then(|n| n.backends.get(key)) {
-                        // The same backend as a new object (its service was
-                        // rebuilt): both share one gauge series, which
+                        // The same backend as a new object (its TLS settings
+                        // changed): both share one gauge series, which
                         // `retire` just zeroed; give it the new one's value.
                         Some(nb) => {
                             nb.set_health(nb.health());
@@ -645,8 +686,59 @@ impl Built {
                 }
             }
         }
-        inner.runtimes = self.runtimes;
-        self.snapshot
+        inner.runtimes = next_runtimes;
+        Snapshot::new(routes, Settings::from_config(&config.proxy))
+    }
+}
+
+/// A backend new to its pool, with its gauge series and health checker.
+#[allow(clippy::too_many_arguments)]
+fn new_backend(
+    svc: &ServiceConfig,
+    color: Color,
+    addr: &BackendAddr,
+    tls: Option<Arc<UpstreamTls>>,
+    before: Option<Health>,
+    first_build: bool,
+    service: &Service,
+    metrics: &Metrics,
+) -> Arc<Backend> {
+    // Backends present at start (or named in the config) serve at once;
+    // ones added later through the API wait for their first passing check
+    // (SPEC §3). A backend rebuilt (its TLS settings changed on reload)
+    // keeps the health it had.
+    let from_config = svc.pool(color).contains(addr);
+    let health = match before {
+        _ if svc.health.is_none() => Health::Healthy,
+        Some(h) => h,
+        None if first_build || from_config => Health::Healthy,
+        None => Health::Unknown,
+    };
+    let gauge = metrics.backend_healthy(&svc.name, color, &addr.to_string());
+    let b = Arc::new(Backend::new(
+        addr.clone(),
+        tls,
+        health,
+        svc.health.is_some(),
+        gauge,
+    ));
+    if let Some(h) = &svc.health {
+        crate::data_plane::health::spawn_checker(
+            &b,
+            h.clone(),
+            Arc::clone(&service.name),
+            color.as_str(),
+        );
+    }
+    b
+}
+
+/// Do two optional `Arc`s point to the same value (or are both `None`)?
+fn same_arc<T>(a: Option<&Arc<T>>, b: Option<&Arc<T>>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+        (None, None) => true,
+        _ => false,
     }
 }
 

@@ -16,7 +16,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use crossbeam_queue::ArrayQueue;
@@ -36,12 +36,28 @@ const MAX_IDLE_PER_BACKEND: usize = 512;
 /// (backends commonly close idle keep-alive connections after 60-75 s).
 const MAX_IDLE_AGE_MS: u64 = 50_000;
 
-/// Milliseconds since the process started: a cheap monotonic clock for
-/// atomics (ejection deadlines, idle ages).
+/// Milliseconds on a cheap monotonic clock for atomics (connection timers,
+/// ejection deadlines, idle ages).
+///
+/// It reads tokio's clock, so tests on paused time
+/// (`#[tokio::test(start_paused = true)]`) see it advance exactly as the
+/// timers do. In a build without tokio's `test-util` (every build but the
+/// tests) that is `std::time::Instant::now()`; off a runtime (health
+/// checkers' callers, the control plane's threads) and on every runtime of
+/// the thread-per-core workers it reads the same system clock, so values
+/// compare across threads.
+///
+/// The origin is an hour before the first call (where the system clock
+/// allows), so a paused test runtime created shortly before that call never
+/// reads a time before it (which would saturate to 0).
 pub fn now_ms() -> u64 {
-    static START: OnceLock<Instant> = OnceLock::new();
-    let start = *START.get_or_init(Instant::now);
-    u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX)
+    static START: OnceLock<std::time::Instant> = OnceLock::new();
+    let start = *START.get_or_init(|| {
+        let now = std::time::Instant::now();
+        now.checked_sub(Duration::from_secs(3600)).unwrap_or(now)
+    });
+    let now = tokio::time::Instant::now().into_std();
+    u64::try_from(now.saturating_duration_since(start).as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Health as judged by active checks.
@@ -156,8 +172,11 @@ pub struct Backend {
     health: AtomicU8,
     /// Is it actively health-checked? Then an ejected backend returns only
     /// through a passing check after its back-off; otherwise when the
-    /// back-off ends.
-    checked: bool,
+    /// back-off ends. Changes when a reload adds or removes `[health]`.
+    checked: AtomicBool,
+    /// Which active checker may run for it: a checker stops once this moves
+    /// past the number it started with (a reload changed the check).
+    checker: AtomicU64,
     /// Until when (in [`now_ms`]) passive ejection keeps it out
     /// (`u64::MAX`: until a passing check after `backoff_until_ms`).
     ejected_until_ms: AtomicU64,
@@ -198,7 +217,8 @@ impl Backend {
             ip,
             tls,
             health: AtomicU8::new(health as u8),
-            checked,
+            checked: AtomicBool::new(checked),
+            checker: AtomicU64::new(0),
             ejected_until_ms: AtomicU64::new(0),
             backoff_until_ms: AtomicU64::new(0),
             last_ejection_ms: AtomicU64::new(0),
@@ -302,7 +322,7 @@ impl Backend {
         let backoff_until = now + u64::try_from(dur.as_millis()).unwrap_or(u64::MAX / 4);
         self.backoff_until_ms
             .store(backoff_until, Ordering::Relaxed);
-        let until = if self.checked {
+        let until = if self.checked.load(Ordering::Relaxed) {
             u64::MAX
         } else {
             backoff_until
@@ -310,6 +330,34 @@ impl Backend {
         self.ejected_until_ms.store(until, Ordering::Relaxed);
         self.healthy_gauge.set(0);
         true
+    }
+
+    /// A reload added (`true`) or removed its active checks. Without them
+    /// an ejection ends with its back-off, and the backend is healthy (as a
+    /// backend of a service without `[health]` always is).
+    pub(crate) fn set_checked(&self, checked: bool) {
+        self.checked.store(checked, Ordering::Relaxed);
+        if !checked {
+            let backoff = self.backoff_until_ms.load(Ordering::Relaxed);
+            let _ = self
+                .ejected_until_ms
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| {
+                    (u == u64::MAX).then_some(backoff)
+                });
+            self.set_health(Health::Healthy);
+        }
+    }
+
+    /// Claims the right to run its active checker; the checker that held
+    /// it before stops at its next tick. Returns the claim to compare with
+    /// [`current_checker`](Backend::current_checker).
+    pub(crate) fn claim_checker(&self) -> u64 {
+        self.checker.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// The claim of the checker that may run now.
+    pub(crate) fn current_checker(&self) -> u64 {
+        self.checker.load(Ordering::Relaxed)
     }
 
     /// Takes the backend out of service: idle connections close now, busy
@@ -473,5 +521,95 @@ impl std::fmt::Debug for Backend {
             .field("health", &self.health())
             .field("in_flight", &self.in_flight())
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn backend(checked: bool) -> Backend {
+        let m = crate::metrics::Metrics::new();
+        let addr = BackendAddr::parse("127.0.0.1:9").expect("addr");
+        let gauge = m.backend_healthy("t", crate::color::Color::Blue, &addr.to_string());
+        Backend::new(addr, None, Health::Healthy, checked, gauge)
+    }
+
+    const BASE: Duration = Duration::from_secs(5);
+    const MAX: Duration = Duration::from_secs(40);
+
+    /// Three consecutive failures (the threshold); true if they ejected it.
+    fn fail3(b: &Backend) -> bool {
+        (0..3).any(|_| b.record_failure(3, BASE, MAX, || true))
+    }
+
+    async fn advance_ms(ms: u64) {
+        tokio::time::advance(Duration::from_millis(ms)).await;
+    }
+
+    /// Ejected for exactly `ms`: out one millisecond before, back at it.
+    async fn ejected_for(b: &Backend, ms: u64) {
+        assert!(fail3(b));
+        assert!(!b.is_available(now_ms()) && b.healthy_gauge.get() == 0);
+        advance_ms(ms - 1).await;
+        assert!(b.is_ejected(), "back before {ms} ms");
+        advance_ms(1).await;
+        assert!(
+            !b.is_ejected() && b.is_available(now_ms()),
+            "still out at {ms} ms"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ejection_back_off_doubles_is_capped_and_is_forgiven() {
+        let b = backend(false);
+        assert!(!b.record_failure(3, BASE, MAX, || true));
+        assert!(!b.record_failure(3, BASE, MAX, || true));
+        b.record_success();
+        assert!(b.is_available(now_ms()), "a success resets the streak");
+        // Then 5 s, 10, 20, 40, 40 (capped).
+        ejected_for(&b, 5_000).await;
+        ejected_for(&b, 10_000).await;
+        ejected_for(&b, 20_000).await;
+        ejected_for(&b, 40_000).await;
+        ejected_for(&b, 40_000).await;
+        // Quiet for longer than twice the cap: the back-off starts over.
+        advance_ms(80_001).await;
+        ejected_for(&b, 5_000).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_checked_backend_returns_only_through_a_passing_check_after_its_back_off() {
+        let b = backend(true);
+        assert!(fail3(&b));
+        advance_ms(4_999).await;
+        b.set_health(Health::Healthy);
+        assert!(
+            b.is_ejected(),
+            "a passing check inside the back-off does not end it"
+        );
+        advance_ms(60_000).await;
+        assert!(b.is_ejected(), "the back-off alone does not end it");
+        assert_eq!(b.healthy_gauge.get(), 0);
+        b.set_health(Health::Healthy);
+        assert!(b.is_available(now_ms()));
+        assert_eq!(b.healthy_gauge.get(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn removing_active_checks_ends_an_ejection_with_its_back_off() {
+        let b = backend(true);
+        assert!(fail3(&b));
+        b.set_checked(false);
+        assert!(b.is_ejected());
+        advance_ms(5_000).await;
+        assert!(b.is_available(now_ms()));
+    }
+
+    #[test]
+    fn the_clock_works_off_a_runtime_and_never_goes_back() {
+        let a = now_ms();
+        let b = std::thread::spawn(now_ms).join().expect("thread");
+        assert!(b >= a);
     }
 }

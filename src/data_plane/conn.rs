@@ -405,4 +405,51 @@ mod tests {
         ));
         assert_eq!(judge(&a, t1 + 90_000, &l, true, true), Verdict::Idle);
     }
+
+    /// The same verdicts on tokio's paused clock, as the timer sees them:
+    /// each deadline falls exactly on its millisecond.
+    #[tokio::test(start_paused = true)]
+    async fn timer_verdicts_on_paused_time() {
+        async fn advance_ms(ms: u64) {
+            tokio::time::advance(Duration::from_millis(ms)).await;
+        }
+        let l = limits();
+        let a = ConnActivity::new();
+        let t0 = now_ms();
+        // Idle: parked exactly PARK_AFTER after the connection went idle.
+        advance_ms(99).await;
+        assert_eq!(
+            judge(&a, now_ms(), &l, true, true),
+            Verdict::RecheckAt(t0 + 100)
+        );
+        advance_ms(1).await;
+        assert_eq!(judge(&a, now_ms(), &l, true, true), Verdict::Park);
+        // Bytes arrive: a head starts; header_read_timeout counts from here.
+        a.on_read();
+        let head = now_ms();
+        advance_ms(9_999).await;
+        assert_eq!(
+            judge(&a, now_ms(), &l, true, false),
+            Verdict::RecheckAt(head + 10_000)
+        );
+        advance_ms(1).await;
+        assert_eq!(judge(&a, now_ms(), &l, true, false), Verdict::HeaderTimeout);
+        // A request in flight is never timed out, however long it takes.
+        let busy = a.begin();
+        advance_ms(500_000).await;
+        assert!(matches!(
+            judge(&a, now_ms(), &l, true, true),
+            Verdict::RecheckAt(_)
+        ));
+        // Its end restarts the idle clock: closed exactly idle_timeout later.
+        drop(busy);
+        let end = now_ms();
+        advance_ms(89_999).await;
+        assert_eq!(
+            judge(&a, now_ms(), &l, true, false),
+            Verdict::RecheckAt(end + 90_000)
+        );
+        advance_ms(1).await;
+        assert_eq!(judge(&a, now_ms(), &l, true, false), Verdict::Idle);
+    }
 }

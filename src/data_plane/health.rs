@@ -88,8 +88,9 @@ impl Hysteresis {
     }
 }
 
-/// Starts the active check task of `backend`. It stops by itself when the
-/// backend is retired or dropped.
+/// Starts the active check task of `backend`, replacing the one it had
+/// (which stops at its next tick). It stops by itself when the backend is
+/// retired or dropped.
 pub(crate) fn spawn_checker(
     backend: &Arc<Backend>,
     cfg: HealthConfig,
@@ -97,6 +98,7 @@ pub(crate) fn spawn_checker(
     pool: &'static str,
 ) {
     let weak: Weak<Backend> = Arc::downgrade(backend);
+    let claim = backend.claim_checker();
     let start_healthy = backend.health() == Health::Healthy;
     tokio::spawn(async move {
         let mut hyst = Hysteresis::new(start_healthy, cfg.unhealthy_after, cfg.healthy_after);
@@ -111,7 +113,7 @@ pub(crate) fn spawn_checker(
             let Some(backend) = weak.upgrade() else {
                 return;
             };
-            if backend.is_retired() {
+            if backend.is_retired() || backend.current_checker() != claim {
                 return;
             }
             let ok = check_once(&backend, &cfg).await;
