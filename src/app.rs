@@ -16,10 +16,10 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpSocket};
 
-use crate::config::Config;
-use crate::control_plane::admin::auth::Tokens;
+use crate::config::{Config, FileErrors};
 use crate::control_plane::admin::Admin;
 use crate::control_plane::control::{Control, ControlParts};
+use crate::control_plane::files::LoadedFiles;
 use crate::control_plane::store::{FileStore, StateStore};
 use crate::data_plane::conn::Limits;
 use crate::data_plane::drain::Drain;
@@ -50,9 +50,9 @@ pub enum StartError {
         "{0} (start with --ignore-state to start from `initial`; the file is then moved aside)"
     )]
     State(#[from] crate::control_plane::store::StoreError),
-    /// Certificate, key or token file unusable.
+    /// Certificate, key, token or CA file unusable.
     #[error("{0}")]
-    Files(String),
+    Files(FileErrors),
     /// A listener could not be bound.
     #[error("cannot listen on {addr} ({what}): {source}")]
     Bind {
@@ -212,19 +212,16 @@ pub async fn start(config: Config, opts: StartOptions) -> Result<Running, StartE
         }
         Err(e) => return Err(StartError::State(e)),
     };
-    let tls = match config.proxy.tls_listen {
-        Some(_) => Some(Arc::new(ServerTls::new(
-            crate::data_plane::tls::server_config(&config.proxy.tls)
-                .map_err(|e| StartError::Files(e.join("\n")))?,
-        ))),
-        None => None,
-    };
-    let tokens = match &config.admin.token_file {
-        Some(f) => Tokens::load(f).map_err(StartError::Files)?,
-        None => Tokens::none(),
-    };
+    // The same loader as `check` and reload.
+    let config_file = opts
+        .config_path
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("(config)"));
+    let LoadedFiles { server_tls, tokens } =
+        LoadedFiles::load(&config, &config_file).map_err(|e| StartError::Files(FileErrors(e)))?;
+    let tls = server_tls.map(|c| Arc::new(ServerTls::new(c)));
     if !tokens.required() && !config.admin.listen.ip().is_loopback() {
-        return Err(StartError::Files(format!(
+        return Err(StartError::Other(format!(
             "admin.listen {} is not loopback: set admin.token_file",
             config.admin.listen
         )));

@@ -22,7 +22,8 @@ pub mod color {
 
 pub mod config {
     pub use crate::config::{
-        load, parse, BackendAddr, Balance, Config, HostPattern, PreviewConfig, StickyConfig,
+        load, parse, BackendAddr, Balance, Config, FileError, FileErrors, HostPattern,
+        PreviewConfig, StickyConfig,
     };
 }
 

@@ -775,18 +775,30 @@ async fn websocket_survives_a_reload_that_changes_unrelated_settings() {
     .unwrap();
     let (s, v) = p.admin.post("/api/v1/reload", "").await;
     assert_eq!(s, StatusCode::OK, "{v}");
-    let hits = blue.hits();
     // The backend is the same object: it still counts the WebSocket.
     let s = p.admin.service("web").await;
     assert_eq!(
         s["pools"]["blue"]["backends"][0]["in_flight"], 1,
         "the reload replaced the backend under the WebSocket: {s}"
     );
-    // The new health check runs on the kept backend (the checker was
-    // replaced, not lost): it reaches blue's health path.
+    // The new health check runs on the kept backend (its checker was
+    // replaced, not lost): a failing check is seen, then a passing one.
+    let state =
+        || async { p.admin.service("web").await["pools"]["blue"]["backends"][0]["state"].clone() };
+    blue.set_healthy(false);
     assert!(
-        eventually(Duration::from_secs(5), || async { blue.hits() >= hits + 2 }).await,
-        "no health check reached the kept backend"
+        eventually(Duration::from_secs(10), || async {
+            state().await == "unhealthy"
+        })
+        .await,
+        "no health check judged the kept backend"
+    );
+    blue.set_healthy(true);
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            state().await == "healthy"
+        })
+        .await
     );
     // Well past drain_timeout (a drain would have closed it by now: this
     // sleep is the subject, not synchronisation), it still echoes.

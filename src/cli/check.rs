@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::process::ExitCode;
 
-use crate::config::{self, Config};
+use crate::config;
 
 /// `switchyard check`: every problem as `FILE:line: message`, exit 1; or ok.
 pub(super) fn check(path: &Path) -> ExitCode {
@@ -19,17 +19,9 @@ pub(super) fn check(path: &Path) -> ExitCode {
     if let Err(e) = crate::control_plane::store::StateStore::load(&store) {
         problems.push(e.to_string());
     }
-    if config.proxy.tls_listen.is_some() {
-        if let Err(errors) = crate::data_plane::tls::server_config(&config.proxy.tls) {
-            for e in errors {
-                problems.push(format!("{}:{}: {e}", path.display(), tls_line(&config, &e)));
-            }
-        }
-    }
-    if let Some(f) = &config.admin.token_file {
-        if let Err(e) = crate::control_plane::admin::auth::Tokens::load(f) {
-            problems.push(e);
-        }
+    // The same loader as start and reload: certificates, token file, CAs.
+    if let Err(errors) = crate::control_plane::files::LoadedFiles::load(&config, path) {
+        problems.extend(errors.iter().map(ToString::to_string));
     }
     for svc in &config.services {
         if svc.upstream_insecure_skip_verify {
@@ -40,16 +32,6 @@ pub(super) fn check(path: &Path) -> ExitCode {
                 svc.line,
                 svc.name
             );
-        }
-        if let Some(ca) = &svc.upstream_ca {
-            if let Err(e) = crate::data_plane::tls::UpstreamTls::new(Some(ca), false) {
-                problems.push(format!(
-                    "{}:{}: service \"{}\": upstream_ca: {e}",
-                    path.display(),
-                    svc.line,
-                    svc.name
-                ));
-            }
         }
     }
     if problems.is_empty() {
@@ -65,17 +47,4 @@ pub(super) fn check(path: &Path) -> ExitCode {
         }
         ExitCode::FAILURE
     }
-}
-
-/// The config line of the `[[proxy.tls]]` entry an error is about.
-fn tls_line(config: &Config, error: &str) -> usize {
-    config
-        .proxy
-        .tls
-        .iter()
-        .find(|t| {
-            error.starts_with(&t.cert.display().to_string())
-                || error.starts_with(&t.key.display().to_string())
-        })
-        .map_or(0, |t| t.line)
 }

@@ -337,6 +337,70 @@ impl fmt::Display for ConfigErrors {
 
 impl std::error::Error for ConfigErrors {}
 
+/// A file the config names (certificate, key, token file, CA bundle) that
+/// cannot be used: `FILE:line: cause`, or `FILE: cause` when the problem
+/// has no line. `path` is the file whose line is meant: the config file
+/// (the line of the entry naming the file) or the named file itself (a
+/// token file's line).
+#[derive(Debug)]
+pub struct FileError {
+    /// The file the line is in.
+    pub(crate) path: PathBuf,
+    /// 1-based line; 0 when none.
+    pub(crate) line: usize,
+    /// What is wrong.
+    pub(crate) source: Box<dyn std::error::Error + Send + Sync>,
+}
+
+impl FileError {
+    /// A problem at `path:line` (line 0: the file as a whole).
+    pub(crate) fn new(
+        path: &Path,
+        line: usize,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> FileError {
+        FileError {
+            path: path.to_path_buf(),
+            line,
+            source: source.into(),
+        }
+    }
+}
+
+impl fmt::Display for FileError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.line == 0 {
+            write!(f, "{}: {}", self.path.display(), self.source)
+        } else {
+            write!(f, "{}:{}: {}", self.path.display(), self.line, self.source)
+        }
+    }
+}
+
+impl std::error::Error for FileError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.source)
+    }
+}
+
+/// Every [`FileError`] of a config, one per line when displayed.
+#[derive(Debug)]
+pub struct FileErrors(pub(crate) Vec<FileError>);
+
+impl fmt::Display for FileErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for FileErrors {}
+
 /// Reads and parses a config file.
 pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
     match std::fs::read_to_string(path) {

@@ -22,7 +22,7 @@
 //! it (it only loads the snapshot).
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -31,8 +31,9 @@ use serde::Serialize;
 use tokio::sync::{watch, Mutex};
 
 use crate::color::Color;
-use crate::config::{BackendAddr, Config, ConfigErrors, ServiceConfig};
+use crate::config::{BackendAddr, Config, ConfigErrors, FileError, FileErrors, ServiceConfig};
 use crate::control_plane::admin::auth::Tokens;
+use crate::control_plane::files::{upstream_ca_error, LoadedFiles};
 use crate::control_plane::state::{
     self, ChangeMeta, Command, CommandError, HealthView, HistoryEntry, Outcome, RoutingState,
 };
@@ -68,7 +69,7 @@ pub(crate) enum ReloadError {
     Config(ConfigErrors),
     /// A certificate, key, CA or token file is unusable.
     #[error("{0}")]
-    Files(String),
+    Files(FileErrors),
     /// The reconciled state could not be persisted.
     #[error("{0}; the reload was not applied")]
     Persist(#[from] StoreError),
@@ -228,7 +229,11 @@ impl Control {
             state: RoutingState::default(),
             runtimes: HashMap::new(),
         };
-        let prepared = prepare(&config, &state, &inner.runtimes).map_err(|e| e.join("; "))?;
+        let config_file = config_path
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("(config)"));
+        let prepared = prepare(&config, &config_file, &state, &inner.runtimes)
+            .map_err(|e| FileErrors(e).to_string())?;
         let state = save(&store, state).await.map_err(|e| e.to_string())?;
         let snapshot = prepared.commit(&config, &state, &mut inner, &metrics);
         inner.state = state;
@@ -327,8 +332,13 @@ impl Control {
         };
         new_state.services.insert(service.to_string(), next);
         // Building fails only if a CA file vanished since it was loaded.
-        let prepared = prepare(&inner.config, &new_state, &inner.runtimes)
-            .map_err(|errors| ControlError::Build(errors.join("; ")))?;
+        let prepared = prepare(
+            &inner.config,
+            &self.config_file(),
+            &new_state,
+            &inner.runtimes,
+        )
+        .map_err(|errors| ControlError::Build(FileErrors(errors).to_string()))?;
         let new_state = save(&self.store, new_state).await?;
         let config = Arc::clone(&inner.config);
         let snapshot = prepared.commit(&config, &new_state, &mut inner, &self.metrics);
@@ -367,22 +377,20 @@ impl Control {
     async fn reload_inner(&self) -> Result<(), ReloadError> {
         let path = self.config_path.as_ref().ok_or(ReloadError::NoFile)?;
         let path2 = path.clone();
-        let config = tokio::task::spawn_blocking(move || crate::config::load(&path2))
-            .await
-            .map_err(|e| ReloadError::Files(e.to_string()))?
-            .map_err(ReloadError::Config)?;
-        // Every file the config names must load before anything changes.
-        let server_tls = match (&self.tls, config.proxy.tls_listen) {
-            (Some(_), Some(_)) => Some(
-                crate::data_plane::tls::server_config(&config.proxy.tls)
-                    .map_err(|e| ReloadError::Files(e.join("; ")))?,
-            ),
-            _ => None,
-        };
-        let tokens = match &config.admin.token_file {
-            Some(f) => Tokens::load(f).map_err(ReloadError::Files)?,
-            None => Tokens::none(),
-        };
+        let files_error = |e: Vec<FileError>| ReloadError::Files(FileErrors(e));
+        let (config, files) = tokio::task::spawn_blocking(move || {
+            let config = crate::config::load(&path2).map_err(ReloadError::Config)?;
+            // Every file the config names must load before anything
+            // changes: the same loader as `check` and start.
+            let files = LoadedFiles::load(&config, &path2).map_err(files_error)?;
+            Ok::<_, ReloadError>((config, files))
+        })
+        .await
+        .map_err(|e| files_error(vec![FileError::new(path, 0, e.to_string())]))??;
+        let LoadedFiles { server_tls, tokens } = files;
+        // A TLS listener added by the reload starts only after a restart
+        // (its files were checked all the same).
+        let server_tls = server_tls.filter(|_| self.tls.is_some());
         let mut inner = self.inner.lock().await;
         // CA files of services whose TLS settings are kept are re-read too.
         let mut upstream_tls = Vec::new();
@@ -391,16 +399,15 @@ impl Control {
                 continue;
             };
             if let (Some(tls), true) = (&rt.tls, same_tls(&rt.config, svc)) {
-                let fresh = tls.reread().map_err(|e| {
-                    ReloadError::Files(format!("service \"{}\": upstream_ca: {e}", svc.name))
-                })?;
+                let fresh = tls
+                    .reread()
+                    .map_err(|e| files_error(vec![upstream_ca_error(path, svc, &e)]))?;
                 upstream_tls.push((Arc::clone(tls), fresh));
             }
         }
         warn_restart_only(&inner.config, &config);
         let new_state = state::reconcile(&inner.state, &config, SystemTime::now());
-        let prepared = prepare(&config, &new_state, &inner.runtimes)
-            .map_err(|errors| ReloadError::Files(errors.join("; ")))?;
+        let prepared = prepare(&config, path, &new_state, &inner.runtimes).map_err(files_error)?;
         let new_state = save(&self.store, new_state).await?;
         let snapshot = prepared.commit(&config, &new_state, &mut inner, &self.metrics);
         inner.config = Arc::new(config);
@@ -428,6 +435,13 @@ impl Control {
         }
         self.tokens.store(Arc::new(tokens));
         Ok(())
+    }
+
+    /// The config file, for error messages (a placeholder in demo mode).
+    fn config_file(&self) -> PathBuf {
+        self.config_path
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("(config)"))
     }
 
     fn publish(&self, snapshot: Snapshot) {
@@ -510,9 +524,10 @@ fn same_tls(a: &ServiceConfig, b: &ServiceConfig) -> bool {
 /// leaves nothing behind.
 fn prepare(
     config: &Config,
+    config_file: &Path,
     state: &RoutingState,
     runtimes: &HashMap<String, ServiceRuntime>,
-) -> Result<Prepared, Vec<String>> {
+) -> Result<Prepared, Vec<FileError>> {
     let mut errors = Vec::new();
     let mut tls = HashMap::new();
     for svc in &config.services {
@@ -531,7 +546,7 @@ fn prepare(
             ) {
                 Ok(t) => Some(Arc::new(t)),
                 Err(e) => {
-                    errors.push(format!("service \"{}\": upstream_ca: {e}", svc.name));
+                    errors.push(upstream_ca_error(config_file, svc, &e));
                     continue;
                 }
             },

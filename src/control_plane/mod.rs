@@ -5,5 +5,6 @@
 
 pub(crate) mod admin;
 pub(crate) mod control;
+pub(crate) mod files;
 pub(crate) mod state;
 pub(crate) mod store;

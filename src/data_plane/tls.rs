@@ -290,27 +290,28 @@ fn load_cert(entry: &crate::config::TlsCertConfig) -> Result<LoadedCert, String>
 }
 
 /// Builds a rustls server config from `[[proxy.tls]]`: TLS 1.2 and 1.3,
-/// ALPN `h2` and `http/1.1`, certificate by SNI.
+/// ALPN `h2` and `http/1.1`, certificate by SNI. Each problem comes with the
+/// config line of its `[[proxy.tls]]` entry (0: none).
 pub(crate) fn server_config(
     entries: &[crate::config::TlsCertConfig],
-) -> Result<Arc<rustls::ServerConfig>, Vec<String>> {
+) -> Result<Arc<rustls::ServerConfig>, Vec<(usize, String)>> {
     let mut certs = Vec::new();
     let mut errors = Vec::new();
     for e in entries {
         match load_cert(e) {
             Ok(c) => certs.push(c),
-            Err(msg) => errors.push(msg),
+            Err(msg) => errors.push((e.line, msg)),
         }
     }
     if !errors.is_empty() {
         return Err(errors);
     }
     if certs.is_empty() {
-        return Err(vec!["no [[proxy.tls]] certificate configured".into()]);
+        return Err(vec![(0, "no [[proxy.tls]] certificate configured".into())]);
     }
     let mut config = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|e| vec![e.to_string()])?
+        .map_err(|e| vec![(0, e.to_string())])?
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(SniResolver { certs }));
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];

@@ -4,6 +4,7 @@
 
 use std::path::Path;
 
+use crate::config::FileError;
 use crate::data_plane::routing::constant_time_eq;
 
 /// The accepted tokens; empty means the API is open (no `token_file`).
@@ -20,10 +21,10 @@ impl Tokens {
     }
 
     /// Reads a token file; the error names the file and line.
-    pub(crate) fn load(path: &Path) -> Result<Tokens, String> {
+    pub(crate) fn load(path: &Path) -> Result<Tokens, FileError> {
         let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("{}: cannot read token file: {e}", path.display()))?;
-        Tokens::parse(&text).map_err(|(line, msg)| format!("{}:{line}: {msg}", path.display()))
+            .map_err(|e| FileError::new(path, 0, format!("cannot read token file: {e}")))?;
+        Tokens::parse(&text).map_err(|(line, msg)| FileError::new(path, line, msg))
     }
 
     /// Parses token file text.
