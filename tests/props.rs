@@ -18,7 +18,7 @@ use switchyard::testing::config::{
 use switchyard::testing::h1guard::{Finding, H1Guard};
 use switchyard::testing::metrics::Metrics;
 use switchyard::testing::routing::{
-    choose_pool, pick_backend, Decision, Pool, Route, Service, Settings, Snapshot,
+    choose_pool, pick_backend, Decision, Pool, RequestFacts, Route, Service, Settings, Snapshot,
 };
 use switchyard::testing::state::{Command, Weights};
 
@@ -311,6 +311,7 @@ fn route(m: &Metrics, name: &str, green_bp: u16, token: Option<&str>, healthy: [
             ])),
             Arc::new(Pool::new(vec![backend(m, 3, healthy[2])])),
         ],
+        rules: Box::new([]),
     }
 }
 
@@ -398,7 +399,13 @@ proptest! {
                 h.append(http::header::COOKIE, v);
             }
         }
-        let mut choice = choose_pool(&r, &h);
+        let facts = RequestFacts {
+            headers: &h,
+            path: "/",
+            query: None,
+            client: std::net::IpAddr::from([127, 0, 0, 1]),
+        };
+        let mut choice = choose_pool(&r, &facts);
         if let Some(b) = choice.bucket {
             prop_assert!(b < 10_000);
             if choice.decision != Decision::Preview {

@@ -27,6 +27,7 @@ use serde::Serialize;
 use tokio::sync::{watch, Mutex};
 
 use crate::color::Color;
+use crate::config::rules::RuleSpec;
 use crate::config::{BackendAddr, Config, ConfigErrors, ServiceConfig};
 use crate::control_plane::admin::auth::Tokens;
 use crate::control_plane::state::{
@@ -34,7 +35,7 @@ use crate::control_plane::state::{
 };
 use crate::control_plane::store::{StateStore, StoreError};
 use crate::data_plane::backend::{now_ms, Backend, Health};
-use crate::data_plane::routing::{Pool, Route, Service, Settings, Snapshot};
+use crate::data_plane::routing::{Pool, Route, Rule, Service, Settings, Snapshot};
 use crate::data_plane::tls::{ServerTls, UpstreamTls};
 use crate::metrics::Metrics;
 use crate::weights::Weights;
@@ -112,6 +113,8 @@ pub(crate) struct ServiceView {
     pub(crate) generation: u64,
     /// Pools and backends with health.
     pub(crate) pools: PoolsView,
+    /// Targeting rules, in order (SPEC §8).
+    pub(crate) rules: Vec<RuleSpec>,
 }
 
 impl ServiceView {
@@ -145,6 +148,7 @@ impl ServiceView {
                 blue: pool(Color::Blue),
                 green: pool(Color::Green),
             },
+            rules: route.rules.iter().map(|r| r.spec.clone()).collect(),
         }
     }
 }
@@ -277,6 +281,16 @@ impl Control {
         self.table.load().route(name).map(ServiceView::of)
     }
 
+    /// The rules of a service and the generation they belong to.
+    pub(crate) fn rules(&self, name: &str) -> Option<(Vec<RuleSpec>, u64)> {
+        let snap = self.table.load();
+        let route = snap.route(name)?;
+        Some((
+            route.rules.iter().map(|r| r.spec.clone()).collect(),
+            route.generation,
+        ))
+    }
+
     /// History of a service, newest first.
     pub(crate) async fn history(&self, name: &str) -> Option<Vec<HistoryEntry>> {
         let inner = self.inner.lock().await;
@@ -309,6 +323,19 @@ impl Control {
             Outcome::Changed(next) => next,
         };
         let (generation, weights) = (next.generation, next.weights);
+        let gone_rules: Vec<String> = inner
+            .state
+            .services
+            .get(service)
+            .map(|old| {
+                old.rules
+                    .rules
+                    .iter()
+                    .filter(|r| !next.rules.rules.iter().any(|n| n.name == r.name))
+                    .map(|r| r.name.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
         // The other services as they are, this one as `apply` made it (its
         // old history is not copied only to be replaced).
         let mut new_state = RoutingState {
@@ -331,6 +358,9 @@ impl Control {
         drop(inner);
         self.metrics.set_weights(service, weights);
         self.metrics.routing_change(service, cmd.action().as_str());
+        for rule in gone_rules {
+            self.metrics.forget_rule(service, &rule);
+        }
         tracing::info!(
             service,
             action = cmd.action().as_str(),
@@ -475,12 +505,14 @@ async fn save(
     }
 }
 
-/// Does a service config differ in anything but its backend lists?
+/// Does a service config differ in anything but its backend lists and
+/// rules (both routing state)?
 fn same_static_part(a: &ServiceConfig, b: &ServiceConfig) -> bool {
     let strip = |s: &ServiceConfig| {
         let mut s = s.clone();
         s.blue.clear();
         s.green.clear();
+        s.rules.clear();
         s.line = 0;
         s
     };
@@ -594,12 +626,21 @@ fn build(
         let (Some(blue), Some(green)) = (blue, green) else {
             continue;
         };
+        let mut rules = Vec::with_capacity(st.rules.rules.len());
+        for spec in &st.rules.rules {
+            let counter = metrics.rule_matches(&svc.name, &spec.name);
+            match Rule::compile(spec, counter) {
+                Ok(r) => rules.push(r),
+                Err(e) => errors.push(format!("service \"{}\": {e}", svc.name)),
+            }
+        }
         routes.push((
             Route {
                 service: Arc::clone(&rt.service),
                 weights: st.weights,
                 generation: st.generation,
                 pools: [blue, green],
+                rules: rules.into_boxed_slice(),
             },
             svc.hosts.clone(),
             svc.path_prefix.clone(),

@@ -23,11 +23,13 @@ use hyper::body::Incoming;
 use serde_json::{json, Map, Value};
 
 use crate::color::Color;
+use crate::config::rules::{check_rules, RuleSpec, MAX_RULES};
 use crate::config::BackendAddr;
 use crate::control_plane::control::{Control, ControlError, ReloadError};
 use crate::control_plane::state::{ChangeMeta, Command, CommandError};
 use crate::metrics::Metrics;
 use crate::weights::Weights;
+use serde::Deserialize;
 
 /// Largest admin request body.
 pub(crate) const MAX_BODY: usize = 1 << 20;
@@ -119,7 +121,7 @@ impl AdminError {
             AdminError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             AdminError::Control(ControlError::Command(c)) => match c {
                 CommandError::UnknownService(_) => StatusCode::NOT_FOUND,
-                CommandError::BadField { .. } => StatusCode::BAD_REQUEST,
+                CommandError::BadField { .. } | CommandError::BadRule(_) => StatusCode::BAD_REQUEST,
                 CommandError::NoHealthyBackend(_)
                 | CommandError::PoolTakesTraffic { .. }
                 | CommandError::NothingToRollBack => StatusCode::CONFLICT,
@@ -153,6 +155,7 @@ impl AdminError {
             AdminError::Control(ControlError::Command(c)) => match c {
                 CommandError::UnknownService(_) => "unknown_service",
                 CommandError::BadField { .. } => "invalid_field",
+                CommandError::BadRule(_) => "invalid_rule",
                 CommandError::NoHealthyBackend(_) => "no_healthy_backend",
                 CommandError::PoolTakesTraffic { .. } => "pool_takes_traffic",
                 CommandError::StaleGeneration { .. } => "stale_generation",
@@ -175,6 +178,7 @@ impl AdminError {
             | AdminError::Control(ControlError::Command(CommandError::BadField {
                 field, ..
             })) => Some(field),
+            AdminError::Control(ControlError::Command(CommandError::BadRule(_))) => Some("rules"),
             _ => None,
         }
     }
@@ -302,6 +306,21 @@ impl Admin {
                 .map(|h| json_response(StatusCode::OK, &h))
                 .ok_or_else(|| unknown_service(name)),
             (["services", _, "history"], _) => Err(AdminError::MethodNotAllowed("GET")),
+            (["services", name, "rules"], &Method::GET) => self
+                .control
+                .rules(name)
+                .map(|(rules, generation)| {
+                    json_response(
+                        StatusCode::OK,
+                        &json!({ "rules": rules, "generation": generation }),
+                    )
+                })
+                .ok_or_else(|| unknown_service(name)),
+            (["services", name, "rules"], &Method::PUT) => {
+                let name = name.to_string();
+                self.mutate(req, &name, actor, decode_rules).await
+            }
+            (["services", _, "rules"], _) => Err(AdminError::MethodNotAllowed("GET, PUT")),
             (["services", name, action @ ("switch" | "split" | "rollback")], &Method::POST) => {
                 let name = name.to_string();
                 let action = *action;
@@ -429,7 +448,8 @@ fn parse_object(bytes: &[u8]) -> Result<Map<String, Value>, AdminError> {
 }
 
 /// Decodes a mutation body exactly as the API does, without applying it:
-/// `action` is `switch`, `split`, `rollback`, `pools/blue` or `pools/green`.
+/// `action` is `switch`, `split`, `rollback`, `pools/blue`, `pools/green`
+/// or `rules`.
 /// The error is `(status, code, message)`. For property tests and fuzzing;
 /// never panics.
 pub fn decode_mutation(
@@ -447,6 +467,7 @@ pub fn decode_mutation(
         "rollback" => decode_rollback(&map),
         "pools/blue" => decode_pool(&map, Color::Blue),
         "pools/green" => decode_pool(&map, Color::Green),
+        "rules" => decode_rules(&map),
         _ => Err(AdminError::NoSuchPath(action.to_string())),
     }
     .map_err(refuse)
@@ -628,6 +649,50 @@ fn decode_pool(
         },
         get_reason(body)?,
     ))
+}
+
+/// `{"rules":[{name, match, to, fallback}], "reason"?}`. Each rule is
+/// decoded strictly (unknown fields refused) and checked; the first problem
+/// names the rule and, if one is at fault, the condition.
+fn decode_rules(body: &Map<String, Value>) -> Result<(Command, Option<String>), AdminError> {
+    only(body, "rules, reason")?;
+    let list = match body.get("rules") {
+        None => {
+            return Err(AdminError::field(
+                "rules",
+                "missing (a list of rules; [] for none)",
+            ))
+        }
+        Some(Value::Array(a)) => a,
+        Some(v) => {
+            return Err(AdminError::field(
+                "rules",
+                format!("expected a list of rules, got {v}"),
+            ))
+        }
+    };
+    if list.len() > MAX_RULES {
+        return Err(AdminError::field(
+            "rules",
+            format!("more than {MAX_RULES} rules"),
+        ));
+    }
+    let mut rules = Vec::with_capacity(list.len());
+    for (i, v) in list.iter().enumerate() {
+        let label = v
+            .get("name")
+            .and_then(Value::as_str)
+            .map_or_else(|| format!("#{i}"), |n| format!("{n:?}"));
+        let rule = RuleSpec::deserialize(v)
+            .map_err(|e| AdminError::field("rules", format!("[{i}] (rule {label}): {e}")))?;
+        rules.push(rule);
+    }
+    if let Some(e) = check_rules(&rules).into_iter().next() {
+        return Err(AdminError::Control(ControlError::Command(
+            CommandError::BadRule(e),
+        )));
+    }
+    Ok((Command::SetRules { rules }, get_reason(body)?))
 }
 
 #[cfg(test)]
