@@ -228,6 +228,7 @@ fn json_body() -> impl Strategy<Value = Vec<u8>> {
         "blue",
         "to_generation",
         "backends",
+        "rules",
         "colour",
         "",
     ]);
@@ -245,7 +246,7 @@ proptest! {
 
     #[test]
     fn admin_decoding_never_panics_and_accepts_only_sane_commands(
-        action in prop::sample::select(vec!["switch", "split", "rollback", "pools/blue", "pools/green", "nope"]),
+        action in prop::sample::select(vec!["switch", "split", "rollback", "pools/blue", "pools/green", "rules", "nope"]),
         body in json_body(),
     ) {
         match switchyard::testing::admin::decode_mutation(action, &body) {
@@ -263,6 +264,13 @@ proptest! {
                     }
                     Command::Rollback { to_generation } => prop_assert!(to_generation != Some(0)),
                     Command::Switch { .. } => prop_assert_eq!(action, "switch"),
+                    // Only a list every rule of which passed the checks.
+                    Command::SetRules { rules } => {
+                        prop_assert_eq!(action, "rules");
+                        for r in &rules {
+                            prop_assert!(!r.conditions.is_empty());
+                        }
+                    }
                 }
             }
             Err((status, code, message)) => {
