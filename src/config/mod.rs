@@ -28,7 +28,7 @@ pub(crate) mod rules;
 
 use rules::RuleSpec;
 
-/// A validated configuration. Built only by [`parse`] (or [`Config::demo`]).
+/// A validated configuration. Built only by [`parse`] (or `Config::demo`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     /// `[proxy]`: listeners, timeouts and limits of the data plane.
