@@ -27,7 +27,8 @@
 //!    the one place an error becomes a response; `forward` reads top to
 //!    bottom: framing checks, host, service, pool, head rewrite, upstream.
 //! 3. `data_plane::routing`: service (host, then longest prefix), pool
-//!    (preview header, sticky bucket, weights), backend (balance, failover).
+//!    (preview header, targeting rules, sticky bucket, weights), backend
+//!    (balance, failover).
 //! 4. `Proxy::send` in `data_plane::proxy`: the attempt loop (retries under a budget,
 //!    checkout from `data_plane::backend`, ejection, failover accounting).
 //! 5. `data_plane::exchange`: the response body streams back; when it ends,

@@ -337,6 +337,11 @@ async fn rules_change_through_the_api_with_if_match_history_persistence_and_rest
         (&h[0]["action"], &h[0]["actor"]),
         (&json!("rules"), &json!("config"))
     );
+    // The removed rule's series is gone, the new one's is there.
+    let series = |r: &str| format!("switchyard_rule_matches_total{{rule=\"{r}\",service=\"web\"}}");
+    let m = admin.metrics().await;
+    assert_eq!(metric(&m, &series("beta")), None, "{m}");
+    assert_eq!(metric(&m, &series("office")), Some(1.0), "{m}");
 
     // An empty list turns them off in one call.
     let (s, v) = admin
@@ -344,6 +349,8 @@ async fn rules_change_through_the_api_with_if_match_history_persistence_and_rest
         .await;
     assert_eq!(s, StatusCode::OK, "{v}");
     assert_eq!(get_status_pool(&client, &url, &[]).await.1, "blue");
+    let m = admin.metrics().await;
+    assert_eq!(metric(&m, &series("office")), None, "{m}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

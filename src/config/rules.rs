@@ -136,9 +136,11 @@ impl Condition {
             return Err(format!("longer than {MAX_CONDITION_BYTES} bytes"));
         }
         let Some((form, rest)) = s.split_once(':') else {
-            return Err("expected FORM:ARGUMENT with FORM one of header, cookie, query, \
+            return Err(
+                "expected FORM:ARGUMENT with FORM one of header, cookie, query, \
                  client, path_prefix; found no `:`"
-                .to_string());
+                    .to_string(),
+            );
         };
         let boxed = |v: Option<&str>| v.map(|v| Box::<[u8]>::from(v.as_bytes()));
         let check_value = |v: Option<&str>| match v {

@@ -435,8 +435,25 @@ impl Control {
             .filter(|k| !new_state.services.contains_key(*k))
             .cloned()
             .collect();
+        // Match counters of rules the reload removed (or whose service left).
+        let gone_rules: Vec<(String, String)> = inner
+            .state
+            .services
+            .iter()
+            .flat_map(|(name, old)| {
+                let kept = new_state.services.get(name).map(|s| &s.rules.rules);
+                old.rules
+                    .rules
+                    .iter()
+                    .filter(move |r| !kept.is_some_and(|k| k.iter().any(|n| n.name == r.name)))
+                    .map(move |r| (name.clone(), r.name.clone()))
+            })
+            .collect();
         inner.state = new_state;
         self.publish(snapshot);
+        for (name, rule) in &gone_rules {
+            self.metrics.forget_rule(name, rule);
+        }
         for (name, s) in &inner.state.services {
             self.metrics.set_weights(name, s.weights);
         }
