@@ -5,7 +5,10 @@
 //!
 //! Compares: each step alone and the whole decision; one service vs ten
 //! (exact hosts, wildcards, prefixes); a fresh random bucket vs a sticky
-//! cookie; round robin vs least request (power of two choices).
+//! cookie; round robin vs least request (power of two choices); and the
+//! targeting rules (SPEC §8): no rules vs ten rules that all miss (every
+//! condition of every rule is evaluated, the worst case) vs ten where the
+//! last matches.
 //!
 //! `cargo bench --bench routing`
 
@@ -15,8 +18,54 @@ use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use http::{HeaderMap, HeaderValue};
+use switchyard::testing::color::Color;
+use switchyard::testing::config::RuleSpec;
 use switchyard::testing::metrics::Metrics;
-use switchyard::testing::routing::{choose_pool, pick_backend};
+use switchyard::testing::routing::{choose_pool, pick_backend, RequestFacts, Route, Rule};
+
+/// Ten realistic rules (two conditions each, every form) of which none
+/// matches the browser request below, unless `last_matches`.
+fn ten_rules(m: &Metrics, last_matches: bool) -> Box<[Rule]> {
+    let conds: [[&str; 2]; 10] = [
+        ["header:x-beta=1", "cookie:plan=pro"],
+        ["cookie:plan=enterprise", "query:tenant=acme"],
+        ["client:10.0.0.0/8", "path_prefix:/admin"],
+        ["header:x-employee", "client:192.168.0.0/16"],
+        ["query:canary=1", "header:user-agent=curl/8"],
+        ["cookie:cohort=b", "path_prefix:/api"],
+        ["client:2001:db8::/32", "header:x-beta"],
+        ["header:x-tenant=acme", "query:debug"],
+        ["cookie:session=zzz", "client:172.16.0.0/12"],
+        ["path_prefix:/beta", "header:x-ring=0"],
+    ];
+    conds
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let mut conditions: Vec<String> = c.iter().map(|s| s.to_string()).collect();
+            if last_matches && i == 9 {
+                conditions = vec!["cookie:theme=dark".into(), "client:203.0.113.0/24".into()];
+            }
+            let spec = RuleSpec {
+                name: format!("rule-{i}"),
+                conditions,
+                to: Color::Green,
+                fallback: false,
+            };
+            Rule::compile(&spec, m.rule_matches("bench", &spec.name)).expect("rule")
+        })
+        .collect()
+}
+
+fn with_rules(base: &Route, rules: Box<[Rule]>) -> Route {
+    Route {
+        service: base.service.clone(),
+        weights: base.weights,
+        generation: base.generation,
+        pools: base.pools.clone(),
+        rules,
+    }
+}
 
 fn bench(c: &mut Criterion) {
     let m = Metrics::new();
@@ -28,6 +77,13 @@ fn bench(c: &mut Criterion) {
         http::header::COOKIE,
         HeaderValue::from_static("session=abc123; switchyard_bucket=4242; theme=dark"),
     );
+
+    let uri: http::Uri = "/index.html?utm_source=news".parse().expect("uri");
+    let client = std::net::IpAddr::from([203, 0, 113, 9]);
+    let plain_facts = RequestFacts::new(&plain, &uri, client);
+    let sticky_facts = RequestFacts::new(&sticky, &uri, client);
+    let plain = plain_facts;
+    let sticky = sticky_facts;
 
     let mut g = c.benchmark_group("routing");
     g.bench_function("find/1 service", |b| {
@@ -81,6 +137,25 @@ fn bench(c: &mut Criterion) {
             black_box(pick_backend(r, &mut ch, &[]).map(|b| b.in_flight()))
         })
     });
+    // Targeting rules: the same decision (sticky cookie, so the bucket is
+    // not random) on a route without rules, with ten that all miss, and
+    // with ten whose last one matches.
+    let base = single.find("www.example.org", "/").expect("route");
+    let none = with_rules(base, Box::new([]));
+    let ten_miss = with_rules(base, ten_rules(&m, false));
+    let ten_last = with_rules(base, ten_rules(&m, true));
+    for (label, r) in [
+        ("rules/none", &none),
+        ("rules/10, none match", &ten_miss),
+        ("rules/10, last matches", &ten_last),
+    ] {
+        g.bench_function(label, |b| {
+            b.iter(|| {
+                let mut ch = choose_pool(r, black_box(&sticky));
+                black_box(pick_backend(r, &mut ch, &[]).map(|b| b.in_flight()))
+            })
+        });
+    }
     g.finish();
 }
 

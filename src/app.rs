@@ -37,7 +37,7 @@ pub struct StartOptions {
     /// moved aside, not deleted).
     pub ignore_state: bool,
     /// Worker runtimes to serve client connections on, each with its own
-    /// `SO_REUSEPORT` listener ([`crate::data_plane::workers`]). Empty: serve on the
+    /// `SO_REUSEPORT` listener (`crate::data_plane::workers`). Empty: serve on the
     /// calling runtime.
     pub workers: Vec<tokio::runtime::Handle>,
 }

@@ -20,14 +20,15 @@
 //!
 //! # The request path, in the order a request meets it
 //!
-//! 1. [`data_plane::server`]: accept, tell HTTP/1.1 from h2c (or ALPN after
+//! 1. `data_plane::server`: accept, tell HTTP/1.1 from h2c (or ALPN after
 //!    TLS), run the hyper connection beside the connection timer of
-//!    [`data_plane::conn`] (header-read and idle timeouts, parking).
-//! 2. [`data_plane::proxy`]: `Proxy::handle` loads the snapshot once and is
+//!    `data_plane::conn` (header-read and idle timeouts, parking).
+//! 2. `data_plane::proxy`: `Proxy::handle` loads the snapshot once and is
 //!    the one place an error becomes a response; `forward` reads top to
 //!    bottom: framing checks, host, service, pool, head rewrite, upstream.
 //! 3. [`data_plane::routing`]: service (host, then longest prefix), pool
-//!    (preview header, sticky bucket, weights), backend (balance, failover).
+//!    (preview header, targeting rules, sticky bucket, weights), backend
+//!    (balance, failover).
 //! 4. `data_plane::upstream`: the attempt loop (retries under a budget,
 //!    checkout from [`data_plane::backend`], ejection, failover accounting).
 //! 5. [`data_plane::exchange`]: the response body streams back; when it ends,
@@ -36,12 +37,12 @@
 //! # Where things are
 //!
 //! - [`cli`]: argument parsing, `check`, `run`, `demo`, `ctl`.
-//! - [`config`]: TOML → validated [`config::Config`], every error with its line.
-//! - [`control_plane`]: state and its pure `apply`, `store`, `control`
+//! - `config`: TOML → validated `config::Config`, every error with its line.
+//! - `control_plane`: state and its pure `apply`, `store`, `control`
 //!   (apply → persist → publish; reload), `admin` (API, auth).
-//! - [`data_plane`]: listeners, connections, proxy, upstream, routing,
+//! - `data_plane`: listeners, connections, proxy, upstream, routing,
 //!   backends, health, TLS, the HTTP/1 framing guard.
-//! - [`app`]: startup and shutdown wiring of the two planes.
+//! - `app`: startup and shutdown wiring of the two planes.
 
 // Input from outside never reaches an unwrap (tests may unwrap freely).
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]

@@ -19,7 +19,7 @@ const DURATION_BUCKETS: &[f64] = &[
 ];
 
 /// `action` values of `switchyard_routing_changes_total` (SPEC §5).
-const ROUTING_ACTIONS: [&str; 4] = ["switch", "split", "rollback", "pool"];
+const ROUTING_ACTIONS: [&str; 5] = ["switch", "split", "rollback", "pool", "rules"];
 
 /// Kinds of upstream error (`kind` label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,6 +63,8 @@ pub struct Metrics {
     pool_weight: prometheus::GaugeVec,
     routing_changes: IntCounterVec,
     failovers: IntCounterVec,
+    /// `switchyard_rule_matches_total{service,rule}` (SPEC §8).
+    rule_matches: IntCounterVec,
     /// `switchyard_open_connections{listener}`.
     pub(crate) open_connections: IntGaugeVec,
     config_reloads: IntCounterVec,
@@ -143,6 +145,11 @@ impl Metrics {
             "Requests sent to the other pool because theirs had no healthy backend.",
             &["service", "from"],
         );
+        let rule_matches = counter(
+            "switchyard_rule_matches_total",
+            "Requests whose conditions all held for a targeting rule (the first such rule).",
+            &["service", "rule"],
+        );
         let open_connections = gauge(
             "switchyard_open_connections",
             "Open client connections, by listener.",
@@ -192,6 +199,7 @@ impl Metrics {
             pool_weight,
             routing_changes,
             failovers,
+            rule_matches,
             open_connections,
             config_reloads,
             unmatched,
@@ -276,6 +284,17 @@ impl Metrics {
         self.config_reloads
             .with_label_values(&[if ok { "ok" } else { "error" }])
             .inc();
+    }
+
+    /// The match counter of one rule (looked up when a snapshot is built,
+    /// not per request).
+    pub fn rule_matches(&self, service: &str, rule: &str) -> IntCounter {
+        self.rule_matches.with_label_values(&[service, rule])
+    }
+
+    /// Drops the match counter of a rule that is gone.
+    pub(crate) fn forget_rule(&self, service: &str, rule: &str) {
+        let _ = self.rule_matches.remove_label_values(&[service, rule]);
     }
 
     /// Drops every series of a service that left the config.

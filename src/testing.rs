@@ -21,6 +21,7 @@ pub mod color {
 }
 
 pub mod config {
+    pub use crate::config::rules::RuleSpec;
     pub use crate::config::{
         load, parse, BackendAddr, Balance, Config, FileError, FileErrors, HostPattern,
         PreviewConfig, StickyConfig,
@@ -43,7 +44,8 @@ pub mod metrics {
 
 pub mod routing {
     pub use crate::data_plane::routing::{
-        choose_pool, pick_backend, Decision, Pool, Route, Service, Settings, Snapshot,
+        choose_pool, pick_backend, Decision, Pool, RequestFacts, Route, Rule, Service, Settings,
+        Snapshot,
     };
 }
 

@@ -18,7 +18,7 @@ use switchyard::testing::config::{
 use switchyard::testing::h1guard::{Finding, H1Guard};
 use switchyard::testing::metrics::Metrics;
 use switchyard::testing::routing::{
-    choose_pool, pick_backend, Decision, Pool, Route, Service, Settings, Snapshot,
+    choose_pool, pick_backend, Decision, Pool, RequestFacts, Route, Service, Settings, Snapshot,
 };
 use switchyard::testing::state::{Command, Weights};
 
@@ -228,6 +228,7 @@ fn json_body() -> impl Strategy<Value = Vec<u8>> {
         "blue",
         "to_generation",
         "backends",
+        "rules",
         "colour",
         "",
     ]);
@@ -245,7 +246,7 @@ proptest! {
 
     #[test]
     fn admin_decoding_never_panics_and_accepts_only_sane_commands(
-        action in prop::sample::select(vec!["switch", "split", "rollback", "pools/blue", "pools/green", "nope"]),
+        action in prop::sample::select(vec!["switch", "split", "rollback", "pools/blue", "pools/green", "rules", "nope"]),
         body in json_body(),
     ) {
         match switchyard::testing::admin::decode_mutation(action, &body) {
@@ -263,6 +264,13 @@ proptest! {
                     }
                     Command::Rollback { to_generation } => prop_assert!(to_generation != Some(0)),
                     Command::Switch { .. } => prop_assert_eq!(action, "switch"),
+                    // Only a list every rule of which passed the checks.
+                    Command::SetRules { rules } => {
+                        prop_assert_eq!(action, "rules");
+                        for r in &rules {
+                            prop_assert!(!r.conditions.is_empty());
+                        }
+                    }
                 }
             }
             Err((status, code, message)) => {
@@ -311,6 +319,7 @@ fn route(m: &Metrics, name: &str, green_bp: u16, token: Option<&str>, healthy: [
             ])),
             Arc::new(Pool::new(vec![backend(m, 3, healthy[2])])),
         ],
+        rules: Box::new([]),
     }
 }
 
@@ -398,7 +407,13 @@ proptest! {
                 h.append(http::header::COOKIE, v);
             }
         }
-        let mut choice = choose_pool(&r, &h);
+        let facts = RequestFacts {
+            headers: &h,
+            path: "/",
+            query: None,
+            client: std::net::IpAddr::from([127, 0, 0, 1]),
+        };
+        let mut choice = choose_pool(&r, &facts);
         if let Some(b) = choice.bucket {
             prop_assert!(b < 10_000);
             if choice.decision != Decision::Preview {

@@ -47,6 +47,7 @@ pub fn route(m: &Metrics, name: &str, green_pct: f64, per_pool: u16, balance: Ba
         weights: Weights::from_green_percent(green_pct).expect("weights"),
         generation: 1,
         pools: [pool(Color::Blue, 10_000), pool(Color::Green, 20_000)],
+        rules: Box::new([]),
     }
 }
 

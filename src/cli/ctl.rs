@@ -104,6 +104,15 @@ pub(crate) enum CtlCommand {
         #[arg(long)]
         force: bool,
     },
+    /// Show the targeting rules of a service, or replace them with
+    /// `--set FILE.json` (`{"rules":[…]}` or a bare `[…]`; `[]` removes all).
+    Rules {
+        /// Service name.
+        service: String,
+        /// Replace the rules with the list in this JSON file.
+        #[arg(long, value_name = "FILE.json")]
+        set: Option<std::path::PathBuf>,
+    },
     /// Routing history of a service, newest first.
     History {
         /// Service name.
@@ -235,6 +244,17 @@ async fn run_inner(args: &CtlArgs, config: Option<&std::path::Path>) -> Result<S
             Some(with_reason(json!({ "backends": backends, "force": force }))),
         ),
         CtlCommand::History { service } => (Method::GET, service_path(service) + "/history", None),
+        CtlCommand::Rules { service, set: None } => {
+            (Method::GET, service_path(service) + "/rules", None)
+        }
+        CtlCommand::Rules {
+            service,
+            set: Some(file),
+        } => (
+            Method::PUT,
+            service_path(service) + "/rules",
+            Some(with_reason(read_rules_file(file)?)),
+        ),
         CtlCommand::Reload => (Method::POST, "/api/v1/reload".to_string(), None),
         CtlCommand::WaitHealthy {
             service,
@@ -250,6 +270,10 @@ async fn run_inner(args: &CtlArgs, config: Option<&std::path::Path>) -> Result<S
     Ok(match &args.command {
         CtlCommand::Status { service: None } => services_table(&value),
         CtlCommand::History { .. } => history_table(&value),
+        CtlCommand::Rules { set: None, .. } => rules_table(&value),
+        CtlCommand::Rules { set: Some(_), .. } => {
+            format!("{}{}", service_table(&value), rules_table(&value))
+        }
         CtlCommand::Reload => format!(
             "reloaded\n{}",
             services_table(value.get("services").unwrap_or(&Value::Null))
@@ -654,6 +678,61 @@ fn services_table(v: &Value) -> String {
         .map(service_table)
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+/// `{"rules":[…]}` from a file holding that object or a bare list.
+fn read_rules_file(path: &std::path::Path) -> Result<Value, Failure> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Failure::Usage(format!("--set {}: {e}", path.display())))?;
+    let v: Value = serde_json::from_str(&text)
+        .map_err(|e| Failure::Usage(format!("--set {}: invalid JSON: {e}", path.display())))?;
+    match v {
+        Value::Array(_) => Ok(json!({ "rules": v })),
+        Value::Object(ref m) if m.contains_key("rules") => {
+            Ok(json!({ "rules": m.get("rules").cloned().unwrap_or(Value::Null) }))
+        }
+        _ => Err(Failure::Usage(format!(
+            "--set {}: expected {{\"rules\":[...]}} or a JSON list of rules",
+            path.display()
+        ))),
+    }
+}
+
+/// The rules of a service (the `rules` list of a rules answer or a
+/// service object), one per line in order.
+fn rules_table(v: &Value) -> String {
+    let list = v["rules"].as_array().map(Vec::as_slice).unwrap_or_default();
+    if list.is_empty() {
+        return "no rules (traffic follows the weights)\n".into();
+    }
+    let mut rows = vec![vec![
+        "#".to_string(),
+        "RULE".into(),
+        "TO".into(),
+        "FALLBACK".into(),
+        "MATCH (all of)".into(),
+    ]];
+    for (i, r) in list.iter().enumerate() {
+        let conds: Vec<&str> = r["match"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+            .iter()
+            .filter_map(Value::as_str)
+            .collect();
+        rows.push(vec![
+            (i + 1).to_string(),
+            text(&r["name"], "?").to_string(),
+            text(&r["to"], "?").to_string(),
+            if r["fallback"].as_bool() == Some(true) {
+                "weights".into()
+            } else {
+                "503".into()
+            },
+            conds.join("  "),
+        ]);
+    }
+    columns(&rows, "")
 }
 
 fn history_table(v: &Value) -> String {

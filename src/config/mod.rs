@@ -24,7 +24,11 @@ use toml::Spanned;
 
 use crate::color::Color;
 
-/// A validated configuration. Built only by [`parse`] (or [`Config::demo`]).
+pub(crate) mod rules;
+
+use rules::RuleSpec;
+
+/// A validated configuration. Built only by [`parse`] (or `Config::demo`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     /// `[proxy]`: listeners, timeouts and limits of the data plane.
@@ -122,6 +126,8 @@ pub struct ServiceConfig {
     pub(crate) sticky: StickyConfig,
     /// `[service.preview]`; defaults to header `x-switchyard-pool`, no token.
     pub(crate) preview: PreviewConfig,
+    /// `[[service.rule]]`, in order (SPEC §8).
+    pub rules: Vec<RuleSpec>,
     /// Line of `[[service]]` in the file (0 for built-in configs).
     pub(crate) line: usize,
 }
@@ -503,6 +509,7 @@ impl ServiceConfig {
             health: None,
             sticky: StickyConfig::default(),
             preview: PreviewConfig::default(),
+            rules: Vec::new(),
             line,
         }
     }
@@ -550,7 +557,7 @@ const PROXY_KEYS: &str = "listen tls_listen tls workers connect_timeout request_
     idle_timeout header_read_timeout max_request_header_bytes drain_timeout add_pool_header \
     access_log";
 const SERVICE_KEYS: &str = "name hosts path_prefix initial balance upstream_ca \
-    upstream_insecure_skip_verify blue green health sticky preview";
+    upstream_insecure_skip_verify blue green health sticky preview rule";
 const HEALTH_KEYS: &str = "path interval timeout unhealthy_after healthy_after";
 
 /// Parses config text. On error returns every problem found, sorted by line.
@@ -967,6 +974,7 @@ fn parse_service(
         );
         svc.preview.token = p.get_with("token", check_preview_token);
     }
+    svc.rules = parse_rules(&s);
 
     if let (Some(name), Some(v)) = (name, s.value("name")) {
         if let Some(first) = seen.names.get(&name) {
@@ -998,6 +1006,99 @@ fn parse_service(
         svc.path_prefix = prefix;
     }
     svc
+}
+
+/// `[[service.rule]]`: each rule checked alone (at its own line, every
+/// problem), then the names for duplicates. Only a fully valid list is kept.
+fn parse_rules(s: &Section) -> Vec<RuleSpec> {
+    let mut out = Vec::new();
+    let mut ok = true;
+    let mut names: Vec<(String, usize)> = Vec::new();
+    let tables = s.tables("rule");
+    if tables.len() > rules::MAX_RULES {
+        if let Some(v) = s.value("rule") {
+            s.fail(
+                "rule",
+                &v.span(),
+                format!("more than {} rules", rules::MAX_RULES),
+            );
+        }
+        return out;
+    }
+    for (i, table, span) in tables {
+        let line = s.cx.line(&span);
+        let mut r = Section::new(s.cx, table, span, s.who.clone());
+        r.path = format!("rule[{i}]");
+        r.check_keys("[[service.rule]]", "name match to fallback");
+        r.require(&["name", "match", "to"]);
+        let name = r.get_with("name", |n| rules::check_name(n).map(|()| n.to_string()));
+        let conditions = match r.typed("match", "an array of strings", DeValue::as_array) {
+            None => None,
+            Some((items, _)) => {
+                let mut list = Vec::new();
+                for (j, item) in items.iter().enumerate() {
+                    match item.get_ref().as_str() {
+                        Some(c) => list.push(c.to_string()),
+                        None => r.wrong_type(&format!("match[{j}]"), item, "a string"),
+                    }
+                }
+                (list.len() == items.len()).then_some(list)
+            }
+        };
+        let to = r.get_with("to", |c| {
+            parse_color(c).map_err(|_| format!("unknown pool {c:?} (blue or green)"))
+        });
+        let fallback = r.get_bool("fallback").unwrap_or(false);
+        let (Some(name), Some(conditions), Some(to)) = (name, conditions, to) else {
+            ok = false;
+            continue;
+        };
+        let spec = RuleSpec {
+            name,
+            conditions,
+            to,
+            fallback,
+        };
+        for e in rules::check_rule(i, &spec) {
+            // Point at the condition's own line when one is at fault.
+            let at = match (
+                &e.condition,
+                r.value("match").and_then(|v| v.get_ref().as_array()),
+            ) {
+                (Some(c), Some(items)) => items
+                    .iter()
+                    .find(|it| {
+                        it.get_ref()
+                            .as_str()
+                            .is_some_and(|x| x.starts_with(c.as_str()))
+                    })
+                    .map_or_else(|| r.span.clone(), Spanned::span),
+                _ => r
+                    .value("match")
+                    .map_or_else(|| r.span.clone(), Spanned::span),
+            };
+            s.cx.error(&at, format!("{}{e}", s.who));
+            ok = false;
+        }
+        if let Some((_, first)) = names.iter().find(|(n, _)| *n == spec.name) {
+            let at = r
+                .value("name")
+                .map_or_else(|| r.span.clone(), Spanned::span);
+            let message = format!(
+                "{}rule {:?}: duplicate name (first defined at line {first})",
+                s.who, spec.name
+            );
+            s.cx.error(&at, message);
+            ok = false;
+        }
+        names.push((spec.name.clone(), line));
+        out.push(spec);
+    }
+    if ok {
+        out
+    } else {
+        Vec::new()
+    }
 }
 
 fn parse_socket_addr(s: &str) -> Result<SocketAddr, String> {

@@ -31,6 +31,7 @@ use serde::Serialize;
 use tokio::sync::{watch, Mutex};
 
 use crate::color::Color;
+use crate::config::rules::RuleSpec;
 use crate::config::{BackendAddr, Config, ConfigErrors, FileError, FileErrors, ServiceConfig};
 use crate::control_plane::admin::auth::Tokens;
 use crate::control_plane::files::{upstream_ca_error, LoadedFiles};
@@ -39,7 +40,7 @@ use crate::control_plane::state::{
 };
 use crate::control_plane::store::{StateStore, StoreError};
 use crate::data_plane::backend::{now_ms, Backend, Health};
-use crate::data_plane::routing::{Pool, Route, Service, Settings, Snapshot};
+use crate::data_plane::routing::{Pool, Route, Rule, Service, Settings, Snapshot};
 use crate::data_plane::tls::{ServerTls, UpstreamTls};
 use crate::metrics::Metrics;
 use crate::weights::Weights;
@@ -117,6 +118,8 @@ pub(crate) struct ServiceView {
     pub(crate) generation: u64,
     /// Pools and backends with health.
     pub(crate) pools: PoolsView,
+    /// Targeting rules, in order (SPEC §8).
+    pub(crate) rules: Vec<RuleSpec>,
 }
 
 impl ServiceView {
@@ -150,6 +153,7 @@ impl ServiceView {
                 blue: pool(Color::Blue),
                 green: pool(Color::Green),
             },
+            rules: route.rules.iter().map(|r| r.spec.clone()).collect(),
         }
     }
 }
@@ -287,6 +291,16 @@ impl Control {
         self.table.load().route(name).map(ServiceView::of)
     }
 
+    /// The rules of a service and the generation they belong to.
+    pub(crate) fn rules(&self, name: &str) -> Option<(Vec<RuleSpec>, u64)> {
+        let snap = self.table.load();
+        let route = snap.route(name)?;
+        Some((
+            route.rules.iter().map(|r| r.spec.clone()).collect(),
+            route.generation,
+        ))
+    }
+
     /// History of a service, newest first.
     pub(crate) async fn history(&self, name: &str) -> Option<Vec<HistoryEntry>> {
         let inner = self.inner.lock().await;
@@ -319,6 +333,19 @@ impl Control {
             Outcome::Changed(next) => next,
         };
         let (generation, weights) = (next.generation, next.weights);
+        let gone_rules: Vec<String> = inner
+            .state
+            .services
+            .get(service)
+            .map(|old| {
+                old.rules
+                    .rules
+                    .iter()
+                    .filter(|r| !next.rules.rules.iter().any(|n| n.name == r.name))
+                    .map(|r| r.name.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
         // The other services as they are, this one as `apply` made it (its
         // old history is not copied only to be replaced).
         let mut new_state = RoutingState {
@@ -347,6 +374,9 @@ impl Control {
         drop(inner);
         self.metrics.set_weights(service, weights);
         self.metrics.routing_change(service, cmd.action().as_str());
+        for rule in gone_rules {
+            self.metrics.forget_rule(service, &rule);
+        }
         tracing::info!(
             service,
             action = cmd.action().as_str(),
@@ -418,8 +448,25 @@ impl Control {
             .filter(|k| !new_state.services.contains_key(*k))
             .cloned()
             .collect();
+        // Match counters of rules the reload removed (or whose service left).
+        let gone_rules: Vec<(String, String)> = inner
+            .state
+            .services
+            .iter()
+            .flat_map(|(name, old)| {
+                let kept = new_state.services.get(name).map(|s| &s.rules.rules);
+                old.rules
+                    .rules
+                    .iter()
+                    .filter(move |r| !kept.is_some_and(|k| k.iter().any(|n| n.name == r.name)))
+                    .map(move |r| (name.clone(), r.name.clone()))
+            })
+            .collect();
         inner.state = new_state;
         self.publish(snapshot);
+        for (name, rule) in &gone_rules {
+            self.metrics.forget_rule(name, rule);
+        }
         for (name, s) in &inner.state.services {
             self.metrics.set_weights(name, s.weights);
         }
@@ -495,15 +542,17 @@ async fn save(
     }
 }
 
-/// Does a service config differ in anything but its backend lists (and
-/// the health check, which kept backends take over)? Then its `Service`
-/// (balance, sticky, preview, retry budget) is rebuilt.
+/// Does a service config differ in anything but its backend lists and
+/// rules (both routing state) and the health check (which kept backends
+/// take over)? Then its `Service` (balance, sticky, preview, retry budget)
+/// is rebuilt.
 fn same_static_part(a: &ServiceConfig, b: &ServiceConfig) -> bool {
     let strip = |s: &ServiceConfig| {
         let mut s = s.clone();
         s.blue.clear();
         s.green.clear();
         s.health = None;
+        s.rules.clear();
         s.line = 0;
         s
     };
@@ -661,12 +710,22 @@ impl Prepared {
             let (Some(blue), Some(green)) = (pools[0].take(), pools[1].take()) else {
                 continue;
             };
+            // Rules were validated by the config parser and by `apply`;
+            // one that still fails to compile is logged and left out.
+            let mut rules = Vec::with_capacity(st.rules.rules.len());
+            for spec in &st.rules.rules {
+                match Rule::compile(spec, metrics.rule_matches(&svc.name, &spec.name)) {
+                    Ok(r) => rules.push(r),
+                    Err(e) => tracing::error!(service = %svc.name, "rule left out: {e}"),
+                }
+            }
             routes.push((
                 Route {
                     service: Arc::clone(&service),
                     weights: st.weights,
                     generation: st.generation,
                     pools: [blue, green],
+                    rules: rules.into_boxed_slice(),
                 },
                 svc.hosts.clone(),
                 svc.path_prefix.clone(),

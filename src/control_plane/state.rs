@@ -16,6 +16,7 @@ use serde::ser::Serializer;
 use serde::{Deserialize, Serialize};
 
 use crate::color::Color;
+use crate::config::rules::{check_rules, RuleError, RuleSpec};
 use crate::config::{BackendAddr, Config, ServiceConfig};
 use crate::weights::{Live, Weights};
 
@@ -49,6 +50,8 @@ pub(crate) enum Action {
     Rollback,
     /// A pool's backends replaced (API, or config reload).
     Pool,
+    /// The targeting rules replaced (API, or config reload).
+    Rules,
 }
 
 impl Action {
@@ -60,6 +63,7 @@ impl Action {
             Action::Split => "split",
             Action::Rollback => "rollback",
             Action::Pool => "pool",
+            Action::Rules => "rules",
         }
     }
 }
@@ -75,6 +79,36 @@ pub(crate) struct PoolChange {
     /// Backends after.
     #[serde(with = "addr_list")]
     pub(crate) to: Vec<BackendAddr>,
+}
+
+/// The targeting rules of a service, and where they came from: the same
+/// precedence as [`PoolState`] (a change in the file wins, else the API's
+/// list stands).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct RulesState {
+    /// The rules in force, in order.
+    pub(crate) rules: Vec<RuleSpec>,
+    /// The config file's list when last reconciled with it.
+    pub(crate) config: Vec<RuleSpec>,
+}
+
+/// A rules replacement recorded in history: rule names before and after.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct RulesChange {
+    /// Names before.
+    pub(crate) from: Vec<String>,
+    /// Names after.
+    pub(crate) to: Vec<String>,
+}
+
+impl RulesChange {
+    fn of(from: &[RuleSpec], to: &[RuleSpec]) -> RulesChange {
+        let names = |l: &[RuleSpec]| l.iter().map(|r| r.name.clone()).collect();
+        RulesChange {
+            from: names(from),
+            to: names(to),
+        }
+    }
 }
 
 /// One accepted change.
@@ -97,6 +131,9 @@ pub(crate) struct HistoryEntry {
     /// For `pool` changes: which pool, old and new backends.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) pool: Option<PoolChange>,
+    /// For `rules` changes: rule names before and after.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) rules: Option<RulesChange>,
 }
 
 /// The dynamic state of one service.
@@ -113,6 +150,9 @@ pub(crate) struct ServiceState {
     pub(crate) pools: Pools,
     /// Oldest first (the API shows newest first).
     pub(crate) history: VecDeque<HistoryEntry>,
+    /// Targeting rules (absent from state files written before them).
+    #[serde(default)]
+    pub(crate) rules: RulesState,
 }
 
 /// The two pools of a service.
@@ -194,6 +234,11 @@ pub enum Command {
         /// Allow replacing a pool that takes traffic.
         force: bool,
     },
+    /// Replace the targeting rules.
+    SetRules {
+        /// The new list, in order (may be empty: no rules).
+        rules: Vec<RuleSpec>,
+    },
 }
 
 impl Command {
@@ -204,6 +249,7 @@ impl Command {
             Command::Split { .. } => Action::Split,
             Command::Rollback { .. } => Action::Rollback,
             Command::SetPool { .. } => Action::Pool,
+            Command::SetRules { .. } => Action::Rules,
         }
     }
 }
@@ -241,6 +287,9 @@ pub(crate) enum CommandError {
         /// What it is.
         current: u64,
     },
+    /// A rule is invalid (the first problem; the API names rule and condition).
+    #[error("rules: {0}")]
+    BadRule(RuleError),
     /// Nothing to roll back to.
     #[error("nothing to roll back to: no earlier state had one pool live at 100%")]
     NothingToRollBack,
@@ -311,6 +360,7 @@ pub(crate) fn apply(
 
     let mut next = current.clone();
     let mut pool_change = None;
+    let mut rules_change = None;
     match cmd {
         Command::Switch { to, force } => {
             let w = Weights::full(*to);
@@ -388,6 +438,16 @@ pub(crate) fn apply(
                 to: backends.clone(),
             });
         }
+        Command::SetRules { rules } => {
+            if let Some(e) = check_rules(rules).into_iter().next() {
+                return Err(CommandError::BadRule(e));
+            }
+            if current.rules.rules == *rules {
+                return Ok(Outcome::Unchanged);
+            }
+            rules_change = Some(RulesChange::of(&current.rules.rules, rules));
+            next.rules.rules.clone_from(rules);
+        }
     }
     if let Live::Full(c) = current.weights.live() {
         if next.weights != current.weights {
@@ -404,6 +464,7 @@ pub(crate) fn apply(
         reason: meta.reason.clone(),
         actor: meta.actor.clone(),
         pool: pool_change,
+        rules: rules_change,
     };
     push_history(&mut next, entry);
     Ok(Outcome::Changed(next))
@@ -448,6 +509,10 @@ fn initial_state(svc: &ServiceConfig, at: SystemTime) -> ServiceState {
             green: pool(Color::Green),
         },
         history: VecDeque::new(),
+        rules: RulesState {
+            rules: svc.rules.clone(),
+            config: svc.rules.clone(),
+        },
     };
     push_history(
         &mut state,
@@ -460,6 +525,7 @@ fn initial_state(svc: &ServiceConfig, at: SystemTime) -> ServiceState {
             reason: Some(format!("service added, initial pool {}", svc.initial)),
             actor: "config".into(),
             pool: None,
+            rules: None,
         },
     );
     state
@@ -496,8 +562,32 @@ fn reconcile_service(cur: &ServiceState, svc: &ServiceConfig, at: SystemTime) ->
                     from,
                     to: file.to_vec(),
                 }),
+                rules: None,
             },
         );
+    }
+    if next.rules.config != svc.rules {
+        next.rules.config.clone_from(&svc.rules);
+        if next.rules.rules != svc.rules {
+            let change = RulesChange::of(&next.rules.rules, &svc.rules);
+            next.rules.rules.clone_from(&svc.rules);
+            next.generation += 1;
+            let generation = next.generation;
+            push_history(
+                &mut next,
+                HistoryEntry {
+                    generation,
+                    at: humantime::format_rfc3339_seconds(at).to_string(),
+                    action: Action::Rules,
+                    from: cur.weights,
+                    to: cur.weights,
+                    reason: Some("config file changed".into()),
+                    actor: "config".into(),
+                    pool: None,
+                    rules: Some(change),
+                },
+            );
+        }
     }
     next
 }
@@ -545,6 +635,7 @@ mod tests {
                 },
             },
             history: VecDeque::new(),
+            rules: RulesState::default(),
         };
         s.services.insert("web".into(), svc);
         s
@@ -810,6 +901,57 @@ mod tests {
         assert_eq!(svc.pools.green.backends, vec![addr("127.0.0.1:9")]);
         assert_eq!(svc.generation, 2);
         assert_eq!(svc.previous, None, "pool changes do not move traffic");
+    }
+
+    #[test]
+    fn set_rules_validates_records_and_reconciles() {
+        let rule = |name: &str, c: &str| RuleSpec {
+            name: name.into(),
+            conditions: vec![c.into()],
+            to: Color::Green,
+            fallback: false,
+        };
+        let mut s = state();
+        let bad = Command::SetRules {
+            rules: vec![rule("beta", "client:10.0.0.0/33")],
+        };
+        assert!(matches!(run(&mut s, bad), Err(CommandError::BadRule(_))));
+        assert_eq!(s, state());
+        let good = vec![rule("beta", "cookie:plan=pro")];
+        run(
+            &mut s,
+            Command::SetRules {
+                rules: good.clone(),
+            },
+        )
+        .expect("rules");
+        let svc = &s.services["web"];
+        assert_eq!((svc.generation, &svc.rules.rules), (2, &good));
+        let last = svc.history.back().expect("history");
+        assert_eq!(last.action, Action::Rules);
+        assert_eq!(
+            last.rules.as_ref().map(|r| r.to.clone()),
+            Some(vec!["beta".to_string()])
+        );
+        // A state file from before rules loads with none.
+        let mut json = serde_json::to_value(&s.services["web"]).expect("json");
+        if let Some(o) = json.as_object_mut() {
+            o.remove("rules");
+        }
+        let old: ServiceState = serde_json::from_value(json).expect("old state loads");
+        assert!(old.rules.rules.is_empty());
+        // Unchanged file: the API's rules stand; changed file: it wins.
+        let mut cfg = crate::config::Config::demo(
+            "127.0.0.1:1".parse().expect("addr"),
+            "127.0.0.1:2".parse().expect("addr"),
+        );
+        cfg.services[0].name = "web".into();
+        let r = reconcile(&s, &cfg, SystemTime::UNIX_EPOCH);
+        assert_eq!(r.services["web"].rules.rules, good);
+        cfg.services[0].rules = vec![rule("office", "client:10.0.0.0/8")];
+        let r = reconcile(&s, &cfg, SystemTime::UNIX_EPOCH);
+        assert_eq!(r.services["web"].rules.rules, cfg.services[0].rules);
+        assert_eq!(r.services["web"].generation, 3);
     }
 
     #[test]

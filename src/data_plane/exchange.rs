@@ -20,7 +20,7 @@ use hyper::body::Incoming;
 use crate::color::Color;
 use crate::data_plane::backend::{InFlight, UpstreamConn};
 use crate::data_plane::conn::ActiveRequest;
-use crate::data_plane::routing::{PoolChoice, Service};
+use crate::data_plane::routing::{Decision, PoolChoice, Service};
 
 /// Fields only the access log needs; allocated only when it is on.
 pub(crate) struct LogFields {
@@ -32,6 +32,8 @@ pub(crate) struct LogFields {
     pub(crate) client: SocketAddr,
     /// Why the proxy answered itself, if it did.
     pub(crate) error: Option<String>,
+    /// The targeting rule that matched, if one did.
+    pub(crate) rule: Option<Arc<str>>,
 }
 
 /// The bookkeeping of one exchange, settled on drop.
@@ -106,10 +108,16 @@ impl Drop for Exchange {
             let (pool, decision, bucket) = match &self.choice {
                 Some(c) => (
                     c.color.as_str(),
-                    c.decision.as_str(),
+                    // `rule:NAME` when a rule sent it; `rule_fallback:NAME`
+                    // when the rule's pool had no backend and the weights did.
+                    match (&log.rule, c.decision) {
+                        (Some(r), Decision::Rule) => std::borrow::Cow::Owned(format!("rule:{r}")),
+                        (Some(r), _) => std::borrow::Cow::Owned(format!("rule_fallback:{r}")),
+                        (None, d) => std::borrow::Cow::Borrowed(d.as_str()),
+                    },
                     c.bucket.map_or(-1, i32::from),
                 ),
-                None => ("-", "-", -1),
+                None => ("-", std::borrow::Cow::Borrowed("-"), -1),
             };
             let backend = self
                 .in_flight
@@ -128,7 +136,7 @@ impl Drop for Exchange {
                 uri = %log.uri,
                 service,
                 pool,
-                decision,
+                decision = &*decision,
                 bucket,
                 backend,
                 status = self.status,

@@ -26,7 +26,7 @@ use crate::data_plane::headers::{
     X_FORWARDED_PROTO, X_REQUEST_ID, X_SWITCHYARD_POOL,
 };
 use crate::data_plane::routing::{
-    choose_pool, pick_backend, PoolChoice, Route, Settings, Snapshot,
+    choose_pool, pick_backend, PoolChoice, RequestFacts, Route, Settings, Snapshot,
 };
 use crate::data_plane::upgrade;
 use crate::metrics::Metrics;
@@ -76,6 +76,7 @@ impl Proxy {
                 uri: req.uri().clone(),
                 client: client.addr,
                 error: None,
+                rule: None,
             }));
         }
         match self.forward(&snap, req, client, &mut ex).await {
@@ -152,9 +153,14 @@ impl Proxy {
         };
         ex.service = Some(Arc::clone(&route.service));
 
-        // 3. Which pool: preview header, sticky bucket, weights.
-        let mut choice = choose_pool(route, &parts.headers);
+        // 3. Which pool: preview header, targeting rules, sticky bucket,
+        //    weights.
+        let facts = RequestFacts::new(&parts.headers, &parts.uri, client.addr.ip());
+        let mut choice = choose_pool(route, &facts);
         ex.choice = Some(choice);
+        if let (Some(log), Some(i)) = (&mut ex.log, choice.rule) {
+            log.rule = route.rules.get(usize::from(i)).map(|r| Arc::clone(&r.name));
+        }
         // A custom preview header (and its token) is the proxy's business,
         // not the backend's; the default one is overwritten below anyway.
         if route.service.preview.header != X_SWITCHYARD_POOL {

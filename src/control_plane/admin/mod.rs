@@ -4,7 +4,8 @@
 //!
 //! Request bodies are capped at 1 MiB and decoded by hand from JSON values,
 //! so that every refusal names the field at fault; unknown fields are
-//! refused. Every mutation goes through [`Control::execute`].
+//! refused. Every mutation goes through [`Control::execute`]. Every refusal
+//! is an [`AdminError`], whose `status()` and `code()` are the one mapping.
 
 pub(crate) mod auth;
 
@@ -22,11 +23,13 @@ use hyper::body::Incoming;
 use serde_json::{json, Map, Value};
 
 use crate::color::Color;
+use crate::config::rules::{check_rules, RuleSpec, MAX_RULES};
 use crate::config::BackendAddr;
 use crate::control_plane::control::{Control, ControlError, ReloadError};
 use crate::control_plane::state::{ChangeMeta, Command, CommandError};
 use crate::metrics::Metrics;
 use crate::weights::Weights;
+use serde::Deserialize;
 
 /// Largest admin request body.
 pub(crate) const MAX_BODY: usize = 1 << 20;
@@ -38,68 +41,145 @@ pub(crate) struct Admin {
     ready: Arc<AtomicBool>,
 }
 
-/// A refusal: status, code, message, and the field at fault if any.
-struct ApiError {
-    status: StatusCode,
-    code: &'static str,
-    message: String,
-    field: Option<&'static str>,
+/// Why the admin API refused a request. The one place where a refusal gets
+/// its status and its `code` (SPEC §4): [`AdminError::status`] and
+/// [`AdminError::code`], both exhaustive.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum AdminError {
+    /// A body field is invalid; the message starts with its name.
+    #[error("{field}: {message}")]
+    InvalidField {
+        /// The JSON field at fault.
+        field: &'static str,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// A body field that the endpoint does not know.
+    #[error("unknown field `{field}` (expected: {expected})")]
+    UnknownField {
+        /// The field given.
+        field: String,
+        /// The fields the endpoint knows.
+        expected: &'static str,
+    },
+    /// The body is not a JSON object.
+    #[error("{0}")]
+    InvalidJson(String),
+    /// The body could not be read.
+    #[error("cannot read body: {0}")]
+    BadBody(String),
+    /// The body is over [`MAX_BODY`].
+    #[error("request body larger than {MAX_BODY} bytes")]
+    BodyTooLarge,
+    /// `If-Match` is not a generation.
+    #[error("If-Match: expected a generation like \"7\", got `{0}`")]
+    InvalidIfMatch(String),
+    /// Missing or wrong bearer token.
+    #[error("missing or invalid bearer token (Authorization: Bearer TOKEN)")]
+    Unauthorized,
+    /// No endpoint at this path.
+    #[error("no such path `{0}`")]
+    NoSuchPath(String),
+    /// No such service.
+    #[error("unknown service `{0}`")]
+    UnknownService(String),
+    /// No such pool color in the path.
+    #[error("unknown pool `{0}` (blue or green)")]
+    UnknownColor(String),
+    /// The path exists, the method does not; carries the `Allow` value.
+    #[error("method not allowed here; allowed: {0}")]
+    MethodNotAllowed(&'static str),
+    /// A change refused or not made by the control plane.
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    /// A reload refused; the old config keeps running.
+    #[error(transparent)]
+    Reload(#[from] ReloadError),
 }
 
-impl ApiError {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError {
-            status,
-            code,
+impl AdminError {
+    fn field(field: &'static str, message: impl Into<String>) -> AdminError {
+        AdminError::InvalidField {
+            field,
             message: message.into(),
-            field: None,
         }
     }
 
-    fn field(field: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError {
-            status: StatusCode::BAD_REQUEST,
-            code: "invalid_field",
-            message: format!("{field}: {}", message.into()),
-            field: Some(field),
-        }
-    }
-
-    fn not_found(what: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::NOT_FOUND, "not_found", what)
-    }
-}
-
-impl From<ControlError> for ApiError {
-    fn from(e: ControlError) -> ApiError {
-        let message = e.to_string();
-        match e {
-            ControlError::Command(c) => match c {
-                CommandError::UnknownService(_) => {
-                    ApiError::new(StatusCode::NOT_FOUND, "unknown_service", message)
-                }
-                CommandError::BadField { field, .. } => ApiError {
-                    status: StatusCode::BAD_REQUEST,
-                    code: "invalid_field",
-                    message,
-                    field: Some(field),
-                },
-                CommandError::NoHealthyBackend(_) => {
-                    ApiError::new(StatusCode::CONFLICT, "no_healthy_backend", message)
-                }
-                CommandError::PoolTakesTraffic { .. } => {
-                    ApiError::new(StatusCode::CONFLICT, "pool_takes_traffic", message)
-                }
-                CommandError::StaleGeneration { .. } => {
-                    ApiError::new(StatusCode::PRECONDITION_FAILED, "stale_generation", message)
-                }
-                CommandError::NothingToRollBack => {
-                    ApiError::new(StatusCode::CONFLICT, "nothing_to_roll_back", message)
-                }
+    /// The HTTP status of this refusal.
+    pub(crate) fn status(&self) -> StatusCode {
+        match self {
+            AdminError::InvalidField { .. }
+            | AdminError::UnknownField { .. }
+            | AdminError::InvalidJson(_)
+            | AdminError::BadBody(_)
+            | AdminError::InvalidIfMatch(_) => StatusCode::BAD_REQUEST,
+            AdminError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            AdminError::Unauthorized => StatusCode::UNAUTHORIZED,
+            AdminError::NoSuchPath(_)
+            | AdminError::UnknownService(_)
+            | AdminError::UnknownColor(_) => StatusCode::NOT_FOUND,
+            AdminError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            AdminError::Control(ControlError::Command(c)) => match c {
+                CommandError::UnknownService(_) => StatusCode::NOT_FOUND,
+                CommandError::BadField { .. } | CommandError::BadRule(_) => StatusCode::BAD_REQUEST,
+                CommandError::NoHealthyBackend(_)
+                | CommandError::PoolTakesTraffic { .. }
+                | CommandError::NothingToRollBack => StatusCode::CONFLICT,
+                CommandError::StaleGeneration { .. } => StatusCode::PRECONDITION_FAILED,
             },
-            ControlError::Build(_) | ControlError::Persist(_) => {
-                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "persist_failed", message)
+            AdminError::Control(ControlError::Build(_) | ControlError::Persist(_)) => {
+                StatusCode::INTERNAL_SERVER_ERROR
             }
+            AdminError::Reload(r) => match r {
+                ReloadError::NoFile => StatusCode::CONFLICT,
+                ReloadError::Config(_) | ReloadError::Files(_) => StatusCode::BAD_REQUEST,
+                ReloadError::Persist(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            },
+        }
+    }
+
+    /// The machine-readable `error.code`.
+    pub(crate) fn code(&self) -> &'static str {
+        match self {
+            AdminError::InvalidField { .. } => "invalid_field",
+            AdminError::UnknownField { .. } => "unknown_field",
+            AdminError::InvalidJson(_) => "invalid_json",
+            AdminError::BadBody(_) => "bad_body",
+            AdminError::BodyTooLarge => "body_too_large",
+            AdminError::InvalidIfMatch(_) => "invalid_header",
+            AdminError::Unauthorized => "unauthorized",
+            AdminError::NoSuchPath(_) => "not_found",
+            AdminError::UnknownService(_) => "unknown_service",
+            AdminError::UnknownColor(_) => "unknown_color",
+            AdminError::MethodNotAllowed(_) => "method_not_allowed",
+            AdminError::Control(ControlError::Command(c)) => match c {
+                CommandError::UnknownService(_) => "unknown_service",
+                CommandError::BadField { .. } => "invalid_field",
+                CommandError::BadRule(_) => "invalid_rule",
+                CommandError::NoHealthyBackend(_) => "no_healthy_backend",
+                CommandError::PoolTakesTraffic { .. } => "pool_takes_traffic",
+                CommandError::StaleGeneration { .. } => "stale_generation",
+                CommandError::NothingToRollBack => "nothing_to_roll_back",
+            },
+            AdminError::Control(ControlError::Build(_)) => "build_failed",
+            AdminError::Control(ControlError::Persist(_)) => "persist_failed",
+            AdminError::Reload(r) => match r {
+                ReloadError::NoFile => "no_config_file",
+                ReloadError::Config(_) | ReloadError::Files(_) => "invalid_config",
+                ReloadError::Persist(_) => "persist_failed",
+            },
+        }
+    }
+
+    /// The body field at fault, if one is.
+    fn field_name(&self) -> Option<&'static str> {
+        match self {
+            AdminError::InvalidField { field, .. }
+            | AdminError::Control(ControlError::Command(CommandError::BadField {
+                field, ..
+            })) => Some(field),
+            AdminError::Control(ControlError::Command(CommandError::BadRule(_))) => Some("rules"),
+            _ => None,
         }
     }
 }
@@ -116,14 +196,19 @@ fn json_response(status: StatusCode, value: &impl serde::Serialize) -> AdminResp
     resp
 }
 
-fn error_response(e: ApiError) -> AdminResponse {
+fn error_response(e: &AdminError) -> AdminResponse {
     let mut err = Map::new();
-    err.insert("code".into(), Value::from(e.code));
-    err.insert("message".into(), Value::from(e.message));
-    if let Some(f) = e.field {
+    err.insert("code".into(), Value::from(e.code()));
+    err.insert("message".into(), Value::from(e.to_string()));
+    if let Some(f) = e.field_name() {
         err.insert("field".into(), Value::from(f));
     }
-    json_response(e.status, &json!({ "error": err }))
+    let mut resp = json_response(e.status(), &json!({ "error": err }));
+    if let AdminError::MethodNotAllowed(allow) = e {
+        resp.headers_mut()
+            .insert(ALLOW, HeaderValue::from_static(allow));
+    }
+    resp
 }
 
 fn text_response(status: StatusCode, body: &'static str) -> AdminResponse {
@@ -134,14 +219,6 @@ fn text_response(status: StatusCode, body: &'static str) -> AdminResponse {
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     resp
-}
-
-fn method_not_allowed(allow: &'static str) -> ApiError {
-    ApiError::new(
-        StatusCode::METHOD_NOT_ALLOWED,
-        "method_not_allowed",
-        format!("method not allowed here; allowed: {allow}"),
-    )
 }
 
 impl Admin {
@@ -165,18 +242,10 @@ impl Admin {
         peer: SocketAddr,
     ) -> Result<AdminResponse, Infallible> {
         let path = req.uri().path().to_string();
-        let resp = match self.route(req, &path, peer).await {
+        Ok(match self.route(req, &path, peer).await {
             Ok(r) => r,
-            Err(e) => {
-                let allow = (e.status == StatusCode::METHOD_NOT_ALLOWED).then(|| allowed(&path));
-                let mut r = error_response(e);
-                if let Some(Some(a)) = allow {
-                    r.headers_mut().insert(ALLOW, HeaderValue::from_static(a));
-                }
-                r
-            }
-        };
-        Ok(resp)
+            Err(e) => error_response(&e),
+        })
     }
 
     async fn route(
@@ -184,7 +253,7 @@ impl Admin {
         req: Request<Incoming>,
         path: &str,
         peer: SocketAddr,
-    ) -> Result<AdminResponse, ApiError> {
+    ) -> Result<AdminResponse, AdminError> {
         let method = req.method().clone();
         match path {
             "/healthz" => return Ok(text_response(StatusCode::OK, "ok\n")),
@@ -206,20 +275,14 @@ impl Admin {
             _ => {}
         }
         let Some(api) = path.strip_prefix("/api/v1/") else {
-            return Err(ApiError::not_found(format!("no such path `{path}`")));
+            return Err(AdminError::NoSuchPath(path.to_string()));
         };
         let tokens = self.control.tokens();
         let actor = if tokens.required() {
             let given = req.headers().get(AUTHORIZATION).map(HeaderValue::as_bytes);
             match tokens.check(given) {
                 Some(name) => name.to_string(),
-                None => {
-                    return Err(ApiError::new(
-                        StatusCode::UNAUTHORIZED,
-                        "unauthorized",
-                        "missing or invalid bearer token (Authorization: Bearer TOKEN)",
-                    ))
-                }
+                None => return Err(AdminError::Unauthorized),
             }
         } else {
             peer.ip().to_string()
@@ -229,20 +292,35 @@ impl Admin {
             (["services"], &Method::GET) => {
                 Ok(json_response(StatusCode::OK, &self.control.views()))
             }
-            (["services"], _) => Err(method_not_allowed("GET")),
+            (["services"], _) => Err(AdminError::MethodNotAllowed("GET")),
             (["services", name], &Method::GET) => self
                 .control
                 .view(name)
                 .map(|v| json_response(StatusCode::OK, &v))
                 .ok_or_else(|| unknown_service(name)),
-            (["services", _], _) => Err(method_not_allowed("GET")),
+            (["services", _], _) => Err(AdminError::MethodNotAllowed("GET")),
             (["services", name, "history"], &Method::GET) => self
                 .control
                 .history(name)
                 .await
                 .map(|h| json_response(StatusCode::OK, &h))
                 .ok_or_else(|| unknown_service(name)),
-            (["services", _, "history"], _) => Err(method_not_allowed("GET")),
+            (["services", _, "history"], _) => Err(AdminError::MethodNotAllowed("GET")),
+            (["services", name, "rules"], &Method::GET) => self
+                .control
+                .rules(name)
+                .map(|(rules, generation)| {
+                    json_response(
+                        StatusCode::OK,
+                        &json!({ "rules": rules, "generation": generation }),
+                    )
+                })
+                .ok_or_else(|| unknown_service(name)),
+            (["services", name, "rules"], &Method::PUT) => {
+                let name = name.to_string();
+                self.mutate(req, &name, actor, decode_rules).await
+            }
+            (["services", _, "rules"], _) => Err(AdminError::MethodNotAllowed("GET, PUT")),
             (["services", name, action @ ("switch" | "split" | "rollback")], &Method::POST) => {
                 let name = name.to_string();
                 let action = *action;
@@ -254,42 +332,26 @@ impl Admin {
                 .await
             }
             (["services", _, "switch" | "split" | "rollback"], _) => {
-                Err(method_not_allowed("POST"))
+                Err(AdminError::MethodNotAllowed("POST"))
             }
             (["services", name, "pools", color], &Method::PUT) => {
-                let color: Color = color.parse().map_err(|()| {
-                    ApiError::new(
-                        StatusCode::NOT_FOUND,
-                        "unknown_color",
-                        format!("unknown pool `{color}` (blue or green)"),
-                    )
-                })?;
+                let color: Color = color
+                    .parse()
+                    .map_err(|()| AdminError::UnknownColor(color.to_string()))?;
                 let name = name.to_string();
                 self.mutate(req, &name, actor, |body| decode_pool(body, color))
                     .await
             }
-            (["services", _, "pools", _], _) => Err(method_not_allowed("PUT")),
-            (["reload"], &Method::POST) => match self.control.reload().await {
-                Ok(()) => Ok(json_response(
+            (["services", _, "pools", _], _) => Err(AdminError::MethodNotAllowed("PUT")),
+            (["reload"], &Method::POST) => {
+                self.control.reload().await?;
+                Ok(json_response(
                     StatusCode::OK,
                     &json!({ "reloaded": true, "services": self.control.views() }),
-                )),
-                Err(e) => Err(match e {
-                    ReloadError::NoFile => {
-                        ApiError::new(StatusCode::CONFLICT, "no_config_file", e.to_string())
-                    }
-                    ReloadError::Config(_) | ReloadError::Files(_) => {
-                        ApiError::new(StatusCode::BAD_REQUEST, "invalid_config", e.to_string())
-                    }
-                    ReloadError::Persist(_) => ApiError::new(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        "persist_failed",
-                        e.to_string(),
-                    ),
-                }),
-            },
-            (["reload"], _) => Err(method_not_allowed("POST")),
-            _ => Err(ApiError::not_found(format!("no such path `{path}`"))),
+                ))
+            }
+            (["reload"], _) => Err(AdminError::MethodNotAllowed("POST")),
+            _ => Err(AdminError::NoSuchPath(path.to_string())),
         }
     }
 
@@ -299,8 +361,8 @@ impl Admin {
         req: Request<Incoming>,
         service: &str,
         actor: String,
-        decode: impl FnOnce(&Map<String, Value>) -> Result<(Command, Option<String>), ApiError>,
-    ) -> Result<AdminResponse, ApiError> {
+        decode: impl FnOnce(&Map<String, Value>) -> Result<(Command, Option<String>), AdminError>,
+    ) -> Result<AdminResponse, AdminError> {
         if self.control.view(service).is_none() {
             return Err(unknown_service(service));
         }
@@ -318,7 +380,7 @@ impl Admin {
         let reason = body_reason.or(header_reason);
         if let Some(r) = &reason {
             if r.len() > 1024 {
-                return Err(ApiError::field("reason", "longer than 1024 characters"));
+                return Err(AdminError::field("reason", "longer than 1024 characters"));
             }
         }
         let meta = ChangeMeta {
@@ -332,26 +394,12 @@ impl Admin {
     }
 }
 
-fn allowed(path: &str) -> Option<&'static str> {
-    let api = path.strip_prefix("/api/v1/")?.trim_end_matches('/');
-    let segs: Vec<&str> = api.split('/').collect();
-    Some(match segs.as_slice() {
-        ["services"] | ["services", _] | ["services", _, "history"] => "GET",
-        ["services", _, "pools", _] => "PUT",
-        _ => "POST",
-    })
-}
-
-fn unknown_service(name: &str) -> ApiError {
-    ApiError::new(
-        StatusCode::NOT_FOUND,
-        "unknown_service",
-        format!("unknown service `{name}`"),
-    )
+fn unknown_service(name: &str) -> AdminError {
+    AdminError::UnknownService(name.to_string())
 }
 
 /// `If-Match: "7"` (or `7`, or `W/"7"`); `*` means no condition.
-fn parse_if_match(v: &HeaderValue) -> Result<Option<u64>, ApiError> {
+fn parse_if_match(v: &HeaderValue) -> Result<Option<u64>, AdminError> {
     let s = v.to_str().unwrap_or("").trim();
     if s == "*" {
         return Ok(None);
@@ -361,20 +409,13 @@ fn parse_if_match(v: &HeaderValue) -> Result<Option<u64>, ApiError> {
         .strip_prefix('"')
         .and_then(|x| x.strip_suffix('"'))
         .unwrap_or(s);
-    s.parse().map(Some).map_err(|_| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_header",
-            format!(
-                "If-Match: expected a generation like \"7\", got `{}`",
-                v.to_str().unwrap_or("?")
-            ),
-        )
-    })
+    s.parse()
+        .map(Some)
+        .map_err(|_| AdminError::InvalidIfMatch(v.to_str().unwrap_or("?").to_string()))
 }
 
 /// Reads a JSON object body (empty body = `{}`), capped at [`MAX_BODY`].
-async fn read_json(body: Incoming) -> Result<Map<String, Value>, ApiError> {
+async fn read_json(body: Incoming) -> Result<Map<String, Value>, AdminError> {
     let bytes = match Limited::new(body, MAX_BODY).collect().await {
         Ok(c) => c.to_bytes(),
         Err(e) => {
@@ -382,17 +423,9 @@ async fn read_json(body: Incoming) -> Result<Map<String, Value>, ApiError> {
                 if e.downcast_ref::<http_body_util::LengthLimitError>()
                     .is_some()
                 {
-                    ApiError::new(
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        "body_too_large",
-                        format!("request body larger than {MAX_BODY} bytes"),
-                    )
+                    AdminError::BodyTooLarge
                 } else {
-                    ApiError::new(
-                        StatusCode::BAD_REQUEST,
-                        "bad_body",
-                        format!("cannot read body: {e}"),
-                    )
+                    AdminError::BadBody(e.to_string())
                 },
             )
         }
@@ -401,40 +434,31 @@ async fn read_json(body: Incoming) -> Result<Map<String, Value>, ApiError> {
 }
 
 /// A JSON object from a body (empty body = `{}`).
-fn parse_object(bytes: &[u8]) -> Result<Map<String, Value>, ApiError> {
+fn parse_object(bytes: &[u8]) -> Result<Map<String, Value>, AdminError> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(Map::new());
     }
     match serde_json::from_slice::<Value>(bytes) {
         Ok(Value::Object(m)) => Ok(m),
-        Ok(_) => Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_json",
-            "body must be a JSON object",
+        Ok(_) => Err(AdminError::InvalidJson(
+            "body must be a JSON object".to_string(),
         )),
-        Err(e) => Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_json",
-            format!("invalid JSON: {e}"),
-        )),
+        Err(e) => Err(AdminError::InvalidJson(format!("invalid JSON: {e}"))),
     }
 }
 
 /// Decodes a mutation body exactly as the API does, without applying it:
-/// `action` is `switch`, `split`, `rollback`, `pools/blue` or `pools/green`.
+/// `action` is `switch`, `split`, `rollback`, `pools/blue`, `pools/green`
+/// or `rules`.
 /// The error is `(status, code, message)`. For property tests and fuzzing;
 /// never panics.
 pub fn decode_mutation(
     action: &str,
     body: &[u8],
 ) -> Result<(Command, Option<String>), (StatusCode, &'static str, String)> {
-    let refuse = |e: ApiError| (e.status, e.code, e.message);
+    let refuse = |e: AdminError| (e.status(), e.code(), e.to_string());
     if body.len() > MAX_BODY {
-        return Err((
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "body_too_large",
-            format!("request body larger than {MAX_BODY} bytes"),
-        ));
+        return Err(refuse(AdminError::BodyTooLarge));
     }
     let map = parse_object(body).map_err(refuse)?;
     match action {
@@ -443,102 +467,103 @@ pub fn decode_mutation(
         "rollback" => decode_rollback(&map),
         "pools/blue" => decode_pool(&map, Color::Blue),
         "pools/green" => decode_pool(&map, Color::Green),
-        _ => Err(ApiError::not_found(format!("no such action `{action}`"))),
+        "rules" => decode_rules(&map),
+        _ => Err(AdminError::NoSuchPath(action.to_string())),
     }
     .map_err(refuse)
 }
 
-/// Refuses fields not in `known`.
-fn only(body: &Map<String, Value>, known: &[&str]) -> Result<(), ApiError> {
+/// Refuses fields not in `known` (comma-separated).
+fn only(body: &Map<String, Value>, known: &'static str) -> Result<(), AdminError> {
     for k in body.keys() {
-        if !known.contains(&k.as_str()) {
-            return Err(ApiError {
-                status: StatusCode::BAD_REQUEST,
-                code: "unknown_field",
-                message: format!("unknown field `{k}` (expected: {})", known.join(", ")),
-                field: None,
+        if !known.split(", ").any(|f| f == k) {
+            return Err(AdminError::UnknownField {
+                field: k.clone(),
+                expected: known,
             });
         }
     }
     Ok(())
 }
 
-fn get_bool(body: &Map<String, Value>, field: &'static str) -> Result<bool, ApiError> {
+fn get_bool(body: &Map<String, Value>, field: &'static str) -> Result<bool, AdminError> {
     match body.get(field) {
         None | Some(Value::Null) => Ok(false),
         Some(Value::Bool(b)) => Ok(*b),
-        Some(v) => Err(ApiError::field(
+        Some(v) => Err(AdminError::field(
             field,
             format!("expected true or false, got {v}"),
         )),
     }
 }
 
-fn get_reason(body: &Map<String, Value>) -> Result<Option<String>, ApiError> {
+fn get_reason(body: &Map<String, Value>) -> Result<Option<String>, AdminError> {
     match body.get("reason") {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s.clone())),
-        Some(v) => Err(ApiError::field(
+        Some(v) => Err(AdminError::field(
             "reason",
             format!("expected a string, got {v}"),
         )),
     }
 }
 
-fn get_color(body: &Map<String, Value>, field: &'static str) -> Result<Color, ApiError> {
+fn get_color(body: &Map<String, Value>, field: &'static str) -> Result<Color, AdminError> {
     match body.get(field) {
-        None => Err(ApiError::field(field, "missing (\"blue\" or \"green\")")),
+        None => Err(AdminError::field(field, "missing (\"blue\" or \"green\")")),
         Some(Value::String(s)) => s.parse().map_err(|()| {
-            ApiError::field(
+            AdminError::field(
                 field,
                 format!("expected \"blue\" or \"green\", got \"{s}\""),
             )
         }),
-        Some(v) => Err(ApiError::field(
+        Some(v) => Err(AdminError::field(
             field,
             format!("expected \"blue\" or \"green\", got {v}"),
         )),
     }
 }
 
-fn get_percent(body: &Map<String, Value>, field: &'static str) -> Result<Option<f64>, ApiError> {
+fn get_percent(body: &Map<String, Value>, field: &'static str) -> Result<Option<f64>, AdminError> {
     match body.get(field) {
         None => Ok(None),
         Some(Value::Number(n)) => n
             .as_f64()
             .map(Some)
-            .ok_or_else(|| ApiError::field(field, "not a number")),
-        Some(v) => Err(ApiError::field(
+            .ok_or_else(|| AdminError::field(field, "not a number")),
+        Some(v) => Err(AdminError::field(
             field,
             format!("expected a number from 0 to 100, got {v}"),
         )),
     }
 }
 
-fn decode_switch(body: &Map<String, Value>) -> Result<(Command, Option<String>), ApiError> {
-    only(body, &["to", "force", "reason"])?;
+fn decode_switch(body: &Map<String, Value>) -> Result<(Command, Option<String>), AdminError> {
+    only(body, "to, force, reason")?;
     let to = get_color(body, "to")?;
     let force = get_bool(body, "force")?;
     Ok((Command::Switch { to, force }, get_reason(body)?))
 }
 
-fn decode_split(body: &Map<String, Value>) -> Result<(Command, Option<String>), ApiError> {
-    only(body, &["green", "blue", "force", "reason"])?;
+fn decode_split(body: &Map<String, Value>) -> Result<(Command, Option<String>), AdminError> {
+    only(body, "green, blue, force, reason")?;
     let green = get_percent(body, "green")?;
     let blue = get_percent(body, "blue")?;
     let weights = match (green, blue) {
-        (Some(g), _) => Weights::from_green_percent(g).map_err(|m| ApiError::field("green", m))?,
+        (Some(g), _) => {
+            Weights::from_green_percent(g).map_err(|m| AdminError::field("green", m))?
+        }
         (None, Some(b)) => {
             if !(0.0..=100.0).contains(&b) {
-                return Err(ApiError::field(
+                return Err(AdminError::field(
                     "blue",
                     format!("must be a number from 0 to 100, got {b}"),
                 ));
             }
-            Weights::from_green_percent(100.0 - b).map_err(|m| ApiError::field("blue", m))?
+            Weights::from_green_percent(100.0 - b).map_err(|m| AdminError::field("blue", m))?
         }
         (None, None) => {
-            return Err(ApiError::field(
+            return Err(AdminError::field(
                 "green",
                 "missing (percent of traffic for green, 0 to 100)",
             ))
@@ -546,7 +571,7 @@ fn decode_split(body: &Map<String, Value>) -> Result<(Command, Option<String>), 
     };
     if let (Some(_), Some(b)) = (green, blue) {
         if (weights.percent(Color::Blue) - b).abs() > 1e-6 {
-            return Err(ApiError::field(
+            return Err(AdminError::field(
                 "blue",
                 format!(
                     "blue + green must be 100, got {b} + {}",
@@ -559,18 +584,18 @@ fn decode_split(body: &Map<String, Value>) -> Result<(Command, Option<String>), 
     Ok((Command::Split { weights, force }, get_reason(body)?))
 }
 
-fn decode_rollback(body: &Map<String, Value>) -> Result<(Command, Option<String>), ApiError> {
-    only(body, &["to_generation", "reason"])?;
+fn decode_rollback(body: &Map<String, Value>) -> Result<(Command, Option<String>), AdminError> {
+    only(body, "to_generation, reason")?;
     let to_generation = match body.get("to_generation") {
         None | Some(Value::Null) => None,
         Some(Value::Number(n)) => Some(n.as_u64().filter(|g| *g > 0).ok_or_else(|| {
-            ApiError::field(
+            AdminError::field(
                 "to_generation",
                 format!("expected a positive integer, got {n}"),
             )
         })?),
         Some(v) => {
-            return Err(ApiError::field(
+            return Err(AdminError::field(
                 "to_generation",
                 format!("expected a positive integer, got {v}"),
             ))
@@ -582,37 +607,37 @@ fn decode_rollback(body: &Map<String, Value>) -> Result<(Command, Option<String>
 fn decode_pool(
     body: &Map<String, Value>,
     color: Color,
-) -> Result<(Command, Option<String>), ApiError> {
-    only(body, &["backends", "force", "reason"])?;
+) -> Result<(Command, Option<String>), AdminError> {
+    only(body, "backends, force, reason")?;
     let list = match body.get("backends") {
         None => {
-            return Err(ApiError::field(
+            return Err(AdminError::field(
                 "backends",
                 "missing (a list of \"host:port\")",
             ))
         }
         Some(Value::Array(a)) => a,
         Some(v) => {
-            return Err(ApiError::field(
+            return Err(AdminError::field(
                 "backends",
                 format!("expected a list of \"host:port\", got {v}"),
             ))
         }
     };
     if list.len() > 1000 {
-        return Err(ApiError::field("backends", "more than 1000 backends"));
+        return Err(AdminError::field("backends", "more than 1000 backends"));
     }
     let mut backends = Vec::with_capacity(list.len());
     for (i, v) in list.iter().enumerate() {
         let Value::String(s) = v else {
-            return Err(ApiError::field(
+            return Err(AdminError::field(
                 "backends",
                 format!("[{i}]: expected a string \"host:port\", got {v}"),
             ));
         };
         backends.push(
             BackendAddr::parse(s)
-                .map_err(|m| ApiError::field("backends", format!("[{i}]: {m}")))?,
+                .map_err(|m| AdminError::field("backends", format!("[{i}]: {m}")))?,
         );
     }
     let force = get_bool(body, "force")?;
@@ -624,6 +649,50 @@ fn decode_pool(
         },
         get_reason(body)?,
     ))
+}
+
+/// `{"rules":[{name, match, to, fallback}], "reason"?}`. Each rule is
+/// decoded strictly (unknown fields refused) and checked; the first problem
+/// names the rule and, if one is at fault, the condition.
+fn decode_rules(body: &Map<String, Value>) -> Result<(Command, Option<String>), AdminError> {
+    only(body, "rules, reason")?;
+    let list = match body.get("rules") {
+        None => {
+            return Err(AdminError::field(
+                "rules",
+                "missing (a list of rules; [] for none)",
+            ))
+        }
+        Some(Value::Array(a)) => a,
+        Some(v) => {
+            return Err(AdminError::field(
+                "rules",
+                format!("expected a list of rules, got {v}"),
+            ))
+        }
+    };
+    if list.len() > MAX_RULES {
+        return Err(AdminError::field(
+            "rules",
+            format!("more than {MAX_RULES} rules"),
+        ));
+    }
+    let mut rules = Vec::with_capacity(list.len());
+    for (i, v) in list.iter().enumerate() {
+        let label = v
+            .get("name")
+            .and_then(Value::as_str)
+            .map_or_else(|| format!("#{i}"), |n| format!("{n:?}"));
+        let rule = RuleSpec::deserialize(v)
+            .map_err(|e| AdminError::field("rules", format!("[{i}] (rule {label}): {e}")))?;
+        rules.push(rule);
+    }
+    if let Some(e) = check_rules(&rules).into_iter().next() {
+        return Err(AdminError::Control(ControlError::Command(
+            CommandError::BadRule(e),
+        )));
+    }
+    Ok((Command::SetRules { rules }, get_reason(body)?))
 }
 
 #[cfg(test)]
@@ -640,27 +709,27 @@ mod tests {
     #[test]
     fn decoding_names_the_field() {
         let e = decode_switch(&obj(r#"{"to":"purple"}"#)).expect_err("refused");
-        assert_eq!(e.field, Some("to"));
-        assert!(e.message.contains("purple"));
+        assert_eq!(e.field_name(), Some("to"));
+        assert!(e.to_string().contains("purple"));
         let e = decode_switch(&obj(r#"{"to":"green","colour":1}"#)).expect_err("refused");
-        assert_eq!(e.code, "unknown_field");
-        assert!(e.message.contains("colour"));
+        assert_eq!(e.code(), "unknown_field");
+        assert!(e.to_string().contains("colour"));
         let e = decode_split(&obj(r#"{"green":150}"#)).expect_err("refused");
-        assert_eq!(e.field, Some("green"));
+        assert_eq!(e.field_name(), Some("green"));
         let e = decode_split(&obj(r#"{"green":"10"}"#)).expect_err("refused");
-        assert_eq!(e.field, Some("green"));
+        assert_eq!(e.field_name(), Some("green"));
         let e = decode_split(&obj(r#"{"green":10,"blue":80}"#)).expect_err("refused");
-        assert_eq!(e.field, Some("blue"));
+        assert_eq!(e.field_name(), Some("blue"));
         assert!(decode_split(&obj(r#"{"green":12.5,"blue":87.5}"#)).is_ok());
         let e =
             decode_pool(&obj(r#"{"backends":["127.0.0.1"]}"#), Color::Green).expect_err("refused");
         assert!(
-            e.message.contains("[0]") && e.message.contains("port"),
+            e.to_string().contains("[0]") && e.to_string().contains("port"),
             "{}",
-            e.message
+            e
         );
         let e = decode_rollback(&obj(r#"{"to_generation":-1}"#)).expect_err("refused");
-        assert_eq!(e.field, Some("to_generation"));
+        assert_eq!(e.field_name(), Some("to_generation"));
         assert!(matches!(
             decode_rollback(&Map::new()),
             Ok((
@@ -670,6 +739,30 @@ mod tests {
                 None
             ))
         ));
+    }
+
+    #[test]
+    fn codes_are_fixed_per_variant() {
+        let build = AdminError::from(ControlError::Build("CA file gone".into()));
+        assert_eq!(build.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(build.code(), "build_failed");
+        let stale = AdminError::from(ControlError::Command(CommandError::StaleGeneration {
+            expected: 1,
+            current: 2,
+        }));
+        assert_eq!(stale.status(), StatusCode::PRECONDITION_FAILED);
+        assert_eq!(stale.code(), "stale_generation");
+        let reload = AdminError::from(ReloadError::NoFile);
+        assert_eq!(
+            (reload.status(), reload.code()),
+            (StatusCode::CONFLICT, "no_config_file")
+        );
+        let r = error_response(&AdminError::MethodNotAllowed("PUT"));
+        assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(
+            r.headers().get(ALLOW).map(HeaderValue::as_bytes),
+            Some(&b"PUT"[..])
+        );
     }
 
     #[test]

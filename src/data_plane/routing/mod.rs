@@ -7,6 +7,8 @@
 //! failover to the other pool). The decision functions are pure given the
 //! snapshot and the request head, and unit-tested without sockets.
 
+pub(crate) mod rules;
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,6 +21,8 @@ use crate::config::{Balance, HostPattern, PreviewConfig, ProxyConfig, StickyConf
 use crate::data_plane::backend::{now_ms, Backend};
 use crate::metrics::PoolMetrics;
 use crate::weights::Weights;
+
+pub use rules::{RequestFacts, Rule};
 
 /// Data-plane settings that may change on reload.
 #[derive(Debug, Clone)]
@@ -244,6 +248,8 @@ pub struct Route {
     pub generation: u64,
     /// `[blue, green]`.
     pub pools: [Arc<Pool>; 2],
+    /// Targeting rules, tried in order (SPEC §8); usually empty.
+    pub rules: Box<[Rule]>,
 }
 
 impl Route {
@@ -265,6 +271,8 @@ pub enum Decision {
     Weight,
     /// The chosen pool had no available backend; the other served.
     Failover,
+    /// A targeting rule named the pool (`PoolChoice::rule` says which).
+    Rule,
 }
 
 impl Decision {
@@ -275,6 +283,7 @@ impl Decision {
             Decision::Sticky => "sticky",
             Decision::Weight => "weight",
             Decision::Failover => "failover",
+            Decision::Rule => "rule",
         }
     }
 }
@@ -290,18 +299,44 @@ pub struct PoolChoice {
     pub bucket: Option<u16>,
     /// A fresh bucket to pin with a cookie (only during a split).
     pub set_cookie: bool,
+    /// The targeting rule that matched (index in `Route::rules`): it decided
+    /// when `decision` is `Rule`; otherwise its pool had no available
+    /// backend and, with `fallback`, the weights decided.
+    pub rule: Option<u16>,
 }
 
-/// Chooses the pool for a request (SPEC §3 steps 1 and 2).
-pub fn choose_pool(route: &Route, headers: &HeaderMap) -> PoolChoice {
+/// Chooses the pool for a request (SPEC §3 steps 1 and 2, with the
+/// targeting rules of §8 between them).
+pub fn choose_pool(route: &Route, req: &RequestFacts<'_>) -> PoolChoice {
     let svc = &*route.service;
+    let headers = req.headers;
     if let Some(color) = preview(&svc.preview, headers) {
         return PoolChoice {
             color,
             decision: Decision::Preview,
             bucket: None,
             set_cookie: false,
+            rule: None,
         };
+    }
+    let mut fell_back = None;
+    if !route.rules.is_empty() {
+        if let Some(i) = rules::first_match(&route.rules, req) {
+            let rule = &route.rules[i];
+            rule.matches.inc();
+            // At most MAX_RULES (64) rules: the index fits.
+            let index = u16::try_from(i).ok();
+            if !rule.fallback || route.pool(rule.to).has_available(now_ms()) {
+                return PoolChoice {
+                    color: rule.to,
+                    decision: Decision::Rule,
+                    bucket: None,
+                    set_cookie: false,
+                    rule: index,
+                };
+            }
+            fell_back = index;
+        }
     }
     let sticky = match &svc.sticky.key {
         Some(StickyKey::Header(name)) => headers.get(name).map(|v| bucket_of_key(v.as_bytes())),
@@ -318,6 +353,7 @@ pub fn choose_pool(route: &Route, headers: &HeaderMap) -> PoolChoice {
         decision,
         bucket: Some(bucket),
         set_cookie: fresh && route.weights.live() == crate::weights::Live::Split,
+        rule: fell_back,
     }
 }
 
@@ -388,7 +424,8 @@ pub(crate) fn bucket_of_key(key: &[u8]) -> u16 {
 }
 
 /// Picks a backend in the chosen pool, or fails over to the other pool
-/// (SPEC §3 step 3). A preview request never fails over.
+/// (SPEC §3 step 3). A preview request never fails over, nor one sent by
+/// a rule (without `fallback` it gets a 503, like a preview).
 pub fn pick_backend<'r>(
     route: &'r Route,
     choice: &mut PoolChoice,
@@ -399,7 +436,7 @@ pub fn pick_backend<'r>(
     if let Some(b) = route.pool(choice.color).pick(balance, now, exclude) {
         return Some(b);
     }
-    if choice.decision == Decision::Preview {
+    if matches!(choice.decision, Decision::Preview | Decision::Rule) {
         return None;
     }
     let other = choice.color.other();
@@ -511,7 +548,7 @@ fn host_matches(pattern: &HostPattern, host: &str) -> bool {
 
 /// Segment-aware prefix match: `/api` matches `/api`, `/api/x`, `/api?q`,
 /// not `/apix`; a prefix ending in `/` matches anything under it.
-fn prefix_matches(prefix: &str, path: &str) -> bool {
+pub(crate) fn prefix_matches(prefix: &str, path: &str) -> bool {
     match path.strip_prefix(prefix) {
         None => false,
         Some(rest) => {
@@ -557,6 +594,15 @@ mod tests {
         ))
     }
 
+    fn facts(h: &HeaderMap) -> RequestFacts<'_> {
+        RequestFacts {
+            headers: h,
+            path: "/",
+            query: None,
+            client: std::net::IpAddr::from([127, 0, 0, 1]),
+        }
+    }
+
     fn route(name: &str, m: &Metrics, green_pct: f64) -> Route {
         Route {
             service: service(name, m),
@@ -566,6 +612,7 @@ mod tests {
                 Arc::new(Pool::new(vec![backend(m, 1), backend(m, 2)])),
                 Arc::new(Pool::new(vec![backend(m, 3)])),
             ],
+            rules: Box::new([]),
         }
     }
 
@@ -625,7 +672,7 @@ mod tests {
         let r = route("web", &m, 25.0);
         let mut green = 0;
         for _ in 0..20_000 {
-            let c = choose_pool(&r, &HeaderMap::new());
+            let c = choose_pool(&r, &facts(&HeaderMap::new()));
             assert_eq!(c.decision, Decision::Weight);
             assert!(c.set_cookie);
             if c.color == Color::Green {
@@ -641,13 +688,13 @@ mod tests {
             COOKIE,
             HeaderValue::from_static("a=b; switchyard_bucket=2499; c=d"),
         );
-        let c = choose_pool(&r, &h);
+        let c = choose_pool(&r, &facts(&h));
         assert_eq!(
             (c.color, c.decision, c.bucket, c.set_cookie),
             (Color::Green, Decision::Sticky, Some(2499), false)
         );
         h.insert(COOKIE, HeaderValue::from_static("switchyard_bucket=2500"));
-        assert_eq!(choose_pool(&r, &h).color, Color::Blue);
+        assert_eq!(choose_pool(&r, &facts(&h)).color, Color::Blue);
         // Invalid cookie values are ignored.
         for bad in [
             "switchyard_bucket=10000",
@@ -656,7 +703,11 @@ mod tests {
             "switchyard_bucket=12a",
         ] {
             h.insert(COOKIE, HeaderValue::from_static(bad));
-            assert_eq!(choose_pool(&r, &h).decision, Decision::Weight, "{bad}");
+            assert_eq!(
+                choose_pool(&r, &facts(&h)).decision,
+                Decision::Weight,
+                "{bad}"
+            );
         }
     }
 
@@ -677,7 +728,7 @@ mod tests {
     fn no_cookie_outside_a_split() {
         let m = Metrics::new();
         let r = route("web", &m, 0.0);
-        let c = choose_pool(&r, &HeaderMap::new());
+        let c = choose_pool(&r, &facts(&HeaderMap::new()));
         assert_eq!(c.color, Color::Blue);
         assert!(!c.set_cookie);
     }
@@ -688,10 +739,10 @@ mod tests {
         let mut r = route("web", &m, 0.0);
         let mut h = HeaderMap::new();
         h.insert("x-switchyard-pool", HeaderValue::from_static("green"));
-        assert_eq!(choose_pool(&r, &h).decision, Decision::Preview);
-        assert_eq!(choose_pool(&r, &h).color, Color::Green);
+        assert_eq!(choose_pool(&r, &facts(&h)).decision, Decision::Preview);
+        assert_eq!(choose_pool(&r, &facts(&h)).color, Color::Green);
         h.insert("x-switchyard-pool", HeaderValue::from_static("purple"));
-        assert_eq!(choose_pool(&r, &h).decision, Decision::Weight);
+        assert_eq!(choose_pool(&r, &facts(&h)).decision, Decision::Weight);
         let svc = Service::new(
             "web",
             Balance::RoundRobin,
@@ -704,17 +755,17 @@ mod tests {
         );
         r.service = Arc::new(svc);
         h.insert("x-switchyard-pool", HeaderValue::from_static("green"));
-        assert_eq!(choose_pool(&r, &h).decision, Decision::Weight);
+        assert_eq!(choose_pool(&r, &facts(&h)).decision, Decision::Weight);
         h.insert(
             "x-switchyard-pool",
             HeaderValue::from_static("green;token=nope"),
         );
-        assert_eq!(choose_pool(&r, &h).decision, Decision::Weight);
+        assert_eq!(choose_pool(&r, &facts(&h)).decision, Decision::Weight);
         h.insert(
             "x-switchyard-pool",
             HeaderValue::from_static("green; token=s3cret"),
         );
-        assert_eq!(choose_pool(&r, &h).color, Color::Green);
+        assert_eq!(choose_pool(&r, &facts(&h)).color, Color::Green);
     }
 
     #[test]
@@ -760,6 +811,7 @@ mod tests {
             decision: Decision::Weight,
             bucket: Some(1),
             set_cookie: false,
+            rule: None,
         };
         let b = pick_backend(&r, &mut choice, &[]).expect("failover");
         assert_eq!(
@@ -771,6 +823,7 @@ mod tests {
             decision: Decision::Preview,
             bucket: None,
             set_cookie: false,
+            rule: None,
         };
         assert!(
             pick_backend(&r, &mut preview, &[]).is_none(),

@@ -1,0 +1,176 @@
+//! Targeting rules compiled for the request path (SPEC §8).
+//!
+//! A rule's conditions are parsed once, when the snapshot is built: header
+//! names are lowercased `HeaderName`s, CIDRs are numbers, values are bytes.
+//! Matching a request borrows from it and never allocates. A service with
+//! no rules pays one empty-slice check.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use http::header::{HeaderMap, COOKIE};
+use prometheus::IntCounter;
+
+use crate::color::Color;
+use crate::config::rules::{Condition, RuleSpec};
+
+/// What a rule may look at in a request.
+#[derive(Clone, Copy)]
+pub struct RequestFacts<'a> {
+    /// Request headers.
+    pub headers: &'a HeaderMap,
+    /// The path (no query).
+    pub path: &'a str,
+    /// The query string, without `?`.
+    pub query: Option<&'a str>,
+    /// The TCP peer's address.
+    pub client: IpAddr,
+}
+
+impl<'a> RequestFacts<'a> {
+    /// Facts of a request with `headers`, target `uri`, from `client`.
+    pub fn new(headers: &'a HeaderMap, uri: &'a http::Uri, client: IpAddr) -> RequestFacts<'a> {
+        RequestFacts {
+            headers,
+            path: uri.path(),
+            query: uri.query(),
+            client,
+        }
+    }
+}
+
+/// One rule, ready to match.
+pub struct Rule {
+    /// Its name (access log `rule:NAME`).
+    pub name: Arc<str>,
+    /// Where it sends.
+    pub to: Color,
+    /// Route by the weights when `to` has no available backend.
+    pub fallback: bool,
+    conditions: Box<[Condition]>,
+    /// `switchyard_rule_matches_total{service,rule}`.
+    pub(crate) matches: IntCounter,
+    /// As written (for the admin API).
+    pub(crate) spec: RuleSpec,
+}
+
+impl Rule {
+    /// Compiles a rule; the error is the first bad condition's.
+    pub fn compile(spec: &RuleSpec, matches: IntCounter) -> Result<Rule, String> {
+        let conditions = spec
+            .conditions
+            .iter()
+            .map(|c| Condition::parse(c).map_err(|e| format!("rule {:?}: {c:?}: {e}", spec.name)))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Rule {
+            name: Arc::from(spec.name.as_str()),
+            to: spec.to,
+            fallback: spec.fallback,
+            conditions: conditions.into_boxed_slice(),
+            matches,
+            spec: spec.clone(),
+        })
+    }
+
+    /// Do all its conditions hold for this request?
+    #[inline]
+    pub fn matches(&self, req: &RequestFacts<'_>) -> bool {
+        self.conditions.iter().all(|c| holds(c, req))
+    }
+}
+
+/// The index of the first rule whose conditions all hold.
+#[inline]
+pub(crate) fn first_match(rules: &[Rule], req: &RequestFacts<'_>) -> Option<usize> {
+    rules.iter().position(|r| r.matches(req))
+}
+
+fn holds(c: &Condition, req: &RequestFacts<'_>) -> bool {
+    match c {
+        Condition::Header(name, value) => {
+            let mut values = req.headers.get_all(name).iter();
+            match value {
+                None => values.next().is_some(),
+                Some(want) => values.any(|v| v.as_bytes() == &**want),
+            }
+        }
+        Condition::Cookie(name, value) => req.headers.get_all(COOKIE).iter().any(|h| {
+            pairs(h.as_bytes(), b';')
+                .any(|(n, v)| n == &**name && value.as_deref().is_none_or(|want| v == Some(want)))
+        }),
+        Condition::Query(name, value) => req.query.is_some_and(|q| {
+            pairs(q.as_bytes(), b'&').any(|(n, v)| {
+                n == &**name && value.as_deref().is_none_or(|want| v.unwrap_or(b"") == want)
+            })
+        }),
+        Condition::Client(cidr) => cidr.contains(req.client),
+        Condition::PathPrefix(p) => super::prefix_matches(p, req.path),
+    }
+}
+
+/// `name=value` pairs separated by `sep` (whitespace around a pair trimmed);
+/// a pair without `=` has no value.
+fn pairs(s: &[u8], sep: u8) -> impl Iterator<Item = (&[u8], Option<&[u8]>)> {
+    s.split(move |&b| b == sep).map(|pair| {
+        let pair = pair.trim_ascii();
+        match pair.iter().position(|&b| b == b'=') {
+            Some(i) => (&pair[..i], Some(&pair[i + 1..])),
+            None => (pair, None),
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(conds: &[&str]) -> Rule {
+        let spec = RuleSpec {
+            name: "r".into(),
+            conditions: conds.iter().map(|c| c.to_string()).collect(),
+            to: Color::Green,
+            fallback: false,
+        };
+        let counter = IntCounter::new("t", "t").expect("counter");
+        Rule::compile(&spec, counter).expect("valid rule")
+    }
+
+    fn facts<'a>(h: &'a HeaderMap, uri: &'a http::Uri, ip: &str) -> RequestFacts<'a> {
+        RequestFacts::new(h, uri, ip.parse().expect("ip"))
+    }
+
+    #[test]
+    fn each_form_matches_exactly() {
+        let mut h = HeaderMap::new();
+        h.insert("x-beta", "1".parse().expect("v"));
+        h.append(COOKIE, "a=1; plan=pro".parse().expect("v"));
+        let uri: http::Uri = "/api/v1/x?beta&tenant=acme".parse().expect("uri");
+        let f = facts(&h, &uri, "10.1.2.3");
+        for yes in [
+            &["header:X-Beta"][..],
+            &["header:x-beta=1"],
+            &["cookie:plan"],
+            &["cookie:plan=pro", "cookie:a=1"],
+            &["query:beta"],
+            &["query:tenant=acme"],
+            &["client:10.0.0.0/8"],
+            &["path_prefix:/api"],
+            &["path_prefix:/api/"],
+        ] {
+            assert!(rule(yes).matches(&f), "{yes:?}");
+        }
+        for no in [
+            &["header:x-beta=2"][..],
+            &["header:x-other"],
+            &["cookie:plan=PRO"],
+            &["cookie:pla"],
+            &["query:tenant=acm"],
+            &["query:beta=1"],
+            &["client:192.168.0.0/16"],
+            &["path_prefix:/ap"],
+            &["header:x-beta=1", "cookie:nope"],
+        ] {
+            assert!(!rule(no).matches(&f), "{no:?}");
+        }
+    }
+}
