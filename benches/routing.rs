@@ -52,7 +52,7 @@ fn bench(c: &mut Criterion) {
     g.bench_function("pick_backend/round robin", |b| {
         b.iter(|| {
             let mut ch = choice;
-            black_box(pick_backend(route, &mut ch, &[]).map(|b| b.in_flight()))
+            black_box(pick_backend(route, &mut ch, &[]).map(|p| p.backend.in_flight()))
         })
     });
     let api = ten.find("a.example.org", "/api/x").expect("route");
@@ -60,7 +60,7 @@ fn bench(c: &mut Criterion) {
     g.bench_function("pick_backend/least request", |b| {
         b.iter(|| {
             let mut ch = api_choice;
-            black_box(pick_backend(api, &mut ch, &[]).map(|b| b.in_flight()))
+            black_box(pick_backend(api, &mut ch, &[]).map(|p| p.backend.in_flight()))
         })
     });
     g.bench_function("decision/1 service", |b| {
@@ -69,7 +69,7 @@ fn bench(c: &mut Criterion) {
                 .find(black_box("www.example.org"), black_box("/"))
                 .expect("route");
             let mut ch = choose_pool(r, black_box(&plain));
-            black_box(pick_backend(r, &mut ch, &[]).map(|b| b.in_flight()))
+            black_box(pick_backend(r, &mut ch, &[]).map(|p| p.backend.in_flight()))
         })
     });
     g.bench_function("decision/10 services, sticky", |b| {
@@ -78,7 +78,7 @@ fn bench(c: &mut Criterion) {
                 .find(black_box("a.example.org"), black_box("/api/x"))
                 .expect("route");
             let mut ch = choose_pool(r, black_box(&sticky));
-            black_box(pick_backend(r, &mut ch, &[]).map(|b| b.in_flight()))
+            black_box(pick_backend(r, &mut ch, &[]).map(|p| p.backend.in_flight()))
         })
     });
     g.finish();

@@ -414,7 +414,7 @@ proptest! {
         }
         prop_assert!(!choice.set_cookie || choice.decision == Decision::Weight);
         let before = choice;
-        match pick_backend(&r, &mut choice, &[]) {
+        match pick_backend(&r, &mut choice, &[]).map(|p| p.backend) {
             Some(b) => {
                 prop_assert!(b.is_available(switchyard::testing::backend::now_ms()));
                 if before.decision == Decision::Preview {

@@ -387,34 +387,45 @@ pub(crate) fn bucket_of_key(key: &[u8]) -> u16 {
     (h % 10_000) as u16
 }
 
+/// The backend [`pick_backend`] chose.
+#[derive(Debug, Clone, Copy)]
+pub struct Picked<'r> {
+    /// The backend.
+    pub backend: &'r Arc<Backend>,
+    /// Set when this pick failed over from that pool to the other: the
+    /// caller counts it (`switchyard_failovers_total{from}`).
+    pub failover_from: Option<Color>,
+}
+
 /// Picks a backend in the chosen pool, or fails over to the other pool
-/// (SPEC §3 step 3). A preview request never fails over.
+/// (SPEC §3 step 3), updating `choice`. A preview request never fails over.
+/// Counts nothing: a failover is reported in [`Picked::failover_from`].
 pub fn pick_backend<'r>(
     route: &'r Route,
     choice: &mut PoolChoice,
     exclude: &[usize],
-) -> Option<&'r Arc<Backend>> {
+) -> Option<Picked<'r>> {
     let now = now_ms();
     let balance = route.service.balance;
-    if let Some(b) = route.pool(choice.color).pick(balance, now, exclude) {
-        return Some(b);
+    if let Some(backend) = route.pool(choice.color).pick(balance, now, exclude) {
+        return Some(Picked {
+            backend,
+            failover_from: None,
+        });
     }
     if choice.decision == Decision::Preview {
         return None;
     }
-    let other = choice.color.other();
-    let b = route.pool(other).pick(balance, now, exclude)?;
-    if choice.decision != Decision::Failover {
-        route
-            .service
-            .pool_metrics(choice.color)
-            .failovers_from
-            .inc();
-        choice.decision = Decision::Failover;
-    }
-    choice.color = other;
+    let from = choice.color;
+    let backend = route.pool(from.other()).pick(balance, now, exclude)?;
+    let first_failover = choice.decision != Decision::Failover;
+    choice.decision = Decision::Failover;
+    choice.color = from.other();
     choice.set_cookie = false;
-    Some(b)
+    Some(Picked {
+        backend,
+        failover_from: first_failover.then_some(from),
+    })
 }
 
 /// One entry of the match list: a host pattern and path prefix of a route.
@@ -761,11 +772,12 @@ mod tests {
             bucket: Some(1),
             set_cookie: false,
         };
-        let b = pick_backend(&r, &mut choice, &[]).expect("failover");
+        let p = pick_backend(&r, &mut choice, &[]).expect("failover");
         assert_eq!(
-            (b.addr.port, choice.color, choice.decision),
+            (p.backend.addr.port, choice.color, choice.decision),
             (3, Color::Green, Decision::Failover)
         );
+        assert_eq!(p.failover_from, Some(Color::Blue), "the caller counts it");
         let mut preview = PoolChoice {
             color: Color::Blue,
             decision: Decision::Preview,
