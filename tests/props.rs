@@ -318,6 +318,8 @@ fn settings() -> Settings {
     Settings {
         connect_timeout: std::time::Duration::from_secs(1),
         request_timeout: std::time::Duration::from_secs(1),
+        upstream_read_timeout: std::time::Duration::from_secs(60),
+        max_response_headers: 500,
         add_pool_header: true,
         access_log: false,
         drain_timeout: std::time::Duration::from_secs(1),

@@ -59,6 +59,33 @@ pub(crate) enum ProxyError {
         /// The backend.
         backend: String,
     },
+    /// The response head had more fields than `max_response_headers` (or
+    /// exceeded hyper's head size limit). Not the backend's health: it is
+    /// not ejected for it.
+    #[error("backend {backend} sent a response head over the limit: {source}")]
+    HeadTooLarge {
+        /// The backend.
+        backend: String,
+        /// hyper's error.
+        source: hyper::Error,
+    },
+    /// The response body broke off before its end (after the head was
+    /// sent to the client).
+    #[error("backend {backend} cut the response body short: {source}")]
+    Truncated {
+        /// The backend.
+        backend: String,
+        /// hyper's error.
+        source: hyper::Error,
+    },
+    /// The response body was silent for longer than `upstream_read_timeout`.
+    #[error("backend {backend} sent nothing of the response body for {timeout:?}")]
+    ReadTimeout {
+        /// The backend.
+        backend: String,
+        /// The bound.
+        timeout: Duration,
+    },
     /// No response head within `request_timeout`.
     #[error("backend {backend} sent no response within {timeout:?}")]
     Timeout {
@@ -84,8 +111,12 @@ impl ProxyError {
             } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Connect { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
-            ProxyError::UnexpectedUpgrade { .. } => StatusCode::BAD_GATEWAY,
-            ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::UnexpectedUpgrade { .. }
+            | ProxyError::HeadTooLarge { .. }
+            | ProxyError::Truncated { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::Timeout { .. } | ProxyError::ReadTimeout { .. } => {
+                StatusCode::GATEWAY_TIMEOUT
+            }
         }
     }
 
@@ -106,7 +137,11 @@ impl ProxyError {
             ProxyError::Upstream { .. } | ProxyError::UnexpectedUpgrade { .. } => {
                 Some(UpstreamErrorKind::Reset)
             }
-            ProxyError::Timeout { .. } => Some(UpstreamErrorKind::Timeout),
+            ProxyError::HeadTooLarge { .. } => Some(UpstreamErrorKind::HeadTooLarge),
+            ProxyError::Truncated { .. } => Some(UpstreamErrorKind::Truncated),
+            ProxyError::Timeout { .. } | ProxyError::ReadTimeout { .. } => {
+                Some(UpstreamErrorKind::Timeout)
+            }
         }
     }
 
@@ -117,10 +152,13 @@ impl ProxyError {
             ProxyError::BadRequest(_)
             | ProxyError::UriTooLong
             | ProxyError::NoRoute
-            | ProxyError::NoHealthyBackend(_) => false,
+            | ProxyError::NoHealthyBackend(_)
+            | ProxyError::HeadTooLarge { .. } => false,
             ProxyError::Upstream { stale, .. } => !stale,
             ProxyError::Connect { .. }
             | ProxyError::UnexpectedUpgrade { .. }
+            | ProxyError::Truncated { .. }
+            | ProxyError::ReadTimeout { .. }
             | ProxyError::Timeout { .. } => true,
         }
     }
@@ -139,6 +177,9 @@ impl ProxyError {
             | ProxyError::NoRoute
             | ProxyError::NoHealthyBackend(_)
             | ProxyError::UnexpectedUpgrade { .. }
+            | ProxyError::HeadTooLarge { .. }
+            | ProxyError::Truncated { .. }
+            | ProxyError::ReadTimeout { .. }
             | ProxyError::Timeout { .. } => false,
         }
     }
@@ -158,7 +199,11 @@ impl ProxyError {
             ProxyError::Connect { .. } => b"502 upstream refused the connection\n",
             ProxyError::Upstream { .. } => b"502 upstream broke the connection\n",
             ProxyError::UnexpectedUpgrade { .. } => b"502 upstream switched protocols unasked\n",
-            ProxyError::Timeout { .. } => b"504 upstream timed out\n",
+            ProxyError::HeadTooLarge { .. } => b"502 upstream response head too large\n",
+            ProxyError::Truncated { .. } => b"502 upstream cut the response short\n",
+            ProxyError::Timeout { .. } | ProxyError::ReadTimeout { .. } => {
+                b"504 upstream timed out\n"
+            }
         })
     }
 

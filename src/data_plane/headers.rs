@@ -60,7 +60,9 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) -> Option<HeaderValue> {
                     continue;
                 }
                 if let Ok(name) = HeaderName::from_bytes(token) {
-                    headers.remove(name);
+                    if !is_protected(&name) {
+                        headers.remove(name);
+                    }
                 }
             }
         }
@@ -78,6 +80,19 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) -> Option<HeaderValue> {
         }
     }
     upgrade
+}
+
+/// Headers `Connection` can never remove: `Host` (an HTTP/1.1 request
+/// needs it) and the ones the proxy itself sets, so that the backend sees
+/// what the proxy promised (the request id the client gets back, the
+/// forwarding headers, the pool).
+fn is_protected(name: &HeaderName) -> bool {
+    name == HOST
+        || name == X_REQUEST_ID
+        || name == X_FORWARDED_FOR
+        || name == X_FORWARDED_HOST
+        || name == X_FORWARDED_PROTO
+        || name == X_SWITCHYARD_POOL
 }
 
 /// Is `name` one of the fixed hop-by-hop headers?
@@ -370,6 +385,32 @@ mod tests {
         assert!(remove_hop_by_hop(&mut h).is_none());
         assert_eq!(h.len(), 1, "{h:?}");
         assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn connection_cannot_remove_host_or_the_proxys_own_headers() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            CONNECTION,
+            HeaderValue::from_static(
+                "host, x-request-id, X-Forwarded-Host, x-forwarded-for, x-forwarded-proto, \
+                 x-switchyard-pool, x-other",
+            ),
+        );
+        for name in [
+            "host",
+            "x-request-id",
+            "x-forwarded-host",
+            "x-forwarded-for",
+            "x-forwarded-proto",
+            "x-switchyard-pool",
+            "x-other",
+        ] {
+            h.insert(name, HeaderValue::from_static("v"));
+        }
+        remove_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 6, "{h:?}");
+        assert!(!h.contains_key("x-other") && !h.contains_key(CONNECTION));
     }
 
     #[test]

@@ -17,7 +17,7 @@ use hyper::body::Incoming;
 use crate::data_plane::backend::UpstreamBody;
 use crate::data_plane::conn::{ActiveRequest, ClientInfo};
 use crate::data_plane::error::ProxyError;
-use crate::data_plane::exchange::{pool_header, Exchange, LogFields, ProxyBody};
+use crate::data_plane::exchange::{pool_header, Exchange, LogFields, ProxyBody, Streamed};
 use crate::data_plane::headers::{
     check_framing, new_request_id, prepare_request, remove_hop_by_hop, request_host,
     valid_request_id, X_REQUEST_ID, X_SWITCHYARD_POOL,
@@ -85,7 +85,7 @@ impl Proxy {
 
     async fn forward(
         &self,
-        snap: &Snapshot,
+        snap: &Arc<Snapshot>,
         req: Request<Incoming>,
         client: &ClientInfo,
         ex: &mut Exchange,
@@ -106,11 +106,12 @@ impl Proxy {
         check_framing(&parts)?;
 
         // 2. Which service: host, then longest path prefix.
-        let route = {
+        let route_index = {
             let host = request_host(&parts)?;
             let path = parts.uri.path();
-            snap.find(host, path).ok_or(ProxyError::NoRoute)?
+            snap.find_index(host, path).ok_or(ProxyError::NoRoute)?
         };
+        let route = &snap.routes[route_index];
         ex.service = Some(Arc::clone(&route.service));
 
         // 3. Which pool: preview header, sticky bucket, weights.
@@ -124,7 +125,7 @@ impl Proxy {
 
         // 4. The upstream request head and body.
         let client_upgrade = prepare_request(&mut parts, &client.ip, client.tls);
-        let (body, replay) = upstream_body(&parts, body).await?;
+        let (body, replay) = upstream_body(&parts, body, snap.settings.request_timeout).await?;
         let req = Request::from_parts(parts, body);
 
         // 5. Send, with bounded retries.
@@ -138,9 +139,11 @@ impl Proxy {
         ex.status = status.as_u16();
         if status.is_server_error() {
             upstream::record_failure(route, &backend, choice.color);
-        } else {
+        } else if status == StatusCode::SWITCHING_PROTOCOLS {
             upstream::record_success(&backend);
         }
+        // Otherwise the success is recorded when the body ends cleanly
+        // (exchange.rs): a body cut short is a failure.
         if status == StatusCode::SWITCHING_PROTOCOLS {
             match client_upgrade {
                 Some(client_side) => {
@@ -168,6 +171,12 @@ impl Proxy {
         } else {
             remove_hop_by_hop(resp.headers_mut());
             ex.upstream = Some(conn);
+            ex.streamed = Some(Streamed {
+                snap: Arc::clone(snap),
+                route: route_index,
+                on_failure: upstream::body_failed,
+                read_timeout: settings.upstream_read_timeout,
+            });
         }
         let h = resp.headers_mut();
         if settings.add_pool_header {
@@ -192,6 +201,7 @@ const REPLAY_BODY_MAX: u64 = 64 * 1024;
 async fn upstream_body(
     parts: &http::request::Parts,
     body: Incoming,
+    client_silence: std::time::Duration,
 ) -> Result<(UpstreamBody, Option<Replay>), ProxyError> {
     use http_body::Body as _;
     let idempotent = matches!(
@@ -220,5 +230,5 @@ async fn upstream_body(
         let replay = Replay::of(parts, Some(bytes.clone()));
         return Ok((UpstreamBody::Full(Some(bytes)), Some(replay)));
     }
-    Ok((UpstreamBody::Incoming(body), None))
+    Ok((UpstreamBody::streamed(body, client_silence), None))
 }

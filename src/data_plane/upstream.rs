@@ -16,9 +16,9 @@ use http::{Method, Request, Response, Uri, Version};
 use hyper::body::Incoming;
 
 use crate::color::Color;
-use crate::data_plane::backend::{now_ms, Backend, UpstreamBody, UpstreamConn};
+use crate::data_plane::backend::{now_ms, Backend, ClientWaits, UpstreamBody, UpstreamConn};
 use crate::data_plane::error::ProxyError;
-use crate::data_plane::exchange::{pool_header, Exchange};
+use crate::data_plane::exchange::{pool_header, BodyError, BodyFailure, Exchange};
 use crate::data_plane::headers::X_SWITCHYARD_POOL;
 use crate::data_plane::routing::{pick_backend, Pool, PoolChoice, Route, Settings};
 
@@ -218,7 +218,10 @@ pub(crate) async fn send(
             .insert(X_SWITCHYARD_POOL.clone(), pool_header(choice.color));
         attempts.begin();
 
-        let (err, failed) = match backend.checkout(settings.connect_timeout).await {
+        let (err, failed) = match backend
+            .checkout(settings.connect_timeout, settings.max_response_headers)
+            .await
+        {
             Err(source) => {
                 let err = ProxyError::Connect {
                     backend: backend.label.clone(),
@@ -227,15 +230,16 @@ pub(crate) async fn send(
                 (err, Failed::Connect)
             }
             Ok((mut conn, reused)) => {
-                let sent = tokio::time::timeout(
-                    settings.request_timeout,
-                    conn.sender.try_send_request(req),
-                )
-                .await;
+                let waits = req.body().client_waits();
+                let sent = tokio::select! {
+                    biased;
+                    r = conn.sender.try_send_request(req) => Ok(r),
+                    () = head_deadline(settings.request_timeout, waits) => Err(()),
+                };
                 let mut failed = match sent {
                     Ok(Ok(resp)) => return Ok((resp, conn, backend)),
                     Ok(Err(failed)) => failed,
-                    Err(_elapsed) => {
+                    Err(()) => {
                         let err = ProxyError::Timeout {
                             backend: backend.label.clone(),
                             timeout: settings.request_timeout,
@@ -252,6 +256,16 @@ pub(crate) async fn send(
                     return Err(ProxyError::BadRequest(
                         "malformed or incomplete request body",
                     ));
+                }
+                if unsent.is_none() && source.is_parse_too_large() {
+                    // Too many header fields: the backend is not sick, and
+                    // the same request would get the same head.
+                    let err = ProxyError::HeadTooLarge {
+                        backend: backend.label.clone(),
+                        source,
+                    };
+                    upstream_error(route, &backend, choice.color, &err);
+                    return Err(err);
                 }
                 let reset = unsent.is_some() || is_reset(&source);
                 let err = ProxyError::Upstream {
@@ -292,6 +306,24 @@ pub(crate) async fn send(
     }
 }
 
+/// Resolves when the backend has had `limit` to answer, not counting the
+/// time the request body spent waiting on the client: a slow upload never
+/// makes the backend time out (the client's own silence is bounded in
+/// [`UpstreamBody::streamed`]).
+async fn head_deadline(limit: Duration, waits: Option<Arc<ClientWaits>>) {
+    let start = tokio::time::Instant::now();
+    let mut until = start + limit;
+    loop {
+        tokio::time::sleep_until(until).await;
+        let Some(w) = &waits else { return };
+        let due = start + limit + w.total();
+        if due <= tokio::time::Instant::now() {
+            return;
+        }
+        until = due;
+    }
+}
+
 /// Records an upstream error (`switchyard_upstream_errors_total`), and, if
 /// it blames the backend, a failure towards its passive ejection.
 pub(crate) fn upstream_error(
@@ -308,7 +340,37 @@ pub(crate) fn upstream_error(
     }
 }
 
-// Passive ejection: the whole policy.
+/// An upstream response body failed after its head went to the client
+/// (an [`crate::data_plane::exchange::OnBodyFailure`]): counts it
+/// (`truncated` or `timeout`), blames the backend once, and returns the
+/// error the client's body ends with.
+pub(crate) fn body_failed(
+    route: &Route,
+    backend: &Arc<Backend>,
+    color: Color,
+    failure: BodyFailure,
+) -> BodyError {
+    let err = match failure {
+        BodyFailure::Broke(source) => ProxyError::Truncated {
+            backend: backend.label.clone(),
+            source,
+        },
+        BodyFailure::Silent(timeout) => ProxyError::ReadTimeout {
+            backend: backend.label.clone(),
+            timeout,
+        },
+    };
+    tracing::debug!(service = %route.service.name, error = %err, "response body failed");
+    upstream_error(route, backend, color, &err);
+    Box::new(err)
+}
+
+// Passive ejection, the whole policy: consecutive failures seen by real
+// requests (connect errors, resets, timeouts, truncated bodies, 5xx) eject
+// a backend for a back-off that doubles with each ejection. At most half of
+// a pool can be ejected at once, so one blip cannot empty a pool (Envoy's
+// `max_ejection_percent`). A checked backend returns through a passing
+// check after its back-off, an unchecked one when the back-off ends.
 
 /// Consecutive failures that eject a backend.
 pub(crate) const EJECT_AFTER_FAILURES: u32 = 5;
@@ -348,6 +410,18 @@ pub(crate) fn record_failure(route: &Route, backend: &Arc<Backend>, color: Color
         may_eject(pool, backend)
     });
     if ejected {
+        if backend.returns_by_itself() {
+            // Without active checks nothing else would notice the end of
+            // the back-off: set the gauge back then.
+            let weak = Arc::downgrade(backend);
+            let wait = Duration::from_millis(backend.ejected_for_ms());
+            tokio::spawn(async move {
+                tokio::time::sleep(wait).await;
+                if let Some(b) = weak.upgrade() {
+                    b.refresh_gauge();
+                }
+            });
+        }
         route.service.pool_metrics(color).ejections.inc();
         tracing::warn!(
             service = %route.service.name,

@@ -25,8 +25,13 @@ use crate::weights::Weights;
 pub struct Settings {
     /// Upstream connect bound.
     pub connect_timeout: Duration,
-    /// Upstream response head bound.
+    /// Upstream response head bound, from the end of the request body.
     pub request_timeout: Duration,
+    /// Longest silence between two reads of an upstream response body
+    /// (`Duration::ZERO`: never).
+    pub upstream_read_timeout: Duration,
+    /// Most header fields accepted in an upstream response head.
+    pub max_response_headers: usize,
     /// Add `x-switchyard-pool` to responses.
     pub add_pool_header: bool,
     /// Write access-log lines.
@@ -41,6 +46,8 @@ impl Settings {
         Settings {
             connect_timeout: p.connect_timeout,
             request_timeout: p.request_timeout,
+            upstream_read_timeout: p.upstream_read_timeout,
+            max_response_headers: p.max_response_headers,
             add_pool_header: p.add_pool_header,
             access_log: p.access_log,
             drain_timeout: p.drain_timeout,
@@ -479,12 +486,17 @@ impl Snapshot {
     /// The route for `host` (port and trailing dot ignored, any case) and
     /// `path`, if any.
     pub fn find(&self, host: &str, path: &str) -> Option<&Route> {
+        self.find_index(host, path).map(|i| &self.routes[i])
+    }
+
+    /// As [`Snapshot::find`], the index in `routes`.
+    pub(crate) fn find_index(&self, host: &str, path: &str) -> Option<usize> {
         let host = strip_port(host);
         let host = host.strip_suffix('.').unwrap_or(host);
         self.entries
             .iter()
             .find(|e| host_matches(&e.host, host) && prefix_matches(&e.prefix, path))
-            .map(|e| &self.routes[e.route])
+            .map(|e| e.route)
     }
 
     /// The route of service `name`.
@@ -584,6 +596,8 @@ mod tests {
         Settings {
             connect_timeout: Duration::from_secs(1),
             request_timeout: Duration::from_secs(1),
+            upstream_read_timeout: Duration::from_secs(60),
+            max_response_headers: 500,
             add_pool_header: true,
             access_log: false,
             drain_timeout: Duration::from_secs(1),
