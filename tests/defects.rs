@@ -2,7 +2,6 @@
 //! body read timeout): each misbehaving upstream or client is real, on a
 //! loopback socket, and each test failed on the code before its fix.
 
-#[allow(dead_code)]
 mod support;
 
 use std::future::Future;
