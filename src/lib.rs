@@ -46,6 +46,9 @@
 // Input from outside never reaches an unwrap (tests may unwrap freely).
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 #![warn(unreachable_pub)]
+// The crate map above links the private modules it walks through; it is
+// read with `cargo doc --document-private-items`, where the links resolve.
+#![allow(rustdoc::private_intra_doc_links)]
 
 pub(crate) mod app;
 pub mod cli;
