@@ -108,7 +108,7 @@ fn bench(c: &mut Criterion) {
     g.bench_function("pick_backend/round robin", |b| {
         b.iter(|| {
             let mut ch = choice;
-            black_box(pick_backend(route, &mut ch, &[]).map(|b| b.in_flight()))
+            black_box(pick_backend(route, &mut ch, &[]).map(|p| p.backend.in_flight()))
         })
     });
     let api = ten.find("a.example.org", "/api/x").expect("route");
@@ -116,7 +116,7 @@ fn bench(c: &mut Criterion) {
     g.bench_function("pick_backend/least request", |b| {
         b.iter(|| {
             let mut ch = api_choice;
-            black_box(pick_backend(api, &mut ch, &[]).map(|b| b.in_flight()))
+            black_box(pick_backend(api, &mut ch, &[]).map(|p| p.backend.in_flight()))
         })
     });
     g.bench_function("decision/1 service", |b| {
@@ -125,7 +125,7 @@ fn bench(c: &mut Criterion) {
                 .find(black_box("www.example.org"), black_box("/"))
                 .expect("route");
             let mut ch = choose_pool(r, black_box(&plain));
-            black_box(pick_backend(r, &mut ch, &[]).map(|b| b.in_flight()))
+            black_box(pick_backend(r, &mut ch, &[]).map(|p| p.backend.in_flight()))
         })
     });
     g.bench_function("decision/10 services, sticky", |b| {
@@ -134,7 +134,7 @@ fn bench(c: &mut Criterion) {
                 .find(black_box("a.example.org"), black_box("/api/x"))
                 .expect("route");
             let mut ch = choose_pool(r, black_box(&sticky));
-            black_box(pick_backend(r, &mut ch, &[]).map(|b| b.in_flight()))
+            black_box(pick_backend(r, &mut ch, &[]).map(|p| p.backend.in_flight()))
         })
     });
     // Targeting rules: the same decision (sticky cookie, so the bucket is

@@ -21,6 +21,20 @@ const DURATION_BUCKETS: &[f64] = &[
 /// `action` values of `switchyard_routing_changes_total` (SPEC §5).
 const ROUTING_ACTIONS: [&str; 5] = ["switch", "split", "rollback", "pool", "rules"];
 
+/// `code` values of `switchyard_requests_total`: the status classes, and
+/// `499` for requests the client abandoned before the response head (nginx's
+/// convention; HTTP/1 close or HTTP/2 stream reset).
+const CODES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "499"];
+
+/// Index in [`CODES`] of `status` (0: the client abandoned the request).
+#[inline]
+fn code_index(status: u16) -> usize {
+    if status == 0 {
+        return 5;
+    }
+    usize::from((status / 100).clamp(1, 5) - 1)
+}
+
 /// Kinds of upstream error (`kind` label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum UpstreamErrorKind {
@@ -32,14 +46,22 @@ pub(crate) enum UpstreamErrorKind {
     Reset,
     /// TLS handshake failed.
     Tls,
+    /// The response body ended before its declared end (connection closed
+    /// or reset mid-body, bad chunked framing).
+    Truncated,
+    /// The response head had more header fields than
+    /// `[proxy] max_response_headers` (or exceeded hyper's head size limit).
+    HeadTooLarge,
 }
 
 impl UpstreamErrorKind {
-    const ALL: [UpstreamErrorKind; 4] = [
+    const ALL: [UpstreamErrorKind; 6] = [
         UpstreamErrorKind::Connect,
         UpstreamErrorKind::Timeout,
         UpstreamErrorKind::Reset,
         UpstreamErrorKind::Tls,
+        UpstreamErrorKind::Truncated,
+        UpstreamErrorKind::HeadTooLarge,
     ];
 
     /// Label value.
@@ -49,6 +71,8 @@ impl UpstreamErrorKind {
             UpstreamErrorKind::Timeout => "timeout",
             UpstreamErrorKind::Reset => "reset",
             UpstreamErrorKind::Tls => "tls",
+            UpstreamErrorKind::Truncated => "truncated",
+            UpstreamErrorKind::HeadTooLarge => "head_too_large",
         }
     }
 }
@@ -69,7 +93,7 @@ pub struct Metrics {
     pub(crate) open_connections: IntGaugeVec,
     config_reloads: IntCounterVec,
     /// `switchyard_requests_total{service="",pool=""}`: no service matched.
-    unmatched: [IntCounter; 5],
+    unmatched: [IntCounter; 6],
     /// Upgraded connections closed because their pool stopped taking traffic.
     pub(crate) upgrades_drained: IntCounter,
     /// Connections cut by the header read or idle timeout, by reason.
@@ -105,7 +129,7 @@ impl Metrics {
         };
         let requests = counter(
             "switchyard_requests_total",
-            "Requests answered, by service, pool and status class.",
+            "Requests answered, by service, pool and status class (499: abandoned by the client).",
             &["service", "pool", "code"],
         );
         let duration = must(HistogramVec::new(
@@ -119,7 +143,7 @@ impl Metrics {
         must(registry.register(Box::new(duration.clone())));
         let upstream_errors = counter(
             "switchyard_upstream_errors_total",
-            "Upstream failures by kind: connect, timeout, reset, tls.",
+            "Upstream failures by kind: connect, timeout, reset, tls, truncated, head_too_large.",
             &["service", "pool", "kind"],
         );
         let backend_healthy = gauge(
@@ -188,8 +212,7 @@ impl Metrics {
             "Passive ejections of backends after consecutive failures.",
             &["service", "pool"],
         );
-        let unmatched = ["1xx", "2xx", "3xx", "4xx", "5xx"]
-            .map(|class| requests.with_label_values(&["", "", class]));
+        let unmatched = CODES.map(|class| requests.with_label_values(&["", "", class]));
         Metrics {
             registry,
             requests,
@@ -221,16 +244,14 @@ impl Metrics {
 
     /// Counts a request no service matched (or refused before routing).
     pub(crate) fn observe_unmatched(&self, status: u16) {
-        let class = usize::from((status / 100).clamp(1, 5) - 1);
-        self.unmatched[class].inc();
+        self.unmatched[code_index(status)].inc();
     }
 
     /// Handles for one pool of one service.
     pub fn pool(&self, service: &str, color: Color) -> PoolMetrics {
         let pool = color.as_str();
         PoolMetrics {
-            requests: ["1xx", "2xx", "3xx", "4xx", "5xx"]
-                .map(|class| self.requests.with_label_values(&[service, pool, class])),
+            requests: CODES.map(|class| self.requests.with_label_values(&[service, pool, class])),
             duration: self.duration.with_label_values(&[service, pool]),
             upstream_errors: UpstreamErrorKind::ALL.map(|k| {
                 self.upstream_errors
@@ -301,7 +322,7 @@ impl Metrics {
     pub(crate) fn forget_service(&self, service: &str) {
         for c in Color::ALL {
             let pool = c.as_str();
-            for class in ["1xx", "2xx", "3xx", "4xx", "5xx"] {
+            for class in CODES {
                 let _ = self.requests.remove_label_values(&[service, pool, class]);
             }
             let _ = self.duration.remove_label_values(&[service, pool]);
@@ -329,9 +350,9 @@ impl Default for Metrics {
 
 /// Pre-resolved metric handles of one pool of one service.
 pub struct PoolMetrics {
-    requests: [IntCounter; 5],
+    requests: [IntCounter; 6],
     duration: Histogram,
-    upstream_errors: [IntCounter; 4],
+    upstream_errors: [IntCounter; 6],
     /// Failovers away from this pool.
     pub(crate) failovers_from: IntCounter,
     /// Retries within this pool.
@@ -344,8 +365,7 @@ impl PoolMetrics {
     /// Counts one answered request.
     #[inline]
     pub(crate) fn observe(&self, status: u16, seconds: f64) {
-        let class = usize::from((status / 100).clamp(1, 5) - 1);
-        self.requests[class].inc();
+        self.requests[code_index(status)].inc();
         self.duration.observe(seconds);
     }
 
@@ -357,6 +377,8 @@ impl PoolMetrics {
             UpstreamErrorKind::Timeout => 1,
             UpstreamErrorKind::Reset => 2,
             UpstreamErrorKind::Tls => 3,
+            UpstreamErrorKind::Truncated => 4,
+            UpstreamErrorKind::HeadTooLarge => 5,
         };
         self.upstream_errors[i].inc();
     }

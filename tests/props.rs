@@ -327,6 +327,8 @@ fn settings() -> Settings {
     Settings {
         connect_timeout: std::time::Duration::from_secs(1),
         request_timeout: std::time::Duration::from_secs(1),
+        upstream_read_timeout: std::time::Duration::from_secs(60),
+        max_response_headers: 500,
         add_pool_header: true,
         access_log: false,
         drain_timeout: std::time::Duration::from_secs(1),
@@ -429,7 +431,7 @@ proptest! {
         }
         prop_assert!(!choice.set_cookie || choice.decision == Decision::Weight);
         let before = choice;
-        match pick_backend(&r, &mut choice, &[]) {
+        match pick_backend(&r, &mut choice, &[]).map(|p| p.backend) {
             Some(b) => {
                 prop_assert!(b.is_available(switchyard::testing::backend::now_ms()));
                 if before.decision == Decision::Preview {

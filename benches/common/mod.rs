@@ -55,6 +55,8 @@ pub fn settings() -> Settings {
     Settings {
         connect_timeout: Duration::from_secs(2),
         request_timeout: Duration::from_secs(60),
+        upstream_read_timeout: Duration::from_secs(60),
+        max_response_headers: 500,
         add_pool_header: true,
         access_log: false,
         drain_timeout: Duration::from_secs(30),

@@ -56,6 +56,12 @@ pub struct ProxyConfig {
     pub(crate) connect_timeout: Duration,
     /// Bound on the whole upstream response head. Default 60s.
     pub(crate) request_timeout: Duration,
+    /// Longest silence between two reads of an upstream response body
+    /// (`Duration::ZERO`: never). Default 60s.
+    pub(crate) upstream_read_timeout: Duration,
+    /// Most header fields accepted in an upstream response head (502
+    /// `head_too_large` above). Default 500.
+    pub(crate) max_response_headers: usize,
     /// Downstream keep-alive idle bound. Default 90s.
     pub(crate) idle_timeout: Duration,
     /// Bound on reading one request head (slowloris). Default 10s.
@@ -436,6 +442,8 @@ impl Default for ProxyConfig {
             workers: 0,
             connect_timeout: Duration::from_secs(2),
             request_timeout: Duration::from_secs(60),
+            upstream_read_timeout: Duration::from_secs(60),
+            max_response_headers: 500,
             idle_timeout: Duration::from_secs(90),
             header_read_timeout: Duration::from_secs(10),
             max_request_header_bytes: 65536,
@@ -554,7 +562,7 @@ impl Config {
 
 const ROOT_KEYS: &str = "proxy admin state service";
 const PROXY_KEYS: &str = "listen tls_listen tls workers connect_timeout request_timeout \
-    idle_timeout header_read_timeout max_request_header_bytes drain_timeout add_pool_header \
+    upstream_read_timeout max_response_headers idle_timeout header_read_timeout max_request_header_bytes drain_timeout add_pool_header \
     access_log";
 const SERVICE_KEYS: &str = "name hosts path_prefix initial balance upstream_ca \
     upstream_insecure_skip_verify blue green health sticky preview rule";
@@ -860,6 +868,12 @@ fn parse_proxy(s: &Section) -> ProxyConfig {
     set(&mut p.workers, s.get_int_in("workers", 0..=1024));
     set(&mut p.connect_timeout, s.get_duration("connect_timeout"));
     set(&mut p.request_timeout, s.get_duration("request_timeout"));
+    set(
+        &mut p.upstream_read_timeout,
+        s.get_duration_or_never("upstream_read_timeout"),
+    );
+    let max = s.get_int_in("max_response_headers", 1..=10_000);
+    set(&mut p.max_response_headers, max);
     set(&mut p.idle_timeout, s.get_duration_or_never("idle_timeout"));
     let header_read_timeout = s.get_duration("header_read_timeout");
     set(&mut p.header_read_timeout, header_read_timeout);

@@ -10,6 +10,7 @@
 //!
 //! The request path touches only atomics and a lock-free queue here.
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -86,7 +87,7 @@ impl Health {
 /// or a small body held in memory (replayable on retry).
 pub(crate) enum UpstreamBody {
     /// Streamed from the client.
-    Incoming(Incoming),
+    Incoming(Box<Upload>),
     /// Held in memory (empty, or small enough to replay).
     Full(Option<Bytes>),
 }
@@ -96,32 +97,137 @@ impl UpstreamBody {
     pub(crate) const fn empty() -> UpstreamBody {
         UpstreamBody::Full(None)
     }
+
+    /// The client's body, streamed; a client silent for `client_silence`
+    /// mid-body ends it with an error (never blamed on the backend).
+    pub(crate) fn streamed(body: Incoming, client_silence: Duration) -> UpstreamBody {
+        UpstreamBody::Incoming(Box::new(Upload {
+            body,
+            waits: Arc::new(ClientWaits::default()),
+            limit: client_silence,
+            silence: None,
+        }))
+    }
+
+    /// For a streamed body, how long it has waited on the client so far.
+    pub(crate) fn client_waits(&self) -> Option<Arc<ClientWaits>> {
+        match self {
+            UpstreamBody::Incoming(up) => Some(Arc::clone(&up.waits)),
+            UpstreamBody::Full(_) => None,
+        }
+    }
 }
+
+/// A client's body streamed upstream, timing the waits on the client.
+pub(crate) struct Upload {
+    body: Incoming,
+    waits: Arc<ClientWaits>,
+    limit: Duration,
+    silence: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+/// Time an upload spent waiting on the client (the backend's response
+/// time does not include it: a slow client is never the backend's fault).
+#[derive(Debug, Default)]
+pub(crate) struct ClientWaits {
+    /// Milliseconds of finished waits.
+    waited_ms: AtomicU64,
+    /// Start ([`now_ms`], +1 so that 0 means none) of the wait under way.
+    since_ms: AtomicU64,
+}
+
+impl ClientWaits {
+    /// Time spent waiting on the client so far, the current wait included.
+    pub(crate) fn total(&self) -> Duration {
+        let since = self.since_ms.load(Ordering::Relaxed);
+        let current = match since {
+            0 => 0,
+            s => (now_ms() + 1).saturating_sub(s),
+        };
+        Duration::from_millis(self.waited_ms.load(Ordering::Relaxed) + current)
+    }
+
+    fn start(&self) -> bool {
+        if self.since_ms.load(Ordering::Relaxed) == 0 {
+            self.since_ms.store(now_ms() + 1, Ordering::Relaxed);
+            return true;
+        }
+        false
+    }
+
+    fn stop(&self) {
+        let since = self.since_ms.swap(0, Ordering::Relaxed);
+        if since != 0 {
+            let d = (now_ms() + 1).saturating_sub(since);
+            self.waited_ms.fetch_add(d, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The client sent nothing of its body for the limit.
+#[derive(Debug, thiserror::Error)]
+#[error("the client sent nothing of the request body for {0:?}")]
+pub(crate) struct ClientSilent(Duration);
+
+impl Upload {
+    fn poll_frame(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        match Pin::new(&mut self.body).poll_frame(cx) {
+            Poll::Ready(r) => {
+                self.waits.stop();
+                Poll::Ready(r.map(|f| f.map_err(BodyError::from)))
+            }
+            Poll::Pending => {
+                if self.waits.start() {
+                    let deadline = tokio::time::Instant::now() + self.limit;
+                    match &mut self.silence {
+                        Some(sleep) => sleep.as_mut().reset(deadline),
+                        None => self.silence = Some(Box::pin(tokio::time::sleep_until(deadline))),
+                    }
+                }
+                let out = self
+                    .silence
+                    .as_mut()
+                    .is_some_and(|sleep| sleep.as_mut().poll(cx).is_ready());
+                if out {
+                    self.waits.stop();
+                    return Poll::Ready(Some(Err(Box::new(ClientSilent(self.limit)))));
+                }
+                Poll::Pending
+            }
+        }
+    }
+}
+
+/// The error of an upstream request body.
+pub(crate) type BodyError = Box<dyn std::error::Error + Send + Sync>;
 
 impl Body for UpstreamBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.get_mut() {
-            UpstreamBody::Incoming(b) => Pin::new(b).poll_frame(cx),
+            UpstreamBody::Incoming(b) => b.poll_frame(cx),
             UpstreamBody::Full(b) => Poll::Ready(b.take().map(|d| Ok(Frame::data(d)))),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
-            UpstreamBody::Incoming(b) => b.is_end_stream(),
+            UpstreamBody::Incoming(b) => b.body.is_end_stream(),
             UpstreamBody::Full(b) => b.is_none(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            UpstreamBody::Incoming(b) => b.size_hint(),
+            UpstreamBody::Incoming(b) => b.body.size_hint(),
             UpstreamBody::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
             UpstreamBody::Full(None) => SizeHint::with_exact(0),
         }
@@ -264,6 +370,26 @@ impl Backend {
         old != h as u8
     }
 
+    /// Sets `switchyard_backend_healthy` from the state now: 1 when it takes
+    /// traffic (healthy, not ejected, not retired).
+    pub(crate) fn refresh_gauge(&self) {
+        let up = self.health() == Health::Healthy && !self.is_ejected() && !self.is_retired();
+        self.healthy_gauge.set(i64::from(up));
+    }
+
+    /// Does its passive ejection end by itself when the back-off is over
+    /// (no active checks), rather than through a passing check?
+    pub(crate) fn returns_by_itself(&self) -> bool {
+        !self.checked.load(Ordering::Relaxed)
+    }
+
+    /// Milliseconds until the current passive ejection ends (0: not ejected).
+    pub(crate) fn ejected_for_ms(&self) -> u64 {
+        self.ejected_until_ms
+            .load(Ordering::Relaxed)
+            .saturating_sub(now_ms())
+    }
+
     /// TLS settings for `https://` backends.
     pub(crate) fn tls(&self) -> Option<&Arc<UpstreamTls>> {
         self.tls.as_ref()
@@ -383,11 +509,13 @@ impl Backend {
         &self.idle[slot.min(self.idle.len() - 1)]
     }
 
-    /// A ready connection: a pooled one if any is usable, else a new one.
-    /// The `bool` says whether it was reused.
+    /// A ready connection: a pooled one if any is usable, else a new one
+    /// accepting response heads of up to `max_headers` fields. The `bool`
+    /// says whether it was reused.
     pub(crate) async fn checkout(
         &self,
         connect_timeout: Duration,
+        max_headers: usize,
     ) -> Result<(UpstreamConn, bool), ConnectError> {
         let now = now_ms();
         let idle = self.idle_here();
@@ -400,7 +528,7 @@ impl Backend {
         // Boxed: the connect future (DNS, TCP, TLS, handshake) is large and
         // rarely polled; inline, it would grow every request's future, and
         // with it the slot hyper keeps per client connection.
-        let conn = Box::pin(self.connect(connect_timeout)).await?;
+        let conn = Box::pin(self.connect(connect_timeout, max_headers)).await?;
         Ok((conn, false))
     }
 
@@ -425,7 +553,11 @@ impl Backend {
         });
     }
 
-    async fn connect(&self, connect_timeout: Duration) -> Result<UpstreamConn, ConnectError> {
+    async fn connect(
+        &self,
+        connect_timeout: Duration,
+        max_headers: usize,
+    ) -> Result<UpstreamConn, ConnectError> {
         let fut = async {
             let tcp = match self.ip {
                 Some(ip) => TcpStream::connect(ip).await.map_err(ConnectError::Io)?,
@@ -466,9 +598,9 @@ impl Backend {
                         .connect(&self.addr.host, tcp)
                         .await
                         .map_err(ConnectError::Tls)?;
-                    handshake(stream).await
+                    handshake(stream, max_headers).await
                 }
-                _ => handshake(tcp).await,
+                _ => handshake(tcp, max_headers).await,
             }
         };
         tokio::time::timeout(connect_timeout, fut)
@@ -477,12 +609,15 @@ impl Backend {
     }
 }
 
-async fn handshake<T>(io: T) -> Result<UpstreamConn, ConnectError>
+async fn handshake<T>(io: T, max_headers: usize) -> Result<UpstreamConn, ConnectError>
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
 {
     let (sender, conn) = http1::Builder::new()
         .writev(true)
+        // hyper's default is 100; up to 100 the parser keeps the header
+        // index on the stack, above it allocates per response head.
+        .max_headers(max_headers)
         .handshake(TokioIo::new(io))
         .await
         .map_err(ConnectError::Handshake)?;

@@ -6,11 +6,12 @@
 //! Everything is settled in `Drop`, so an exchange is accounted for exactly
 //! once however it ends: body complete, client gone, or an error response.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderValue, Method, Uri};
@@ -18,9 +19,40 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
 use crate::color::Color;
-use crate::data_plane::backend::{InFlight, UpstreamConn};
+use crate::data_plane::backend::{Backend, InFlight, UpstreamConn};
 use crate::data_plane::conn::ActiveRequest;
-use crate::data_plane::routing::{Decision, PoolChoice, Service};
+use crate::data_plane::routing::{Decision, PoolChoice, Route, Service, Snapshot};
+
+/// The error a response body ends with (hyper closes an HTTP/1 connection
+/// before the declared end, or resets the HTTP/2 stream).
+pub(crate) type BodyError = Box<dyn std::error::Error + Send + Sync>;
+
+/// How an upstream response body failed after its head was sent.
+#[derive(Debug)]
+pub(crate) enum BodyFailure {
+    /// It broke off (closed or reset early, bad framing).
+    Broke(hyper::Error),
+    /// Nothing came for `upstream_read_timeout`.
+    Silent(Duration),
+}
+
+/// Counts a body failure against the backend (upstream error, passive
+/// ejection) and returns the error the client's body ends with. Given by
+/// the request path ([`crate::data_plane::upstream::body_failed`]), so the
+/// exchange needs no knowledge of the ejection policy.
+pub(crate) type OnBodyFailure = fn(&Route, &Arc<Backend>, Color, BodyFailure) -> BodyError;
+
+/// What a streamed response needs to blame its backend if the body fails.
+pub(crate) struct Streamed {
+    /// The snapshot the request was routed on, and its route's index.
+    pub(crate) snap: Arc<Snapshot>,
+    /// Index in `snap.routes`.
+    pub(crate) route: usize,
+    /// Counts the failure.
+    pub(crate) on_failure: OnBodyFailure,
+    /// `upstream_read_timeout` (`Duration::ZERO`: never).
+    pub(crate) read_timeout: Duration,
+}
 
 /// Fields only the access log needs; allocated only when it is on.
 pub(crate) struct LogFields {
@@ -53,6 +85,8 @@ pub(crate) struct Exchange {
     pub(crate) upstream: Option<UpstreamConn>,
     /// Access log fields, when the access log is on.
     pub(crate) log: Option<Box<LogFields>>,
+    /// Set when the upstream's body is streamed to the client.
+    pub(crate) streamed: Option<Streamed>,
     unmatched: Option<Arc<crate::metrics::Metrics>>,
     bytes: u64,
     eos: bool,
@@ -71,11 +105,27 @@ impl Exchange {
             in_flight: None,
             upstream: None,
             log: None,
+            streamed: None,
             unmatched: None,
             bytes: 0,
             eos: false,
             _active: active,
         }
+    }
+
+    /// The upstream body failed: count it, blame the backend once, log it.
+    fn body_failed(&mut self, failure: BodyFailure) -> BodyError {
+        let (Some(streamed), Some(choice), Some(flight)) =
+            (self.streamed.take(), &self.choice, &self.in_flight)
+        else {
+            return Box::new(std::io::Error::other(format!("{failure:?}")));
+        };
+        let route = &streamed.snap.routes[streamed.route];
+        let err = (streamed.on_failure)(route, flight.backend(), choice.color, failure);
+        if let Some(log) = &mut self.log {
+            log.error = Some(err.to_string());
+        }
+        err
     }
 
     /// Counts this exchange under the "no service matched" series.
@@ -101,6 +151,13 @@ impl Drop for Exchange {
         if let (Some(conn), Some(flight)) = (self.upstream.take(), &self.in_flight) {
             if self.eos {
                 flight.backend().checkin(conn);
+            }
+        }
+        if let (true, Some(_), Some(flight)) = (self.eos, &self.streamed, &self.in_flight) {
+            // A streamed response succeeds when its body ends cleanly (a
+            // failed body took `streamed`); 5xx were counted at the head.
+            if self.status < 500 {
+                flight.backend().record_success();
             }
         }
         if let Some(log) = &self.log {
@@ -139,7 +196,8 @@ impl Drop for Exchange {
                 decision = &*decision,
                 bucket,
                 backend,
-                status = self.status,
+                // 0: the client left before the head (counted as `499`).
+                status = if self.status == 0 { 499 } else { self.status },
                 duration_ms = elapsed.as_secs_f64() * 1000.0,
                 bytes = self.bytes,
                 complete = self.eos,
@@ -154,6 +212,11 @@ impl Drop for Exchange {
 pub(crate) struct ProxyBody {
     inner: Inner,
     exchange: Option<Exchange>,
+    /// The `upstream_read_timeout` timer, made at the first wait (a body
+    /// ready at once never allocates one).
+    silence: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Was the last poll of the upstream body pending?
+    waiting: bool,
 }
 
 enum Inner {
@@ -167,6 +230,8 @@ impl ProxyBody {
         ProxyBody {
             inner: Inner::Upstream(body),
             exchange: Some(exchange),
+            silence: None,
+            waiting: false,
         }
     }
 
@@ -175,7 +240,46 @@ impl ProxyBody {
         ProxyBody {
             inner: Inner::Full(Some(bytes.into())),
             exchange,
+            silence: None,
+            waiting: false,
         }
+    }
+
+    /// The upstream body failed: settle the exchange as failed (its
+    /// connection is not pooled), drop the upstream body, and end the
+    /// client's body with the error.
+    fn fail(&mut self, failure: BodyFailure) -> BodyError {
+        let err = match &mut self.exchange {
+            Some(ex) => ex.body_failed(failure),
+            None => Box::new(std::io::Error::other(format!("{failure:?}"))),
+        };
+        self.exchange = None;
+        self.inner = Inner::Full(None);
+        self.silence = None;
+        err
+    }
+
+    /// Polls the `upstream_read_timeout` timer while the upstream body is
+    /// pending; the limit if it ran out.
+    fn silent_too_long(&mut self, cx: &mut Context<'_>) -> Option<Duration> {
+        let limit = self
+            .exchange
+            .as_ref()
+            .and_then(|ex| ex.streamed.as_ref())
+            .map_or(Duration::ZERO, |s| s.read_timeout);
+        if limit.is_zero() {
+            return None;
+        }
+        if !self.waiting {
+            self.waiting = true;
+            let deadline = tokio::time::Instant::now() + limit;
+            match &mut self.silence {
+                Some(sleep) => sleep.as_mut().reset(deadline),
+                None => self.silence = Some(Box::pin(tokio::time::sleep_until(deadline))),
+            }
+        }
+        let sleep = self.silence.as_mut()?;
+        sleep.as_mut().poll(cx).is_ready().then_some(limit)
     }
 
     fn finish(&mut self) {
@@ -189,30 +293,38 @@ impl ProxyBody {
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = &mut *self;
         let polled = match &mut this.inner {
             Inner::Upstream(b) => Pin::new(b).poll_frame(cx),
             Inner::Full(b) => Poll::Ready(b.take().map(|d| Ok(Frame::data(d)))),
         };
-        match &polled {
+        match polled {
             Poll::Ready(Some(Ok(frame))) => {
+                this.waiting = false;
                 if let (Some(data), Some(ex)) = (frame.data_ref(), &mut this.exchange) {
                     ex.bytes += data.len() as u64;
                 }
                 if this.inner_is_end() {
                     this.finish();
                 }
+                Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(None) => this.finish(),
-            Poll::Ready(Some(Err(_))) | Poll::Pending => {}
+            Poll::Ready(None) => {
+                this.finish();
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(this.fail(BodyFailure::Broke(e))))),
+            Poll::Pending => match this.silent_too_long(cx) {
+                Some(limit) => Poll::Ready(Some(Err(this.fail(BodyFailure::Silent(limit))))),
+                None => Poll::Pending,
+            },
         }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {

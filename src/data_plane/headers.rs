@@ -1,4 +1,6 @@
-//! Header rewriting between client and backend. Pure functions.
+//! The request head: checks ([`check_framing`], [`request_host`]) and the
+//! rewriting between client and backend ([`prepare_request`],
+//! [`remove_hop_by_hop`]). Pure functions, tested without sockets.
 //!
 //! Hop-by-hop headers (RFC 9110 §7.6.1) describe one connection and must
 //! not be forwarded: `Connection` and every header it names,
@@ -6,8 +8,15 @@
 //! hyper re-frames bodies itself, so dropping `Transfer-Encoding` is safe.
 
 use http::header::{
-    HeaderMap, HeaderName, HeaderValue, CONNECTION, TE, TRANSFER_ENCODING, UPGRADE,
+    HeaderMap, HeaderName, HeaderValue, CONNECTION, EXPECT, HOST, TE, TRANSFER_ENCODING, UPGRADE,
 };
+use http::uri::{PathAndQuery, Uri};
+use http::Version;
+
+use crate::data_plane::error::ProxyError;
+
+/// Longest request target (path and query) accepted; 414 above.
+pub(crate) const MAX_TARGET_BYTES: usize = 8192;
 
 /// `x-forwarded-for`.
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -51,7 +60,9 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) -> Option<HeaderValue> {
                     continue;
                 }
                 if let Ok(name) = HeaderName::from_bytes(token) {
-                    headers.remove(name);
+                    if !is_protected(&name) {
+                        headers.remove(name);
+                    }
                 }
             }
         }
@@ -69,6 +80,19 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) -> Option<HeaderValue> {
         }
     }
     upgrade
+}
+
+/// Headers `Connection` can never remove: `Host` (an HTTP/1.1 request
+/// needs it) and the ones the proxy itself sets, so that the backend sees
+/// what the proxy promised (the request id the client gets back, the
+/// forwarding headers, the pool).
+fn is_protected(name: &HeaderName) -> bool {
+    name == HOST
+        || name == X_REQUEST_ID
+        || name == X_FORWARDED_FOR
+        || name == X_FORWARDED_HOST
+        || name == X_FORWARDED_PROTO
+        || name == X_SWITCHYARD_POOL
 }
 
 /// Is `name` one of the fixed hop-by-hop headers?
@@ -123,9 +147,227 @@ pub fn new_request_id() -> HeaderValue {
         .unwrap_or_else(|_| HeaderValue::from_static("0"))
 }
 
+/// Refuses what hyper lets through but a proxy must not pass on: a
+/// `Transfer-Encoding` other than exactly `chunked` (hyper already refuses
+/// one whose last coding is not `chunked`, and a `Content-Length` beside
+/// it: see [`crate::data_plane::h1guard`]), and an over-long target.
+pub(crate) fn check_framing(parts: &http::request::Parts) -> Result<(), ProxyError> {
+    let target = parts.uri.path_and_query().map_or(0, |pq| pq.as_str().len());
+    if target > MAX_TARGET_BYTES {
+        return Err(ProxyError::UriTooLong);
+    }
+    let mut te = parts.headers.get_all(TRANSFER_ENCODING).iter();
+    match (te.next(), te.next()) {
+        (None, _) => Ok(()),
+        (Some(v), None) if v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"chunked") => Ok(()),
+        _ => Err(ProxyError::BadRequest(
+            "unsupported Transfer-Encoding (only `chunked` is accepted)",
+        )),
+    }
+}
+
+/// The host a request is for, from the absolute-form target or `:authority`
+/// (HTTP/2), else the `Host` header. Malformed or conflicting → 400.
+pub(crate) fn request_host(parts: &http::request::Parts) -> Result<&str, ProxyError> {
+    let mut hosts = parts.headers.get_all(HOST).iter();
+    let header = hosts.next();
+    if hosts.next().is_some() {
+        return Err(ProxyError::BadRequest("more than one Host header"));
+    }
+    let header = match header {
+        Some(h) => Some(
+            h.to_str()
+                .ok()
+                .filter(|s| valid_host(s))
+                .ok_or(ProxyError::BadRequest("invalid Host header"))?,
+        ),
+        None => None,
+    };
+    match (parts.uri.authority(), header) {
+        (Some(auth), header) => {
+            let a = auth.as_str();
+            if a.contains('@') || !valid_host(a) {
+                return Err(ProxyError::BadRequest("invalid request target authority"));
+            }
+            if let Some(h) = header {
+                if !h.eq_ignore_ascii_case(a) {
+                    return Err(ProxyError::BadRequest(
+                        "request target names another host than the Host header",
+                    ));
+                }
+            }
+            Ok(a)
+        }
+        (None, Some(h)) => Ok(h),
+        (None, None) if parts.version <= Version::HTTP_10 => Ok(""),
+        (None, None) => Err(ProxyError::BadRequest("missing Host header")),
+    }
+}
+
+/// `host`, `host:port`, `[v6]:port`: no spaces, controls, or path.
+pub(crate) fn valid_host(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 255
+        && s.bytes().all(|b| {
+            b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b':' | b'[' | b']')
+        })
+}
+
+/// Turns the client's request head into the backend's, in place, for a
+/// client at `client_ip` (over TLS if `tls`). Returns the client side of an
+/// upgrade if one was asked for.
+pub(crate) fn prepare_request(
+    parts: &mut http::request::Parts,
+    client_ip: &HeaderValue,
+    tls: bool,
+) -> Option<hyper::upgrade::OnUpgrade> {
+    let upgrade = remove_hop_by_hop(&mut parts.headers);
+    // The client's Expect was answered by our own server side (hyper sends
+    // 100 Continue when the body is first read).
+    if parts.headers.contains_key(EXPECT) {
+        parts.headers.remove(EXPECT);
+    }
+    // HTTP/2 requests carry the host as :authority; HTTP/1.1 backends need Host.
+    if !parts.headers.contains_key(HOST) {
+        if let Some(auth) = parts.uri.authority() {
+            if let Ok(v) = HeaderValue::from_str(auth.as_str()) {
+                parts.headers.insert(HOST, v);
+            }
+        }
+    }
+    if let Some(h) = parts.headers.get(HOST).cloned() {
+        parts.headers.insert(X_FORWARDED_HOST.clone(), h);
+    }
+    append_forwarded_for(&mut parts.headers, client_ip);
+    parts.headers.insert(
+        X_FORWARDED_PROTO.clone(),
+        HeaderValue::from_static(if tls { "https" } else { "http" }),
+    );
+    // Origin-form target for the HTTP/1.1 backend.
+    if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
+        let pq = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        parts.uri = Uri::from(pq);
+    }
+    parts.version = Version::HTTP_11;
+    match upgrade {
+        Some(proto) if parts.method != http::Method::CONNECT => {
+            // HTTP/2 has no Upgrade (no `OnUpgrade`): the header is just dropped.
+            let on = parts.extensions.remove::<hyper::upgrade::OnUpgrade>()?;
+            parts
+                .headers
+                .insert(CONNECTION, HeaderValue::from_static("upgrade"));
+            parts.headers.insert(UPGRADE, proto);
+            Some(on)
+        }
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn parts(req: http::Request<()>) -> http::request::Parts {
+        req.into_parts().0
+    }
+
+    #[test]
+    fn framing_accepts_only_plain_chunked() {
+        let ok = parts(
+            http::Request::post("/")
+                .header("transfer-encoding", " Chunked ")
+                .body(())
+                .unwrap(),
+        );
+        assert!(check_framing(&ok).is_ok());
+        for te in [&["gzip, chunked"][..], &["chunked", "chunked"]] {
+            let mut b = http::Request::post("/");
+            for v in te {
+                b = b.header("transfer-encoding", *v);
+            }
+            let err = check_framing(&parts(b.body(()).unwrap())).unwrap_err();
+            assert_eq!(err.status(), http::StatusCode::BAD_REQUEST, "{te:?}");
+            assert!(
+                !err.to_string().contains("400"),
+                "no status in the text: {err}"
+            );
+        }
+        let long = format!("/{}", "a".repeat(MAX_TARGET_BYTES));
+        let err = check_framing(&parts(http::Request::get(long).body(()).unwrap())).unwrap_err();
+        assert_eq!(err.status(), http::StatusCode::URI_TOO_LONG);
+    }
+
+    #[test]
+    fn host_from_target_or_header() {
+        let h = |b: http::request::Builder| parts(b.body(()).unwrap());
+        let p = h(http::Request::get("/").header("host", "a.example:8080"));
+        assert_eq!(request_host(&p).unwrap(), "a.example:8080");
+        let p = h(http::Request::get("http://b.example/x"));
+        assert_eq!(request_host(&p).unwrap(), "b.example");
+        let p = h(http::Request::get("http://b.example/x").header("host", "B.example"));
+        assert_eq!(request_host(&p).unwrap(), "b.example");
+        let p = h(http::Request::get("/").version(Version::HTTP_10));
+        assert_eq!(request_host(&p).unwrap(), "");
+        for (b, why) in [
+            (http::Request::get("/"), "missing Host header"),
+            (
+                http::Request::get("/")
+                    .header("host", "a")
+                    .header("host", "b"),
+                "more than one Host header",
+            ),
+            (
+                http::Request::get("/").header("host", "a b"),
+                "invalid Host header",
+            ),
+            (
+                http::Request::get("http://u@c.example/"),
+                "invalid request target authority",
+            ),
+            (
+                http::Request::get("http://c.example/").header("host", "d.example"),
+                "request target names another host than the Host header",
+            ),
+        ] {
+            match request_host(&h(b)) {
+                Err(ProxyError::BadRequest(got)) => assert_eq!(got, why),
+                other => panic!("{why}: {other:?}"),
+            }
+        }
+        assert!(valid_host("[::1]:80") && !valid_host("") && !valid_host("a/b"));
+        assert!(!valid_host(&"a".repeat(256)));
+    }
+
+    #[test]
+    fn prepared_request_is_origin_form_http11_with_forwarding_headers() {
+        let mut p = parts(
+            http::Request::get("http://api.example/v1?q=1")
+                .version(Version::HTTP_2)
+                .header("expect", "100-continue")
+                .header("x-forwarded-for", "192.0.2.1")
+                .header("connection", "upgrade")
+                .header("upgrade", "websocket")
+                .body(())
+                .unwrap(),
+        );
+        let up = prepare_request(&mut p, &HeaderValue::from_static("10.0.0.9"), true);
+        assert!(
+            up.is_none(),
+            "no OnUpgrade (HTTP/2): the upgrade is dropped"
+        );
+        assert_eq!(p.uri, "/v1?q=1");
+        assert_eq!(p.version, Version::HTTP_11);
+        assert_eq!(p.headers[HOST], "api.example");
+        assert_eq!(p.headers[&X_FORWARDED_HOST], "api.example");
+        assert_eq!(p.headers[&X_FORWARDED_FOR], "192.0.2.1, 10.0.0.9");
+        assert_eq!(p.headers[&X_FORWARDED_PROTO], "https");
+        assert!(!p.headers.contains_key(EXPECT));
+        assert!(!p.headers.contains_key(UPGRADE) && !p.headers.contains_key(CONNECTION));
+    }
 
     #[test]
     fn hop_by_hop_removed_with_named_ones() {
@@ -143,6 +385,32 @@ mod tests {
         assert!(remove_hop_by_hop(&mut h).is_none());
         assert_eq!(h.len(), 1, "{h:?}");
         assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn connection_cannot_remove_host_or_the_proxys_own_headers() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            CONNECTION,
+            HeaderValue::from_static(
+                "host, x-request-id, X-Forwarded-Host, x-forwarded-for, x-forwarded-proto, \
+                 x-switchyard-pool, x-other",
+            ),
+        );
+        for name in [
+            "host",
+            "x-request-id",
+            "x-forwarded-host",
+            "x-forwarded-for",
+            "x-forwarded-proto",
+            "x-switchyard-pool",
+            "x-other",
+        ] {
+            h.insert(name, HeaderValue::from_static("v"));
+        }
+        remove_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 6, "{h:?}");
+        assert!(!h.contains_key("x-other") && !h.contains_key(CONNECTION));
     }
 
     #[test]

@@ -5,13 +5,10 @@
 //! hysteresis ([`Hysteresis`]) is a pure counter: it reports a value only
 //! when the state flips.
 //!
-//! Passive ejection: consecutive failures seen by real requests (connect
-//! errors, resets, 5xx) eject a backend for a back-off that doubles with
-//! each ejection. At most half of a pool can be ejected at once, so one
-//! blip cannot empty a pool (Envoy's `max_ejection_percent`).
+//! Passive ejection (consecutive failures seen by real requests) is decided
+//! in [`crate::data_plane::upstream`].
 
 use std::sync::{Arc, Weak};
-use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, StatusCode};
@@ -19,32 +16,7 @@ use http_body_util::Empty;
 use hyper_util::rt::TokioIo;
 
 use crate::config::{HealthConfig, Scheme};
-use crate::data_plane::backend::{now_ms, Backend, Health};
-use crate::data_plane::routing::Pool;
-
-/// Consecutive failures that eject a backend.
-pub(crate) const EJECT_AFTER_FAILURES: u32 = 5;
-/// First ejection length; doubles with each further ejection.
-pub(crate) const EJECT_BASE: Duration = Duration::from_secs(5);
-/// Longest ejection.
-pub(crate) const EJECT_MAX: Duration = Duration::from_secs(300);
-/// Largest share of a pool that may be ejected at once, in percent.
-pub(crate) const MAX_EJECTED_PERCENT: usize = 50;
-
-/// May `backend` be ejected from `pool`? Only if another backend of the
-/// pool stays available and at most half the pool would be ejected: a blip
-/// must never empty a pool (a pool of one is never passively ejected; its
-/// active checks still judge it).
-pub(crate) fn may_eject(pool: &Pool, backend: &Backend) -> bool {
-    let now = now_ms();
-    let n = pool.backends.len();
-    let ejected = pool.backends.iter().filter(|b| b.is_ejected()).count();
-    let others_available = pool
-        .backends
-        .iter()
-        .any(|b| !std::ptr::eq(&**b, backend) && b.is_available(now));
-    others_available && (ejected + 1) * 100 <= n * MAX_EJECTED_PERCENT
-}
+use crate::data_plane::backend::{Backend, Health};
 
 /// Consecutive-result counter with thresholds.
 #[derive(Debug, Clone)]
@@ -192,42 +164,6 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn pool(n: u16) -> Pool {
-        let m = crate::metrics::Metrics::new();
-        let backends = (1..=n)
-            .map(|port| {
-                let addr =
-                    crate::config::BackendAddr::parse(&format!("127.0.0.1:{port}")).expect("addr");
-                let g = m.backend_healthy("t", crate::color::Color::Blue, &addr.to_string());
-                Arc::new(Backend::new(addr, None, Health::Healthy, false, g))
-            })
-            .collect();
-        Pool::new(backends)
-    }
-
-    fn eject(pool: &Pool, i: usize) -> bool {
-        let b = &pool.backends[i];
-        (0..EJECT_AFTER_FAILURES).any(|_| {
-            b.record_failure(EJECT_AFTER_FAILURES, EJECT_BASE, EJECT_MAX, || {
-                may_eject(pool, b)
-            })
-        })
-    }
-
-    #[test]
-    fn ejection_never_empties_a_pool() {
-        let one = pool(1);
-        assert!(!eject(&one, 0), "a pool of one is never passively ejected");
-        let two = pool(2);
-        assert!(eject(&two, 0));
-        assert!(!eject(&two, 1), "the last available backend stays");
-        let four = pool(4);
-        assert!(eject(&four, 0));
-        assert!(eject(&four, 1));
-        assert!(!eject(&four, 2), "at most half the pool");
-        assert!(four.backends[0].is_ejected() && !four.backends[2].is_ejected());
-    }
 
     #[test]
     fn hysteresis_flips_only_after_thresholds() {

@@ -18,4 +18,5 @@ pub(crate) mod routing;
 pub(crate) mod server;
 pub(crate) mod tls;
 pub(crate) mod upgrade;
+pub(crate) mod upstream;
 pub(crate) mod workers;

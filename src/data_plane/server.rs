@@ -14,7 +14,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{Response, StatusCode};
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -28,33 +27,13 @@ use crate::data_plane::conn::{
     Verdict,
 };
 use crate::data_plane::drain::DrainToken;
-use crate::data_plane::exchange::ProxyBody;
+use crate::data_plane::error::ProxyError;
 use crate::data_plane::h1guard::H1Guard;
 use crate::data_plane::proxy::Proxy;
 use crate::metrics::Metrics;
 
 /// The HTTP/2 connection preface.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-
-/// The answer to a request whose chunked body is malformed: nothing of it
-/// is sent upstream.
-fn bad_body_response() -> Response<ProxyBody> {
-    let mut resp = Response::new(ProxyBody::full(
-        &b"400 malformed request body framing\n"[..],
-        None,
-    ));
-    *resp.status_mut() = StatusCode::BAD_REQUEST;
-    let h = resp.headers_mut();
-    h.insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    h.insert(
-        http::header::CONNECTION,
-        http::HeaderValue::from_static("close"),
-    );
-    resp
-}
 
 /// HTTP protocol of a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -274,8 +253,9 @@ impl Server {
             let active = act.begin();
             async move {
                 if bad {
-                    drop(active);
-                    return Ok::<_, Infallible>(bad_body_response());
+                    // Nothing of it is sent upstream.
+                    let err = ProxyError::BadRequest("malformed request body framing");
+                    return Ok::<_, Infallible>(proxy.refuse(err, active));
                 }
                 Ok::<_, Infallible>(proxy.handle(req, &client, active).await)
             }

@@ -29,8 +29,13 @@ pub use rules::{RequestFacts, Rule};
 pub struct Settings {
     /// Upstream connect bound.
     pub connect_timeout: Duration,
-    /// Upstream response head bound.
+    /// Upstream response head bound, from the end of the request body.
     pub request_timeout: Duration,
+    /// Longest silence between two reads of an upstream response body
+    /// (`Duration::ZERO`: never).
+    pub upstream_read_timeout: Duration,
+    /// Most header fields accepted in an upstream response head.
+    pub max_response_headers: usize,
     /// Add `x-switchyard-pool` to responses.
     pub add_pool_header: bool,
     /// Write access-log lines.
@@ -45,6 +50,8 @@ impl Settings {
         Settings {
             connect_timeout: p.connect_timeout,
             request_timeout: p.request_timeout,
+            upstream_read_timeout: p.upstream_read_timeout,
+            max_response_headers: p.max_response_headers,
             add_pool_header: p.add_pool_header,
             access_log: p.access_log,
             drain_timeout: p.drain_timeout,
@@ -423,35 +430,46 @@ pub(crate) fn bucket_of_key(key: &[u8]) -> u16 {
     (h % 10_000) as u16
 }
 
+/// The backend [`pick_backend`] chose.
+#[derive(Debug, Clone, Copy)]
+pub struct Picked<'r> {
+    /// The backend.
+    pub backend: &'r Arc<Backend>,
+    /// Set when this pick failed over from that pool to the other: the
+    /// caller counts it (`switchyard_failovers_total{from}`).
+    pub failover_from: Option<Color>,
+}
+
 /// Picks a backend in the chosen pool, or fails over to the other pool
-/// (SPEC §3 step 3). A preview request never fails over, nor one sent by
-/// a rule (without `fallback` it gets a 503, like a preview).
+/// (SPEC §3 step 3), updating `choice`. A preview request never fails over,
+/// nor one sent by a rule (without `fallback` it gets a 503, like a preview).
+/// Counts nothing: a failover is reported in [`Picked::failover_from`].
 pub fn pick_backend<'r>(
     route: &'r Route,
     choice: &mut PoolChoice,
     exclude: &[usize],
-) -> Option<&'r Arc<Backend>> {
+) -> Option<Picked<'r>> {
     let now = now_ms();
     let balance = route.service.balance;
-    if let Some(b) = route.pool(choice.color).pick(balance, now, exclude) {
-        return Some(b);
+    if let Some(backend) = route.pool(choice.color).pick(balance, now, exclude) {
+        return Some(Picked {
+            backend,
+            failover_from: None,
+        });
     }
     if matches!(choice.decision, Decision::Preview | Decision::Rule) {
         return None;
     }
-    let other = choice.color.other();
-    let b = route.pool(other).pick(balance, now, exclude)?;
-    if choice.decision != Decision::Failover {
-        route
-            .service
-            .pool_metrics(choice.color)
-            .failovers_from
-            .inc();
-        choice.decision = Decision::Failover;
-    }
-    choice.color = other;
+    let from = choice.color;
+    let backend = route.pool(from.other()).pick(balance, now, exclude)?;
+    let first_failover = choice.decision != Decision::Failover;
+    choice.decision = Decision::Failover;
+    choice.color = from.other();
     choice.set_cookie = false;
-    Some(b)
+    Some(Picked {
+        backend,
+        failover_from: first_failover.then_some(from),
+    })
 }
 
 /// One entry of the match list: a host pattern and path prefix of a route.
@@ -505,12 +523,17 @@ impl Snapshot {
     /// The route for `host` (port and trailing dot ignored, any case) and
     /// `path`, if any.
     pub fn find(&self, host: &str, path: &str) -> Option<&Route> {
+        self.find_index(host, path).map(|i| &self.routes[i])
+    }
+
+    /// As [`Snapshot::find`], the index in `routes`.
+    pub(crate) fn find_index(&self, host: &str, path: &str) -> Option<usize> {
         let host = strip_port(host);
         let host = host.strip_suffix('.').unwrap_or(host);
         self.entries
             .iter()
             .find(|e| host_matches(&e.host, host) && prefix_matches(&e.prefix, path))
-            .map(|e| &self.routes[e.route])
+            .map(|e| e.route)
     }
 
     /// The route of service `name`.
@@ -620,6 +643,8 @@ mod tests {
         Settings {
             connect_timeout: Duration::from_secs(1),
             request_timeout: Duration::from_secs(1),
+            upstream_read_timeout: Duration::from_secs(60),
+            max_response_headers: 500,
             add_pool_header: true,
             access_log: false,
             drain_timeout: Duration::from_secs(1),
@@ -813,11 +838,12 @@ mod tests {
             set_cookie: false,
             rule: None,
         };
-        let b = pick_backend(&r, &mut choice, &[]).expect("failover");
+        let p = pick_backend(&r, &mut choice, &[]).expect("failover");
         assert_eq!(
-            (b.addr.port, choice.color, choice.decision),
+            (p.backend.addr.port, choice.color, choice.decision),
             (3, Color::Green, Decision::Failover)
         );
+        assert_eq!(p.failover_from, Some(Color::Blue), "the caller counts it");
         let mut preview = PoolChoice {
             color: Color::Blue,
             decision: Decision::Preview,
