@@ -58,6 +58,12 @@ pub struct ProxyConfig {
     pub(crate) header_read_timeout: Duration,
     /// Largest request header section accepted (431 above). Default 65536.
     pub(crate) max_request_header_bytes: usize,
+    /// Open client connections over all listeners; more are closed at
+    /// accept. Default 50000.
+    pub(crate) max_connections: usize,
+    /// Open client connections per client address (IPv6: per /64); 0 = no
+    /// limit. Default 0.
+    pub(crate) max_connections_per_client: usize,
     /// Graceful shutdown deadline, and how long upgraded connections may
     /// outlive their pool taking traffic (0 = never closed). Default 30s.
     pub(crate) drain_timeout: Duration,
@@ -369,6 +375,8 @@ impl Default for ProxyConfig {
             idle_timeout: Duration::from_secs(90),
             header_read_timeout: Duration::from_secs(10),
             max_request_header_bytes: 65536,
+            max_connections: 50_000,
+            max_connections_per_client: 0,
             drain_timeout: Duration::from_secs(30),
             add_pool_header: true,
             access_log: true,
@@ -483,8 +491,8 @@ impl Config {
 
 const ROOT_KEYS: &str = "proxy admin state service";
 const PROXY_KEYS: &str = "listen tls_listen tls workers connect_timeout request_timeout \
-    idle_timeout header_read_timeout max_request_header_bytes drain_timeout add_pool_header \
-    access_log";
+    idle_timeout header_read_timeout max_request_header_bytes max_connections \
+    max_connections_per_client drain_timeout add_pool_header access_log";
 const SERVICE_KEYS: &str = "name hosts path_prefix initial balance upstream_ca \
     upstream_insecure_skip_verify blue green health sticky preview";
 const HEALTH_KEYS: &str = "path interval timeout unhealthy_after healthy_after";
@@ -794,6 +802,14 @@ fn parse_proxy(s: &Section) -> ProxyConfig {
     set(&mut p.header_read_timeout, header_read_timeout);
     let max = s.get_int_in("max_request_header_bytes", 1024..=1_048_576);
     set(&mut p.max_request_header_bytes, max);
+    set(
+        &mut p.max_connections,
+        s.get_int_in("max_connections", 1..=10_000_000),
+    );
+    set(
+        &mut p.max_connections_per_client,
+        s.get_int_in("max_connections_per_client", 0..=10_000_000),
+    );
     set(
         &mut p.drain_timeout,
         s.get_duration_or_never("drain_timeout"),

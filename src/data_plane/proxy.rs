@@ -62,10 +62,15 @@ impl Proxy {
     pub(crate) async fn handle(
         &self,
         req: Request<Incoming>,
-        client: &ClientInfo,
+        client: &Arc<ClientInfo>,
         active: ActiveRequest,
     ) -> Response<ProxyBody> {
         let start = Instant::now();
+        // An HTTP/1 request with `Upgrade` stops the framing guard reading
+        // the connection (it may leave HTTP). If it does not (the upgrade
+        // was refused, or was to h2c, which is never passed on), nothing
+        // more is read from it: the connection closes after this response.
+        let unguarded = req.version() <= Version::HTTP_11 && req.headers().contains_key(UPGRADE);
         // One load per request; the Arc keeps this table alive (and this
         // request on it) until the exchange ends.
         let snap = self.table.load_full();
@@ -78,10 +83,15 @@ impl Proxy {
                 error: None,
             }));
         }
-        match self.forward(&snap, req, client, &mut ex).await {
+        let mut resp = match self.forward(&snap, req, client, &mut ex).await {
             Ok(resp) => resp.map(|body| ProxyBody::upstream(body, ex)),
             Err(err) => self.error_response(&snap, err, ex),
+        };
+        if unguarded && resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+            resp.headers_mut()
+                .insert(CONNECTION, HeaderValue::from_static("close"));
         }
+        resp
     }
 
     /// The only place a `ProxyError` becomes a response.
@@ -126,7 +136,7 @@ impl Proxy {
         &self,
         snap: &Snapshot,
         req: Request<Incoming>,
-        client: &ClientInfo,
+        client: &Arc<ClientInfo>,
         ex: &mut Exchange,
     ) -> Result<Response<Incoming>, ProxyError> {
         let (mut parts, body) = req.into_parts();
@@ -195,7 +205,7 @@ impl Proxy {
                             color: choice.color,
                             drain_timeout: settings.drain_timeout,
                             metrics: Arc::clone(&self.metrics),
-                            _drain: client.drain.clone(),
+                            _client: Arc::clone(client),
                         },
                     );
                 }
