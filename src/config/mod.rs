@@ -1204,6 +1204,16 @@ backends = ["127.0.0.1:9101"]
         };
         assert_eq!(c.proxy.listen, SocketAddr::from(([127, 0, 0, 1], 80)));
         assert_eq!(c.proxy.idle_timeout, Duration::ZERO);
+        assert_eq!(
+            (c.proxy.max_connections, c.proxy.max_connections_per_client),
+            (50_000, 0),
+            "defaults (SPEC §14)"
+        );
+        let limited = parse_text(&format!(
+            "[proxy]\nmax_connections = 7\nmax_connections_per_client = 2\n{WEB}"
+        ))
+        .map(|c| (c.proxy.max_connections, c.proxy.max_connections_per_client));
+        assert_eq!(limited, Ok((7, 2)));
         let web = &c.services[0];
         let hosts = [
             HostPattern::Suffix(".example.com".into()),
@@ -1257,6 +1267,10 @@ backends = ["127.0.0.1:9101"]
             => 4, "blue.backends[1]: duplicate of backends[0]";
         wrong_type: format!("[proxy]\nworkers = \"4\"\n{WEB}")
             => 2, "proxy.workers: expected an integer, found a string";
+        no_connections_at_all: format!("[proxy]\nmax_connections = 0\n{WEB}")
+            => 2, "proxy.max_connections: 0 is out of range (1..=10000000)";
+        negative_per_client: format!("[proxy]\nmax_connections_per_client = -1\n{WEB}")
+            => 2, "proxy.max_connections_per_client: -1 is out of range (0..=10000000)";
         out_of_range: format!("[proxy]\nworkers = 4096\n{WEB}")
             => 2, "proxy.workers: 4096 is out of range (0..=1024)";
         huge_integer: format!("[proxy]\nworkers = 99999999999999999999999\n{WEB}")
