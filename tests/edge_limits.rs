@@ -50,7 +50,10 @@ impl Conn {
     /// GET `path` on this connection: status (None if the connection failed).
     async fn get(&mut self, path: &str) -> Option<StatusCode> {
         self.send.ready().await.ok()?;
-        let req = Request::get(path).header("host", "a").body(empty()).unwrap();
+        let req = Request::get(path)
+            .header("host", "a")
+            .body(empty())
+            .unwrap();
         let resp = tokio::time::timeout(Duration::from_secs(10), self.send.send_request(req))
             .await
             .ok()?
@@ -65,9 +68,7 @@ impl Conn {
 /// closed without answering a byte (refused at accept).
 async fn closed_unanswered(mut s: TcpStream) -> bool {
     // The proxy may already have closed: a failed write is fine.
-    let _ = s
-        .write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
-        .await;
+    let _ = s.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").await;
     let mut buf = Vec::new();
     // Bounded only so a regression fails instead of hanging: a connection
     // that is not refused is held open much longer (header_read_timeout).
@@ -118,7 +119,8 @@ async fn h2c_upgrade_never_reaches_an_upstream_in_any_spelling() {
         "Connection: Upgrade\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n",
         "Connection: keep-alive\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n",
         "Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n",
-        "HTTP2-Settings: AAMAAABkAAQAAP__\r\n",
+        // No upgrade asked: a plain request, kept alive unless it says not.
+        "HTTP2-Settings: AAMAAABkAAQAAP__\r\nConnection: close\r\n",
         "Connection: Upgrade\r\nUpgrade: HTTP/2.0\r\n",
         "Connection: Upgrade\r\nUpgrade: h2\r\n",
         "Connection: Upgrade\r\nUpgrade: h2c\r\nUpgrade: h2c\r\n",
@@ -139,11 +141,17 @@ async fn h2c_upgrade_never_reaches_an_upstream_in_any_spelling() {
         let body = text.split("\r\n\r\n").nth(1).unwrap();
         let seen: Value = serde_json::from_str(body).unwrap();
         let headers = seen["headers"].as_object().unwrap();
-        for name in ["upgrade", "http2-settings", "connection"] {
-            assert!(
-                !headers.contains_key(name),
-                "{name} reached the upstream for {extra:?}: {seen}"
-            );
+        assert!(
+            !headers.contains_key("http2-settings"),
+            "HTTP2-Settings reached the upstream for {extra:?}: {seen}"
+        );
+        // Another protocol listed beside h2c may be passed on, alone.
+        match headers.get("upgrade").and_then(Value::as_str) {
+            None => assert!(!headers.contains_key("connection"), "{seen}"),
+            Some(u) => assert!(
+                !u.to_ascii_lowercase().contains("h2") && extra.contains("foo/1"),
+                "Upgrade: {u} reached the upstream for {extra:?}: {seen}"
+            ),
         }
         assert_eq!(seen["version"], "HTTP/1.1");
     }
@@ -299,8 +307,7 @@ async fn websockets_count_as_open_connections_and_against_the_limit() {
     use futures_util::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::Message;
     let up = Upstream::start("up").await;
-    let p = TestProxy::start_with("max_connections = 6", &[Svc::new("web", &[&up], &[&up])])
-        .await;
+    let p = TestProxy::start_with("max_connections = 6", &[Svc::new("web", &[&up], &[&up])]).await;
     let mut sockets = Vec::new();
     for i in 0..5 {
         let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws", p.addr))
@@ -428,6 +435,10 @@ async fn out_of_file_descriptors_the_proxy_backs_off_logs_once_and_recovers() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (elapsed, used) = (t0.elapsed(), cpu_ticks(pid) - c0);
     let share = used as f64 / hz as f64 / elapsed.as_secs_f64();
+    eprintln!(
+        "out of descriptors: {:.1} % of a core over {elapsed:?}",
+        share * 100.0
+    );
     assert!(
         share < 0.25,
         "the proxy used {:.0} % of a core while out of descriptors",
@@ -468,8 +479,8 @@ async fn out_of_file_descriptors_the_proxy_backs_off_logs_once_and_recovers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_clients_that_stop_reading_leave_the_proxy_serving_others() {
     let up = Upstream::start("up").await;
-    let p = TestProxy::start_with("access_log = false", &[Svc::new("web", &[&up], &[&up])])
-        .await;
+    let p = TestProxy::start_with("access_log = false", &[Svc::new("web", &[&up], &[&up])]).await;
+    let t0 = Instant::now();
     // Each asks for 4 MiB and reads nothing: its response stalls in the
     // socket buffers, holding one upstream connection.
     let mut stalled = Vec::new();
@@ -495,6 +506,7 @@ async fn a_thousand_clients_that_stop_reading_leave_the_proxy_serving_others() {
         "upstream connections: {}",
         up.open_connections()
     );
+    eprintln!("1000 stalled after {:?}", t0.elapsed());
     // One upstream connection each, no more.
     assert_eq!(up.open_connections(), 1000);
     // Others are served, small and large.
@@ -506,6 +518,7 @@ async fn a_thousand_clients_that_stop_reading_leave_the_proxy_serving_others() {
     assert_eq!(s, StatusCode::OK);
     assert_eq!(body.len(), 1 << 20);
     assert_eq!(open_gauge(&p, "http").await, 1002.0);
+    eprintln!("others served after {:?}", t0.elapsed());
     drop(stalled);
     assert!(
         eventually(Duration::from_secs(30), || async {

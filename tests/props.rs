@@ -537,7 +537,14 @@ fn token_list(tokens: &'static [&'static str]) -> impl Strategy<Value = String> 
 
 const CONNECTION_TOKENS: &[&str] = &["upgrade", "http2-settings", "keep-alive", "close", "x-a"];
 const UPGRADE_TOKENS: &[&str] = &[
-    "h2c", "h2", "http/2.0", "http/2", "h2c/1", "websocket", "foo/1", "http/1.1",
+    "h2c",
+    "h2",
+    "http/2.0",
+    "http/2",
+    "h2c/1",
+    "websocket",
+    "foo/1",
+    "http/1.1",
 ];
 
 fn is_http2(token: &str) -> bool {

@@ -665,7 +665,9 @@ impl ProxyProcess {
     pub fn spawn_with_nofile(config: &Path, nofile: u32) -> Result<ProxyProcess, String> {
         let mut cmd = Command::new("sh");
         cmd.arg("-c")
-            .arg(format!("ulimit -n {nofile} && exec \"$0\" run --config \"$1\""))
+            .arg(format!(
+                "ulimit -n {nofile} && exec \"$0\" run --config \"$1\""
+            ))
             .arg(env!("CARGO_BIN_EXE_switchyard"))
             .arg(config);
         ProxyProcess::spawn_command(cmd)
