@@ -20,7 +20,8 @@
 //!
 //! # The request path, in the order a request meets it
 //!
-//! 1. [`data_plane::server`]: accept, tell HTTP/1.1 from h2c (or ALPN after
+//! 1. [`data_plane::server`]: accept (connection limits of
+//!    [`data_plane::conn_limit`]), tell HTTP/1.1 from h2c (or ALPN after
 //!    TLS), run the hyper connection beside the connection timer of
 //!    [`data_plane::conn`] (header-read and idle timeouts, parking).
 //! 2. [`data_plane::proxy`]: `Proxy::handle` loads the snapshot once and is
@@ -28,7 +29,7 @@
 //!    bottom: framing checks, host, service, pool, head rewrite, upstream.
 //! 3. [`data_plane::routing`]: service (host, then longest prefix), pool
 //!    (preview header, sticky bucket, weights), backend (balance, failover).
-//! 4. [`data_plane::upstream`]: the attempt loop (retries under a budget,
+//! 4. `Proxy::send` in [`data_plane::proxy`]: the attempt loop (retries under a budget,
 //!    checkout from [`data_plane::backend`], ejection, failover accounting).
 //! 5. [`data_plane::exchange`]: the response body streams back; when it ends,
 //!    metrics, access log and the pooled connection are settled.
@@ -46,6 +47,9 @@
 // Input from outside never reaches an unwrap (tests may unwrap freely).
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 #![warn(unreachable_pub)]
+// These docs are read with `--document-private-items` (the crate's API is
+// the binary; `testing` is hidden): links to crate-private items are fine.
+#![allow(rustdoc::private_intra_doc_links)]
 
 pub(crate) mod app;
 pub mod cli;

@@ -7,7 +7,15 @@
 //! head to its end: slowloris) and `idle_timeout` (keep-alive with no
 //! request). [`ConnActivity`] is what the timer reads: the IO wrapper marks
 //! when a request head starts arriving, and every request holds an
-//! [`ActiveRequest`] until its response body ends.
+//! [`ActiveRequest`](crate::data_plane::conn::ActiveRequest) until its
+//! response body ends.
+//!
+//! At accept, a connection takes its place in the connection limits
+//! ([`ConnLimiter`]: `max_connections`, `max_connections_per_client`) or is
+//! closed at once; the place is held as long as the connection, upgraded
+//! stream included. Accept failures (out of file descriptors) back off
+//! ([`AcceptBackoff`]) and are logged at most once per interval
+//! ([`AcceptErrors`]).
 //!
 //! Shutdown follows the dropped-sender pattern: dropping the
 //! `watch::Sender` tells every connection to finish gracefully (HTTP/1.1
@@ -136,7 +144,8 @@ impl Server {
         token: DrainToken,
     ) {
         let gauge = self.metrics.open_connections.with_label_values(&["http"]);
-        self.accept_loop(listener, drain, token, gauge, None).await;
+        self.accept_loop(listener, drain, token, ("http", gauge), None)
+            .await;
     }
 
     /// Accepts TLS connections on `listener` until `drain` signals.
@@ -148,7 +157,7 @@ impl Server {
         token: DrainToken,
     ) {
         let gauge = self.metrics.open_connections.with_label_values(&["https"]);
-        self.accept_loop(listener, drain, token, gauge, Some(acceptor))
+        self.accept_loop(listener, drain, token, ("https", gauge), Some(acceptor))
             .await;
     }
 
@@ -157,7 +166,7 @@ impl Server {
         listener: TcpListener,
         mut drain: watch::Receiver<()>,
         token: DrainToken,
-        gauge: IntGauge,
+        (name, gauge): (&'static str, IntGauge),
         tls: Option<Arc<crate::data_plane::tls::ServerTls>>,
     ) {
         let mut backoff = AcceptBackoff::new();
@@ -172,7 +181,7 @@ impl Server {
                     x
                 }
                 Err(e) => {
-                    if self.accept_errors.failed(&e, "proxy") {
+                    if self.accept_errors.failed(&e, name) {
                         self.refused(Refused::NoFileDescriptors);
                     }
                     // EMFILE and friends: back off instead of spinning;
