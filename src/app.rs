@@ -22,9 +22,10 @@ use crate::control_plane::control::{Control, ControlParts};
 use crate::control_plane::files::LoadedFiles;
 use crate::control_plane::store::{FileStore, StateStore};
 use crate::data_plane::conn::Limits;
+use crate::data_plane::conn_limit::ConnLimiter;
 use crate::data_plane::drain::Drain;
 use crate::data_plane::proxy::Proxy;
-use crate::data_plane::server::Server;
+use crate::data_plane::server::{AcceptBackoff, AcceptErrors, Server};
 use crate::data_plane::tls::ServerTls;
 use crate::metrics::Metrics;
 
@@ -252,6 +253,11 @@ pub async fn start(config: Config, opts: StartOptions) -> Result<Running, StartE
         max_concurrent_streams: 256,
     };
     let drain_timeout = config.proxy.drain_timeout;
+    let conn_limits = ConnLimiter::new(
+        config.proxy.max_connections,
+        config.proxy.max_connections_per_client,
+    );
+    let accept_errors = Arc::new(AcceptErrors::default());
     let control = Control::start(ControlParts {
         config,
         config_path: opts.config_path,
@@ -260,6 +266,7 @@ pub async fn start(config: Config, opts: StartOptions) -> Result<Running, StartE
         metrics: Arc::clone(&metrics),
         tls: tls.clone(),
         tokens: Arc::new(ArcSwap::from_pointee(tokens)),
+        conn_limits: Arc::clone(&conn_limits),
     })
     .await
     .map_err(StartError::Other)?;
@@ -271,7 +278,13 @@ pub async fn start(config: Config, opts: StartOptions) -> Result<Running, StartE
         control.changes(),
         Arc::clone(&metrics),
     ));
-    let server = Arc::new(Server::new(proxy, Arc::clone(&metrics), limits));
+    let server = Arc::new(Server::new(
+        proxy,
+        Arc::clone(&metrics),
+        limits,
+        conn_limits,
+        Arc::clone(&accept_errors),
+    ));
     {
         let (server, watcher, token) = (Arc::clone(&server), drain.watcher(), drain.token());
         proxy_listener.serve(&opts.workers, move |l| {
@@ -294,6 +307,7 @@ pub async fn start(config: Config, opts: StartOptions) -> Result<Running, StartE
     tokio::spawn(serve_admin(
         admin_listener,
         admin,
+        accept_errors,
         admin_drain.watcher(),
         admin_drain.token(),
     ));
@@ -338,17 +352,24 @@ impl Running {
 async fn serve_admin(
     listener: TcpListener,
     admin: Arc<Admin>,
+    accept_errors: Arc<AcceptErrors>,
     mut drain: tokio::sync::watch::Receiver<()>,
     token: crate::data_plane::drain::DrainToken,
 ) {
+    let mut backoff = AcceptBackoff::new();
     loop {
         let (stream, peer) = tokio::select! {
             a = listener.accept() => match a {
-                Ok(x) => x,
+                Ok(x) => {
+                    backoff.reset();
+                    x
+                }
                 Err(e) => {
-                    tracing::warn!(error = %e, "admin accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
+                    accept_errors.failed(&e, "admin");
+                    tokio::select! {
+                        () = backoff.wait() => continue,
+                        _ = drain.changed() => return,
+                    }
                 }
             },
             _ = drain.changed() => return,

@@ -20,7 +20,8 @@
 //!
 //! # The request path, in the order a request meets it
 //!
-//! 1. `data_plane::server`: accept, tell HTTP/1.1 from h2c (or ALPN after
+//! 1. [`data_plane::server`]: accept (connection limits of
+//!    [`data_plane::conn_limit`]), tell HTTP/1.1 from h2c (or ALPN after
 //!    TLS), run the hyper connection beside the connection timer of
 //!    `data_plane::conn` (header-read and idle timeouts, parking).
 //! 2. `data_plane::proxy`: `Proxy::handle` loads the snapshot once and is

@@ -98,6 +98,8 @@ pub struct Metrics {
     pub(crate) upgrades_drained: IntCounter,
     /// Connections cut by the header read or idle timeout, by reason.
     pub(crate) timeouts: IntCounterVec,
+    /// `switchyard_connections_refused_total{reason}` (SPEC §14).
+    pub(crate) connections_refused: IntCounterVec,
     /// Idle HTTP/1 client connections parked (no hyper state held).
     pub(crate) parked: IntGauge,
     /// Retries sent to another backend.
@@ -179,6 +181,14 @@ impl Metrics {
             "Open client connections, by listener.",
             &["listener"],
         );
+        let connections_refused = counter(
+            "switchyard_connections_refused_total",
+            "Client connections closed at accept, by reason: max_connections, max_connections_per_client, no_file_descriptors (failed accepts).",
+            &["reason"],
+        );
+        for r in crate::data_plane::conn_limit::Refused::ALL {
+            connections_refused.with_label_values(&[r.label()]);
+        }
         let config_reloads = counter(
             "switchyard_config_reloads_total",
             "Config reloads, by result.",
@@ -224,6 +234,7 @@ impl Metrics {
             failovers,
             rule_matches,
             open_connections,
+            connections_refused,
             config_reloads,
             unmatched,
             upgrades_drained,

@@ -1,6 +1,7 @@
 //! Property tests (proptest) of the code that reads untrusted input: the
-//! config parser, admin API request decoding, the routing decision and the
-//! HTTP/1 framing guard. Nothing may panic; what is accepted must be sane.
+//! config parser, admin API request decoding, the routing decision, the
+//! HTTP/1 framing guard and the hop-by-hop header removal (h2c). Nothing
+//! may panic; what is accepted must be sane.
 //!
 //! In the suite each property runs 64 cases; for a longer, bounded run:
 //! `PROPTEST_CASES=20000 cargo test --release --test props` (see SECURITY.md).
@@ -16,6 +17,7 @@ use switchyard::testing::config::{
     self, BackendAddr, Balance, HostPattern, PreviewConfig, StickyConfig,
 };
 use switchyard::testing::h1guard::{Finding, H1Guard};
+use switchyard::testing::headers::remove_hop_by_hop;
 use switchyard::testing::metrics::Metrics;
 use switchyard::testing::routing::{
     choose_pool, pick_backend, Decision, Pool, RequestFacts, Route, Service, Settings, Snapshot,
@@ -502,6 +504,128 @@ proptest! {
         prop_assert!(changed.len() <= 1);
         for i in changed {
             prop_assert_eq!(buf[i], 0);
+        }
+    }
+}
+
+// ===== Upgrade / Connection: h2c never passes (SPEC §14) =====
+
+/// `token` with the case of each letter flipped where `mask` has a 1 bit.
+fn mixed_case(token: &str, mask: u64) -> String {
+    token
+        .chars()
+        .enumerate()
+        .map(|(i, c)| {
+            if mask >> (i % 64) & 1 == 1 {
+                if c.is_ascii_lowercase() {
+                    c.to_ascii_uppercase()
+                } else {
+                    c.to_ascii_lowercase()
+                }
+            } else {
+                c
+            }
+        })
+        .collect()
+}
+
+/// A header value: a list of `tokens`, each in a random case, joined by
+/// one of the separators a client might use (also empty list elements).
+fn token_list(tokens: &'static [&'static str]) -> impl Strategy<Value = String> {
+    prop::collection::vec(
+        (
+            prop::sample::select(tokens),
+            any::<u64>(),
+            prop::sample::select(&[",", ", ", " , ", ",,", ",\t"][..]),
+        ),
+        1..5,
+    )
+    .prop_map(|parts| {
+        let mut s = String::new();
+        for (i, (t, mask, sep)) in parts.iter().enumerate() {
+            if i > 0 {
+                s.push_str(sep);
+            }
+            s.push_str(&mixed_case(t, *mask));
+        }
+        s
+    })
+}
+
+const CONNECTION_TOKENS: &[&str] = &["upgrade", "http2-settings", "keep-alive", "close", "x-a"];
+const UPGRADE_TOKENS: &[&str] = &[
+    "h2c",
+    "h2",
+    "http/2.0",
+    "http/2",
+    "h2c/1",
+    "websocket",
+    "foo/1",
+    "http/1.1",
+];
+
+fn is_http2(token: &str) -> bool {
+    let t = token.trim().to_ascii_lowercase();
+    let name = t.split('/').next().unwrap_or("");
+    name == "h2c" || name == "h2" || t.starts_with("http/2")
+}
+
+proptest! {
+    #![proptest_config(cases())]
+
+    /// Whatever the `Connection` and `Upgrade` headers (case, extra tokens,
+    /// several lines, `Connection` naming them or not), no hop-by-hop
+    /// header stays, `HTTP2-Settings` never does, the upgrade passed on
+    /// names no HTTP/2 protocol, and a WebSocket upgrade asked for survives.
+    #[test]
+    fn h2c_never_passes_and_websocket_survives(
+        connection in prop::collection::vec(token_list(CONNECTION_TOKENS), 0..3),
+        upgrade in prop::collection::vec(token_list(UPGRADE_TOKENS), 0..3),
+        settings in any::<bool>(),
+    ) {
+        let mut h = HeaderMap::new();
+        for v in &connection {
+            h.append("connection", HeaderValue::from_str(v).unwrap());
+        }
+        for v in &upgrade {
+            h.append("upgrade", HeaderValue::from_str(v).unwrap());
+        }
+        if settings {
+            h.insert("http2-settings", HeaderValue::from_static("AAMAAABkAAQAAP__"));
+        }
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        let passed = remove_hop_by_hop(&mut h);
+
+        prop_assert_eq!(h.len(), 1, "{:?}", h);
+        prop_assert!(h.contains_key("x-kept"));
+        let asked = connection
+            .iter()
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+        // What a correct proxy passes on: the first Upgrade line's
+        // protocols other than HTTP/2, if the client asked to upgrade.
+        let expected: Vec<String> = match (asked, upgrade.first()) {
+            (true, Some(first)) => first
+                .split(',')
+                .map(str::trim)
+                .filter(|t| !t.is_empty() && !is_http2(t))
+                .map(str::to_ascii_lowercase)
+                .collect(),
+            _ => Vec::new(),
+        };
+        match &passed {
+            None => prop_assert!(expected.is_empty(), "expected {:?}", expected),
+            Some(v) => {
+                let got: Vec<String> = v
+                    .to_str()
+                    .unwrap()
+                    .split(',')
+                    .map(|t| t.trim().to_ascii_lowercase())
+                    .filter(|t| !t.is_empty())
+                    .collect();
+                prop_assert!(got.iter().all(|t| !is_http2(t)), "{:?}", got);
+                prop_assert_eq!(got, expected);
+            }
         }
     }
 }

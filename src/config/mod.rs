@@ -68,6 +68,12 @@ pub struct ProxyConfig {
     pub(crate) header_read_timeout: Duration,
     /// Largest request header section accepted (431 above). Default 65536.
     pub(crate) max_request_header_bytes: usize,
+    /// Open client connections over all listeners; more are closed at
+    /// accept. Default 50000.
+    pub(crate) max_connections: usize,
+    /// Open client connections per client address (IPv6: per /64); 0 = no
+    /// limit. Default 0.
+    pub(crate) max_connections_per_client: usize,
     /// Graceful shutdown deadline, and how long upgraded connections may
     /// outlive their pool taking traffic (0 = never closed). Default 30s.
     pub(crate) drain_timeout: Duration,
@@ -447,6 +453,8 @@ impl Default for ProxyConfig {
             idle_timeout: Duration::from_secs(90),
             header_read_timeout: Duration::from_secs(10),
             max_request_header_bytes: 65536,
+            max_connections: 50_000,
+            max_connections_per_client: 0,
             drain_timeout: Duration::from_secs(30),
             add_pool_header: true,
             access_log: true,
@@ -562,8 +570,9 @@ impl Config {
 
 const ROOT_KEYS: &str = "proxy admin state service";
 const PROXY_KEYS: &str = "listen tls_listen tls workers connect_timeout request_timeout \
-    upstream_read_timeout max_response_headers idle_timeout header_read_timeout max_request_header_bytes drain_timeout add_pool_header \
-    access_log";
+    upstream_read_timeout max_response_headers idle_timeout header_read_timeout \
+    max_request_header_bytes max_connections max_connections_per_client drain_timeout \
+    add_pool_header access_log";
 const SERVICE_KEYS: &str = "name hosts path_prefix initial balance upstream_ca \
     upstream_insecure_skip_verify blue green health sticky preview rule";
 const HEALTH_KEYS: &str = "path interval timeout unhealthy_after healthy_after";
@@ -879,6 +888,14 @@ fn parse_proxy(s: &Section) -> ProxyConfig {
     set(&mut p.header_read_timeout, header_read_timeout);
     let max = s.get_int_in("max_request_header_bytes", 1024..=1_048_576);
     set(&mut p.max_request_header_bytes, max);
+    set(
+        &mut p.max_connections,
+        s.get_int_in("max_connections", 1..=10_000_000),
+    );
+    set(
+        &mut p.max_connections_per_client,
+        s.get_int_in("max_connections_per_client", 0..=10_000_000),
+    );
     set(
         &mut p.drain_timeout,
         s.get_duration_or_never("drain_timeout"),
@@ -1367,6 +1384,16 @@ backends = ["127.0.0.1:9101"]
         };
         assert_eq!(c.proxy.listen, SocketAddr::from(([127, 0, 0, 1], 80)));
         assert_eq!(c.proxy.idle_timeout, Duration::ZERO);
+        assert_eq!(
+            (c.proxy.max_connections, c.proxy.max_connections_per_client),
+            (50_000, 0),
+            "defaults (SPEC §14)"
+        );
+        let limited = parse_text(&format!(
+            "[proxy]\nmax_connections = 7\nmax_connections_per_client = 2\n{WEB}"
+        ))
+        .map(|c| (c.proxy.max_connections, c.proxy.max_connections_per_client));
+        assert_eq!(limited, Ok((7, 2)));
         let web = &c.services[0];
         let hosts = [
             HostPattern::Suffix(".example.com".into()),
@@ -1420,6 +1447,10 @@ backends = ["127.0.0.1:9101"]
             => 4, "blue.backends[1]: duplicate of backends[0]";
         wrong_type: format!("[proxy]\nworkers = \"4\"\n{WEB}")
             => 2, "proxy.workers: expected an integer, found a string";
+        no_connections_at_all: format!("[proxy]\nmax_connections = 0\n{WEB}")
+            => 2, "proxy.max_connections: 0 is out of range (1..=10000000)";
+        negative_per_client: format!("[proxy]\nmax_connections_per_client = -1\n{WEB}")
+            => 2, "proxy.max_connections_per_client: -1 is out of range (0..=10000000)";
         out_of_range: format!("[proxy]\nworkers = 4096\n{WEB}")
             => 2, "proxy.workers: 4096 is out of range (0..=1024)";
         huge_integer: format!("[proxy]\nworkers = 99999999999999999999999\n{WEB}")

@@ -40,6 +40,7 @@ use crate::control_plane::state::{
 };
 use crate::control_plane::store::{StateStore, StoreError};
 use crate::data_plane::backend::{now_ms, Backend, Health};
+use crate::data_plane::conn_limit::ConnLimiter;
 use crate::data_plane::routing::{Pool, Route, Rule, Service, Settings, Snapshot};
 use crate::data_plane::tls::{ServerTls, UpstreamTls};
 use crate::metrics::Metrics;
@@ -185,6 +186,7 @@ pub(crate) struct Control {
     config_path: Option<PathBuf>,
     tls: Option<Arc<ServerTls>>,
     tokens: Arc<ArcSwap<Tokens>>,
+    conn_limits: Arc<ConnLimiter>,
 }
 
 impl HealthView for Snapshot {
@@ -210,6 +212,8 @@ pub(crate) struct ControlParts {
     pub(crate) tls: Option<Arc<ServerTls>>,
     /// Admin tokens.
     pub(crate) tokens: Arc<ArcSwap<Tokens>>,
+    /// Client connection limits (changed on reload).
+    pub(crate) conn_limits: Arc<ConnLimiter>,
 }
 
 impl Control {
@@ -225,6 +229,7 @@ impl Control {
             metrics,
             tls,
             tokens,
+            conn_limits,
         } = parts;
         let state = state::reconcile(&stored.unwrap_or_default(), &config, SystemTime::now());
         let config = Arc::new(config);
@@ -251,6 +256,7 @@ impl Control {
             config_path,
             tls,
             tokens,
+            conn_limits,
         };
         {
             let inner = control.inner.lock().await;
@@ -440,6 +446,10 @@ impl Control {
         let prepared = prepare(&config, path, &new_state, &inner.runtimes).map_err(files_error)?;
         let new_state = save(&self.store, new_state).await?;
         let snapshot = prepared.commit(&config, &new_state, &mut inner, &self.metrics);
+        let (max_connections, max_per_client) = (
+            config.proxy.max_connections,
+            config.proxy.max_connections_per_client,
+        );
         inner.config = Arc::new(config);
         let removed: Vec<String> = inner
             .state
@@ -481,6 +491,8 @@ impl Control {
             acceptor.replace(cfg);
         }
         self.tokens.store(Arc::new(tokens));
+        // From the next accept on; open connections are left alone.
+        self.conn_limits.set_limits(max_connections, max_per_client);
         Ok(())
     }
 

@@ -23,6 +23,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::data_plane::backend::now_ms;
+use crate::data_plane::conn_limit::ConnSlot;
 use crate::data_plane::drain::DrainToken;
 use crate::data_plane::h1guard::{Finding, H1Guard};
 
@@ -49,20 +50,30 @@ pub(crate) struct ClientInfo {
     pub(crate) ip: HeaderValue,
     /// Did it come over TLS?
     pub(crate) tls: bool,
-    /// Keeps shutdown waiting while upgraded connections live.
-    pub(crate) drain: DrainToken,
+    /// Keeps shutdown waiting while the connection (or its upgraded
+    /// stream) lives.
+    _drain: DrainToken,
+    /// Its place in the connection limits and the open-connections gauge,
+    /// held as long as the connection or its upgraded stream lives.
+    _slot: ConnSlot,
 }
 
 impl ClientInfo {
     /// Info for a connection from `addr`.
-    pub(crate) fn new(addr: SocketAddr, tls: bool, drain: DrainToken) -> ClientInfo {
+    pub(crate) fn new(
+        addr: SocketAddr,
+        tls: bool,
+        drain: DrainToken,
+        slot: ConnSlot,
+    ) -> ClientInfo {
         let ip = HeaderValue::from_str(&addr.ip().to_string())
             .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
         ClientInfo {
             addr,
             ip,
             tls,
-            drain,
+            _drain: drain,
+            _slot: slot,
         }
     }
 }

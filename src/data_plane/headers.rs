@@ -4,7 +4,9 @@
 //!
 //! Hop-by-hop headers (RFC 9110 §7.6.1) describe one connection and must
 //! not be forwarded: `Connection` and every header it names,
-//! `Proxy-Connection`, `Keep-Alive`, `TE`, `Transfer-Encoding`, `Upgrade`.
+//! `Proxy-Connection`, `Keep-Alive`, `TE`, `Transfer-Encoding`, `Upgrade`;
+//! also `HTTP2-Settings`, and an upgrade to HTTP/2 (`h2c`) is never passed
+//! on (SPEC §14).
 //! hyper re-frames bodies itself, so dropping `Transfer-Encoding` is safe.
 
 use http::header::{
@@ -30,6 +32,9 @@ pub(crate) static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-
 pub(crate) static X_SWITCHYARD_POOL: HeaderName = HeaderName::from_static("x-switchyard-pool");
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+/// `http2-settings`: only meaningful with `Upgrade: h2c`, which never goes
+/// upstream (SPEC §14), so it is always dropped.
+static HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
 
 /// Removes hop-by-hop headers, including those named in `Connection`.
 /// Returns the `Upgrade` value if the message asked for an upgrade
@@ -56,7 +61,7 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) -> Option<HeaderValue> {
                     continue;
                 }
                 if token.eq_ignore_ascii_case(b"upgrade") {
-                    upgrade = headers.get(UPGRADE).cloned();
+                    upgrade = headers.get(UPGRADE).and_then(without_h2c);
                     continue;
                 }
                 if let Ok(name) = HeaderName::from_bytes(token) {
@@ -74,6 +79,7 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) -> Option<HeaderValue> {
         &TE,
         &TRANSFER_ENCODING,
         &UPGRADE,
+        &HTTP2_SETTINGS,
     ] {
         if headers.contains_key(name) {
             headers.remove(name);
@@ -103,6 +109,48 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
         || name == UPGRADE
         || name == KEEP_ALIVE
         || name == PROXY_CONNECTION
+        || name == HTTP2_SETTINGS
+}
+
+/// An `Upgrade` value without its HTTP/2 protocols (`h2c`, `h2`,
+/// `HTTP/2.0`, in any case, with or without a version), which the proxy
+/// never passes on: a backend that accepted one would speak HTTP/2 straight
+/// to the client, past routing and every check ("h2c smuggling"). `None`
+/// if nothing else is left. Only called for requests that ask to upgrade.
+pub(crate) fn without_h2c(value: &HeaderValue) -> Option<HeaderValue> {
+    let bytes = value.as_bytes();
+    let tokens = || {
+        bytes
+            .split(|&b| b == b',')
+            .map(<[u8]>::trim_ascii)
+            .filter(|t| !t.is_empty())
+    };
+    if !tokens().any(is_http2_protocol) {
+        return tokens().next().is_some().then(|| value.clone());
+    }
+    let mut kept = Vec::with_capacity(bytes.len());
+    for t in tokens().filter(|t| !is_http2_protocol(t)) {
+        if !kept.is_empty() {
+            kept.extend_from_slice(b", ");
+        }
+        kept.extend_from_slice(t);
+    }
+    if kept.is_empty() {
+        return None;
+    }
+    // Every byte came from a valid header value.
+    HeaderValue::from_bytes(&kept).ok()
+}
+
+/// Is this `Upgrade` token (`name[/version]`) an HTTP/2 protocol?
+fn is_http2_protocol(token: &[u8]) -> bool {
+    let (name, version) = match token.iter().position(|&b| b == b'/') {
+        Some(i) => (token[..i].trim_ascii(), Some(token[i + 1..].trim_ascii())),
+        None => (token, None),
+    };
+    name.eq_ignore_ascii_case(b"h2c")
+        || name.eq_ignore_ascii_case(b"h2")
+        || (name.eq_ignore_ascii_case(b"http") && version.is_some_and(|v| v.starts_with(b"2")))
 }
 
 /// Appends the client address to `X-Forwarded-For`. Several header lines
@@ -423,6 +471,43 @@ mod tests {
             Some(HeaderValue::from_static("websocket"))
         );
         assert!(h.is_empty());
+    }
+
+    #[test]
+    fn h2c_never_passes() {
+        for (conn, upgrade, kept) in [
+            ("Upgrade, HTTP2-Settings", "h2c", None),
+            ("upgrade", "H2C", None),
+            ("keep-alive, Upgrade", "websocket, h2c", Some("websocket")),
+            ("Upgrade", "h2c , WebSocket,h2", Some("WebSocket")),
+            ("Upgrade", "HTTP/2.0", None),
+            ("Upgrade", "http/1.1, h2c/1", Some("http/1.1")),
+            ("Upgrade", " , ", None),
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert(CONNECTION, HeaderValue::from_str(conn).unwrap());
+            h.insert(UPGRADE, HeaderValue::from_str(upgrade).unwrap());
+            h.insert(
+                "http2-settings",
+                HeaderValue::from_static("AAMAAABkAAQAAP__"),
+            );
+            let got = remove_hop_by_hop(&mut h);
+            assert_eq!(
+                got.as_ref().map(|v| v.to_str().unwrap()),
+                kept,
+                "{conn} / {upgrade}"
+            );
+            assert!(h.is_empty(), "{h:?}");
+        }
+        // Not named in Connection: still dropped.
+        let mut h = HeaderMap::new();
+        h.insert(
+            "http2-settings",
+            HeaderValue::from_static("AAMAAABkAAQAAP__"),
+        );
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        assert!(remove_hop_by_hop(&mut h).is_none());
+        assert_eq!(h.len(), 1, "{h:?}");
     }
 
     #[test]

@@ -7,6 +7,7 @@
 
 pub(crate) mod backend;
 pub(crate) mod conn;
+pub(crate) mod conn_limit;
 pub(crate) mod drain;
 pub(crate) mod error;
 pub(crate) mod exchange;

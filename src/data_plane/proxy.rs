@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
-use http::header::SET_COOKIE;
-use http::{Method, Request, Response, StatusCode};
+use http::header::{HeaderValue, CONNECTION, SET_COOKIE, UPGRADE};
+use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 
 use crate::data_plane::backend::UpstreamBody;
@@ -52,10 +52,15 @@ impl Proxy {
     pub(crate) async fn handle(
         &self,
         req: Request<Incoming>,
-        client: &ClientInfo,
+        client: &Arc<ClientInfo>,
         active: ActiveRequest,
     ) -> Response<ProxyBody> {
         let start = Instant::now();
+        // An HTTP/1 request with `Upgrade` stops the framing guard reading
+        // the connection (it may leave HTTP). If it does not (the upgrade
+        // was refused, or was to h2c, which is never passed on), nothing
+        // more is read from it: the connection closes after this response.
+        let unguarded = req.version() <= Version::HTTP_11 && req.headers().contains_key(UPGRADE);
         // One load per request; the Arc keeps this table alive (and this
         // request on it) until the exchange ends.
         let snap = self.table.load_full();
@@ -69,10 +74,15 @@ impl Proxy {
                 rule: None,
             }));
         }
-        match self.forward(&snap, req, client, &mut ex).await {
+        let mut resp = match self.forward(&snap, req, client, &mut ex).await {
             Ok(resp) => resp.map(|body| ProxyBody::upstream(body, ex)),
             Err(err) => err.into_response(ex, &snap.settings, &self.metrics),
+        };
+        if unguarded && resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+            resp.headers_mut()
+                .insert(CONNECTION, HeaderValue::from_static("close"));
         }
+        resp
     }
 
     /// Answers a request the connection refused before it reached
@@ -88,7 +98,7 @@ impl Proxy {
         &self,
         snap: &Arc<Snapshot>,
         req: Request<Incoming>,
-        client: &ClientInfo,
+        client: &Arc<ClientInfo>,
         ex: &mut Exchange,
     ) -> Result<Response<Incoming>, ProxyError> {
         let (mut parts, body) = req.into_parts();
@@ -164,7 +174,7 @@ impl Proxy {
                             color: choice.color,
                             drain_timeout: settings.drain_timeout,
                             metrics: Arc::clone(&self.metrics),
-                            _drain: client.drain.clone(),
+                            _client: Arc::clone(client),
                         },
                     );
                 }

@@ -2,15 +2,33 @@
 //! h2c prior knowledge, ALPN after TLS), and the task that runs each hyper
 //! connection beside its timer.
 //!
-//! The timer's decisions and the per-connection state it reads live in
-//! [`crate::data_plane::conn`]; shutdown (dropped senders, a
-//! [`DrainToken`] per task) in [`crate::data_plane::drain`].
+//! Each connection runs in its own task that polls the hyper connection and,
+//! beside it, one lazily re-armed timer that enforces two bounds hyper does
+//! not separate: `header_read_timeout` (from the first byte of a request
+//! head to its end: slowloris) and `idle_timeout` (keep-alive with no
+//! request). [`ConnActivity`] is what the timer reads: the IO wrapper marks
+//! when a request head starts arriving, and every request holds an
+//! [`ActiveRequest`](crate::data_plane::conn::ActiveRequest) until its
+//! response body ends.
+//!
+//! At accept, a connection takes its place in the connection limits
+//! ([`ConnLimiter`]: `max_connections`, `max_connections_per_client`) or is
+//! closed at once; the place is held as long as the connection, upgraded
+//! stream included. Accept failures (out of file descriptors) back off
+//! ([`AcceptBackoff`]) and are logged at most once per interval
+//! ([`AcceptErrors`]).
+//!
+//! Shutdown follows the dropped-sender pattern: dropping the
+//! `watch::Sender` tells every connection to finish gracefully (HTTP/1.1
+//! closes after the current response, HTTP/2 sends GOAWAY); every task
+//! holds a [`DrainToken`], and shutdown waits until all are gone or
+//! `drain_timeout` passes.
 
 use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,6 +44,7 @@ use crate::data_plane::conn::{
     judge, next_request_is_bad, ClientInfo, ConnActivity, Limits, Parked, TrackedIo, Transport,
     Verdict,
 };
+use crate::data_plane::conn_limit::{ConnLimiter, ConnSlot, Refused};
 use crate::data_plane::drain::DrainToken;
 use crate::data_plane::error::ProxyError;
 use crate::data_plane::h1guard::H1Guard;
@@ -49,13 +68,24 @@ pub(crate) struct Server {
     proxy: Arc<Proxy>,
     metrics: Arc<Metrics>,
     limits: Limits,
+    /// `max_connections`, `max_connections_per_client` (changed on reload).
+    limiter: Arc<ConnLimiter>,
+    /// Accept failures, logged at most once per [`ACCEPT_LOG_EVERY`] over
+    /// all listeners.
+    accept_errors: Arc<AcceptErrors>,
     http1: http1::Builder,
     http2: http2::Builder<TokioExecutor>,
 }
 
 impl Server {
     /// A server for `proxy` with `limits`.
-    pub(crate) fn new(proxy: Arc<Proxy>, metrics: Arc<Metrics>, limits: Limits) -> Server {
+    pub(crate) fn new(
+        proxy: Arc<Proxy>,
+        metrics: Arc<Metrics>,
+        limits: Limits,
+        limiter: Arc<ConnLimiter>,
+        accept_errors: Arc<AcceptErrors>,
+    ) -> Server {
         let mut h1 = http1::Builder::new();
         h1.timer(TokioTimer::new())
             // Our own timer enforces the header read bound from the first
@@ -79,6 +109,8 @@ impl Server {
             proxy,
             metrics,
             limits,
+            limiter,
+            accept_errors,
             http1: h1,
             http2: h2,
         }
@@ -92,7 +124,8 @@ impl Server {
         token: DrainToken,
     ) {
         let gauge = self.metrics.open_connections.with_label_values(&["http"]);
-        self.accept_loop(listener, drain, token, gauge, None).await;
+        self.accept_loop(listener, drain, token, ("http", gauge), None)
+            .await;
     }
 
     /// Accepts TLS connections on `listener` until `drain` signals.
@@ -104,7 +137,7 @@ impl Server {
         token: DrainToken,
     ) {
         let gauge = self.metrics.open_connections.with_label_values(&["https"]);
-        self.accept_loop(listener, drain, token, gauge, Some(acceptor))
+        self.accept_loop(listener, drain, token, ("https", gauge), Some(acceptor))
             .await;
     }
 
@@ -113,10 +146,10 @@ impl Server {
         listener: TcpListener,
         mut drain: watch::Receiver<()>,
         token: DrainToken,
-        gauge: IntGauge,
+        (name, gauge): (&'static str, IntGauge),
         tls: Option<Arc<crate::data_plane::tls::ServerTls>>,
     ) {
-        let mut backoff = Duration::from_millis(5);
+        let mut backoff = AcceptBackoff::new();
         loop {
             let accepted = tokio::select! {
                 a = listener.accept() => a,
@@ -124,14 +157,29 @@ impl Server {
             };
             let (stream, peer) = match accepted {
                 Ok(x) => {
-                    backoff = Duration::from_millis(5);
+                    backoff.reset();
                     x
                 }
                 Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    if self.accept_errors.failed(&e, name) {
+                        self.refused(Refused::NoFileDescriptors);
+                    }
+                    // EMFILE and friends: back off instead of spinning;
+                    // established connections are served meanwhile, and the
+                    // waiting ones stay in the kernel's backlog.
+                    tokio::select! {
+                        () = backoff.wait() => continue,
+                        _ = drain.changed() => break,
+                    }
+                }
+            };
+            let slot = match self.limiter.try_acquire(peer.ip(), &gauge) {
+                Ok(slot) => slot,
+                Err(reason) => {
+                    // Closed at once: nothing read, nothing answered.
+                    self.refused(reason);
+                    tracing::debug!(client = %peer, reason = reason.label(), "connection refused");
+                    drop(stream);
                     continue;
                 }
             };
@@ -139,24 +187,18 @@ impl Server {
             let me = Arc::clone(&self);
             let conn_drain = drain.clone();
             let conn_token = token.clone();
-            let gauge = gauge.clone();
             let tls = tls.clone();
             let task = async move {
-                gauge.inc();
+                let hold = (conn_token, slot);
                 match tls {
-                    None => {
-                        me.serve_plain_conn(stream, peer, conn_drain, conn_token)
-                            .await
-                    }
+                    None => me.serve_plain_conn(stream, peer, conn_drain, hold).await,
                     // Boxed: a TLS connection's future is several times
                     // the size of a plain one's; inline, every plain
                     // connection's task would be that large too.
                     Some(acceptor) => {
-                        Box::pin(me.serve_tls_conn(stream, peer, acceptor, conn_drain, conn_token))
-                            .await
+                        Box::pin(me.serve_tls_conn(stream, peer, acceptor, conn_drain, hold)).await
                     }
                 }
-                gauge.dec();
             };
             tokio::spawn(task);
         }
@@ -164,12 +206,19 @@ impl Server {
         drop(listener);
     }
 
+    fn refused(&self, reason: Refused) {
+        self.metrics
+            .connections_refused
+            .with_label_values(&[reason.label()])
+            .inc();
+    }
+
     async fn serve_plain_conn(
         &self,
         stream: TcpStream,
         peer: SocketAddr,
         mut drain: watch::Receiver<()>,
-        token: DrainToken,
+        (token, slot): (DrainToken, ConnSlot),
     ) {
         let detected = tokio::select! {
             d = tokio::time::timeout(self.limits.header_read_timeout, detect(&stream)) => d,
@@ -187,7 +236,7 @@ impl Server {
                 return;
             }
         };
-        let client = ClientInfo::new(peer, false, token);
+        let client = ClientInfo::new(peer, false, token, slot);
         self.serve_conn(stream, proto, client, drain).await;
     }
 
@@ -197,7 +246,7 @@ impl Server {
         peer: SocketAddr,
         acceptor: Arc<crate::data_plane::tls::ServerTls>,
         mut drain: watch::Receiver<()>,
-        token: DrainToken,
+        (token, slot): (DrainToken, ConnSlot),
     ) {
         let accepted = tokio::select! {
             a = tokio::time::timeout(self.limits.header_read_timeout, acceptor.accept(stream)) => a,
@@ -223,7 +272,7 @@ impl Server {
         } else {
             Protocol::Http1
         };
-        let client = ClientInfo::new(peer, true, token);
+        let client = ClientInfo::new(peer, true, token, slot);
         self.serve_conn(tls, proto, client, drain).await;
     }
 
@@ -386,6 +435,87 @@ impl Server {
                 }
             }
         }
+    }
+}
+
+/// How often an accept failure is logged, at most (over all listeners).
+pub(crate) const ACCEPT_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Accept failures of several listeners, logged at most once per
+/// [`ACCEPT_LOG_EVERY`] with the number of failures in between: out of file
+/// descriptors, every listener fails on every attempt, and a line per
+/// failure would flood the log.
+#[derive(Debug, Default)]
+pub(crate) struct AcceptErrors {
+    /// `now_ms` of the last line (0: none yet).
+    logged_at: AtomicU64,
+    /// Failures since the last line.
+    unlogged: AtomicU64,
+}
+
+impl AcceptErrors {
+    /// Records a failed accept on the `what` listener; logs it unless a
+    /// line was written less than [`ACCEPT_LOG_EVERY`] ago. Returns true if
+    /// it failed for lack of file descriptors.
+    pub(crate) fn failed(&self, e: &io::Error, what: &str) -> bool {
+        // EMFILE (per process) and ENFILE (system-wide): 24 and 23 on
+        // Linux, the BSDs and macOS alike.
+        let no_fds = matches!(e.raw_os_error(), Some(23 | 24));
+        let unlogged = self.unlogged.fetch_add(1, Ordering::Relaxed) + 1;
+        let now = now_ms();
+        let last = self.logged_at.load(Ordering::Relaxed);
+        let every = u64::try_from(ACCEPT_LOG_EVERY.as_millis()).unwrap_or(u64::MAX);
+        let due = last == 0 || now.saturating_sub(last) >= every;
+        if due
+            && self
+                .logged_at
+                .compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            self.unlogged.store(0, Ordering::Relaxed);
+            if no_fds {
+                tracing::warn!(
+                    listener = what,
+                    error = %e,
+                    failures = unlogged,
+                    "cannot accept connections: out of file descriptors; backing off (logged at most every {ACCEPT_LOG_EVERY:?})"
+                );
+            } else {
+                tracing::warn!(
+                    listener = what,
+                    error = %e,
+                    failures = unlogged,
+                    "accept failed; backing off (logged at most every {ACCEPT_LOG_EVERY:?})"
+                );
+            }
+        }
+        no_fds
+    }
+}
+
+/// The wait after a failed accept: 5 ms doubling to 1 s, reset by a
+/// successful accept. Waiting, established connections are served and the
+/// loop costs next to no CPU; at most 1 s after descriptors free up,
+/// accepting resumes.
+pub(crate) struct AcceptBackoff(Duration);
+
+impl AcceptBackoff {
+    const FIRST: Duration = Duration::from_millis(5);
+    const MAX: Duration = Duration::from_secs(1);
+
+    pub(crate) fn new() -> AcceptBackoff {
+        AcceptBackoff(Self::FIRST)
+    }
+
+    pub(crate) fn reset(&mut self) {
+        self.0 = Self::FIRST;
+    }
+
+    /// Sleeps the current backoff, then doubles it.
+    pub(crate) async fn wait(&mut self) {
+        let d = self.0;
+        self.0 = (d * 2).min(Self::MAX);
+        tokio::time::sleep(d).await;
     }
 }
 

@@ -17,7 +17,7 @@ use tokio::sync::watch;
 
 use crate::color::Color;
 use crate::data_plane::backend::InFlight;
-use crate::data_plane::drain::DrainToken;
+use crate::data_plane::conn::ClientInfo;
 use crate::data_plane::routing::Snapshot;
 use crate::metrics::Metrics;
 
@@ -35,8 +35,10 @@ pub(crate) struct Watch {
     pub(crate) drain_timeout: Duration,
     /// For `switchyard_upgrades_drained_total`.
     pub(crate) metrics: Arc<Metrics>,
-    /// Keeps shutdown waiting while it lives.
-    pub(crate) _drain: DrainToken,
+    /// The client connection: keeps shutdown waiting, and keeps the
+    /// connection counted (open-connections gauge, connection limits), while
+    /// the upgraded stream lives.
+    pub(crate) _client: Arc<ClientInfo>,
 }
 
 impl Watch {

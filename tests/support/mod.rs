@@ -655,11 +655,26 @@ pub struct ProxyProcess {
 impl ProxyProcess {
     /// Runs `switchyard run --config FILE ARGS` and waits for its ready line.
     pub fn spawn(config: &Path, args: &[&str]) -> Result<ProxyProcess, String> {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
-            .arg("run")
-            .arg("--config")
-            .arg(config)
-            .args(args)
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_switchyard"));
+        cmd.arg("run").arg("--config").arg(config).args(args);
+        ProxyProcess::spawn_command(cmd)
+    }
+
+    /// Like `spawn`, with the open-file limit (`RLIMIT_NOFILE`) lowered
+    /// to `nofile` by the shell that then execs the binary (same pid).
+    pub fn spawn_with_nofile(config: &Path, nofile: u32) -> Result<ProxyProcess, String> {
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg(format!(
+                "ulimit -n {nofile} && exec \"$0\" run --config \"$1\""
+            ))
+            .arg(env!("CARGO_BIN_EXE_switchyard"))
+            .arg(config);
+        ProxyProcess::spawn_command(cmd)
+    }
+
+    fn spawn_command(mut cmd: Command) -> Result<ProxyProcess, String> {
+        let mut child = cmd
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
