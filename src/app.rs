@@ -12,13 +12,14 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use hyper::server::conn::http1;
-use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpSocket};
 
 use crate::config::Config;
 use crate::control_plane::admin::auth::Tokens;
-use crate::control_plane::admin::Admin;
+use crate::control_plane::admin::guard::GuardLayer;
+use crate::control_plane::admin::ui::Ui;
+use crate::control_plane::admin::{stats, Admin};
 use crate::control_plane::control::{Control, ControlParts};
 use crate::control_plane::store::{FileStore, StateStore};
 use crate::data_plane::conn::Limits;
@@ -255,6 +256,7 @@ pub async fn start(config: Config, opts: StartOptions) -> Result<Running, StartE
         max_concurrent_streams: 256,
     };
     let drain_timeout = config.proxy.drain_timeout;
+    let guard_hosts = config.admin.allowed_hosts.clone();
     let control = Control::start(ControlParts {
         config,
         config_path: opts.config_path,
@@ -294,9 +296,16 @@ pub async fn start(config: Config, opts: StartOptions) -> Result<Running, StartE
         Arc::clone(&ready),
     ));
     let admin_drain = Drain::new();
+    let ui = Arc::new(Ui::new(
+        admin,
+        Arc::clone(&control),
+        stats::spawn(control.table(), admin_addr.to_string()),
+        admin_drain.watcher(),
+    ));
+    let guard = GuardLayer::new(Arc::clone(&control), &guard_hosts);
     tokio::spawn(serve_admin(
         admin_listener,
-        admin,
+        (ui, guard),
         admin_drain.watcher(),
         admin_drain.token(),
     ));
@@ -340,7 +349,7 @@ impl Running {
 
 async fn serve_admin(
     listener: TcpListener,
-    admin: Arc<Admin>,
+    (ui, guard): (Arc<Ui>, GuardLayer),
     mut drain: tokio::sync::watch::Receiver<()>,
     token: crate::data_plane::drain::DrainToken,
 ) {
@@ -356,15 +365,11 @@ async fn serve_admin(
             },
             _ = drain.changed() => return,
         };
-        let admin = Arc::clone(&admin);
+        let svc = crate::control_plane::admin::ui::stack(&ui, &guard, peer);
         let mut conn_drain = drain.clone();
         let token = token.clone();
         tokio::spawn(async move {
             let _token = token;
-            let svc = service_fn(move |req| {
-                let admin = Arc::clone(&admin);
-                async move { admin.handle(req, peer).await }
-            });
             let mut builder = http1::Builder::new();
             builder
                 .timer(TokioTimer::new())

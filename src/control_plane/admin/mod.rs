@@ -7,6 +7,10 @@
 //! refused. Every mutation goes through [`Control::execute`].
 
 pub(crate) mod auth;
+pub(crate) mod events;
+pub(crate) mod guard;
+pub(crate) mod stats;
+pub(crate) mod ui;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
