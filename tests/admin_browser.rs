@@ -187,20 +187,20 @@ async fn stats_count_requests_and_5xx_per_pool() {
     }
     // The sampler runs once a second; wait for a sample with both.
     let mut last = serde_json::Value::Null;
-    let seen = eventually(Duration::from_secs(10), || {
-        let admin = &proxy.admin;
-        let last = &mut last;
-        async move {
-            let (_, v) = admin.get("/api/v1/stats").await;
-            *last = v.clone();
-            let web = &v["services"][0];
-            web["pools"]["blue"]["rps_10s"].as_f64().unwrap_or(0.0) > 0.0
-                && web["pools"]["green"]["error_ratio_10s"].as_f64() == Some(1.0)
-                && web["pools"]["blue"]["error_ratio_10s"].as_f64() == Some(0.0)
-                && web["live"] == "green"
+    let mut seen = false;
+    for _ in 0..100 {
+        let (_, v) = proxy.admin.get("/api/v1/stats").await;
+        let web = &v["services"][0];
+        seen = web["pools"]["blue"]["rps_10s"].as_f64().unwrap_or(0.0) > 0.0
+            && web["pools"]["green"]["error_ratio_10s"].as_f64() == Some(1.0)
+            && web["pools"]["blue"]["error_ratio_10s"].as_f64() == Some(0.0)
+            && web["live"] == "green";
+        last = v;
+        if seen {
+            break;
         }
-    })
-    .await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert!(seen, "stats never showed the traffic: {last}");
     assert_eq!(last["services"][0]["pools"]["blue"]["healthy"], 1);
     assert!(last["replica"].as_str().unwrap().starts_with("127.0.0.1:"));
