@@ -367,6 +367,7 @@ async fn operator_page_in_a_real_browser() {
     c.goto(&format!("{}/ui/", admin.base)).await.unwrap();
     find(&c, r#"[data-service="web"][data-live="blue"]"#).await;
     until(&c, "return document.querySelectorAll('.history tbody tr').length > 2", "history rows").await;
+    until(&c, "return document.querySelector('#conn').dataset.conn === 'streaming'", "streaming").await;
     assert_eq!(
         js(&c, "return matchMedia('(prefers-color-scheme: dark)').matches").await,
         json!(true),
