@@ -40,7 +40,12 @@ async fn cross_origin_mutations_are_refused_and_state_is_unchanged() {
     // Reads from another origin are not mutations (CORS keeps their
     // answers from the page: no Access-Control-Allow-Origin is sent).
     let (s, _) = admin
-        .call("GET", "/api/v1/services", None, &[("origin", "http://evil.example")])
+        .call(
+            "GET",
+            "/api/v1/services",
+            None,
+            &[("origin", "http://evil.example")],
+        )
         .await;
     assert_eq!(s, StatusCode::OK);
     // The page itself (same origin) and curl-like clients switch.
@@ -64,18 +69,33 @@ async fn a_foreign_host_is_refused_without_a_token_file_and_allowed_when_listed(
     let admin = &proxy.admin;
     for path in ["/api/v1/services", "/ui/", "/metrics"] {
         let (s, v) = admin
-            .call("GET", path, None, &[("host", "rebind.attacker.example:9901")])
+            .call(
+                "GET",
+                path,
+                None,
+                &[("host", "rebind.attacker.example:9901")],
+            )
             .await;
         assert_eq!(s, StatusCode::FORBIDDEN, "{path}: {v}");
         assert_eq!(v["error"]["code"], "forbidden_host", "{path}");
     }
     let (s, v) = admin
-        .call("POST", SWITCH, Some(r#"{"to":"green"}"#), &[("host", "rebind.attacker.example")])
+        .call(
+            "POST",
+            SWITCH,
+            Some(r#"{"to":"green"}"#),
+            &[("host", "rebind.attacker.example")],
+        )
         .await;
-    assert_eq!((s, &v["error"]["code"]), (StatusCode::FORBIDDEN, &"forbidden_host".into()));
+    assert_eq!(
+        (s, &v["error"]["code"]),
+        (StatusCode::FORBIDDEN, &"forbidden_host".into())
+    );
     assert_eq!(admin.service("web").await["live"], "blue");
     for host in ["localhost:9901", "127.0.0.1", "[::1]:9901"] {
-        let (s, v) = admin.call("GET", "/api/v1/services", None, &[("host", host)]).await;
+        let (s, v) = admin
+            .call("GET", "/api/v1/services", None, &[("host", host)])
+            .await;
         assert_eq!(s, StatusCode::OK, "{host}: {v}");
     }
 
@@ -91,12 +111,22 @@ async fn a_foreign_host_is_refused_without_a_token_file_and_allowed_when_listed(
     let listed = TestProxy::start_text(dir, &text).await;
     let (s, v) = listed
         .admin
-        .call("GET", "/api/v1/services", None, &[("host", "switchyard.internal:9901")])
+        .call(
+            "GET",
+            "/api/v1/services",
+            None,
+            &[("host", "switchyard.internal:9901")],
+        )
         .await;
     assert_eq!(s, StatusCode::OK, "{v}");
     let (s, _) = listed
         .admin
-        .call("GET", "/api/v1/services", None, &[("host", "other.internal:9901")])
+        .call(
+            "GET",
+            "/api/v1/services",
+            None,
+            &[("host", "other.internal:9901")],
+        )
         .await;
     assert_eq!(s, StatusCode::FORBIDDEN);
 }
@@ -105,20 +135,35 @@ async fn a_foreign_host_is_refused_without_a_token_file_and_allowed_when_listed(
 async fn with_a_token_file_any_host_is_served_but_origins_are_still_checked() {
     let blue = Upstream::start("blue").await;
     let green = Upstream::start("green").await;
-    let (mut proxy, _) =
-        TestProxy::start_with_tokens("alice:secret-alice-1\n", &[Svc::new("web", &[&blue], &[&green])])
-            .await;
+    let (mut proxy, _) = TestProxy::start_with_tokens(
+        "alice:secret-alice-1\n",
+        &[Svc::new("web", &[&blue], &[&green])],
+    )
+    .await;
     proxy.admin.token = Some("secret-alice-1".into());
     let (s, v) = proxy
         .admin
-        .call("GET", "/api/v1/services", None, &[("host", "switchyard.example.com")])
+        .call(
+            "GET",
+            "/api/v1/services",
+            None,
+            &[("host", "switchyard.example.com")],
+        )
         .await;
     assert_eq!(s, StatusCode::OK, "{v}");
     let (s, v) = proxy
         .admin
-        .call("POST", SWITCH, Some(r#"{"to":"green"}"#), &[("origin", "http://evil.example")])
+        .call(
+            "POST",
+            SWITCH,
+            Some(r#"{"to":"green"}"#),
+            &[("origin", "http://evil.example")],
+        )
         .await;
-    assert_eq!((s, &v["error"]["code"]), (StatusCode::FORBIDDEN, &"cross_origin".into()));
+    assert_eq!(
+        (s, &v["error"]["code"]),
+        (StatusCode::FORBIDDEN, &"cross_origin".into())
+    );
     // stats and events need the token like the rest of /api/v1.
     proxy.admin.token = None;
     for path in ["/api/v1/stats", "/api/v1/events"] {
@@ -152,7 +197,10 @@ async fn the_page_is_served_with_a_strict_policy_and_revalidated_by_etag() {
         let resp = get(path, None).await.unwrap();
         assert_eq!(resp.status(), StatusCode::OK, "{path}");
         let h = resp.headers().clone();
-        assert!(h["content-type"].to_str().unwrap().starts_with(ty), "{path}");
+        assert!(
+            h["content-type"].to_str().unwrap().starts_with(ty),
+            "{path}"
+        );
         let csp = h["content-security-policy"].to_str().unwrap();
         assert!(csp.contains("script-src 'self'"), "{csp}");
         assert!(csp.contains("frame-ancestors 'none'"), "{csp}");
@@ -176,7 +224,10 @@ async fn stats_count_requests_and_5xx_per_pool() {
     let (s, v) = proxy.admin.get("/api/v1/stats").await;
     assert_eq!(s, StatusCode::OK, "{v}");
     assert_eq!(v["services"][0]["name"], "web");
-    assert!(v["services"][0]["pools"]["green"]["error_ratio_10s"].is_null(), "{v}");
+    assert!(
+        v["services"][0]["pools"]["green"]["error_ratio_10s"].is_null(),
+        "{v}"
+    );
     for _ in 0..20 {
         assert_eq!(proxy.get("/").await.0, StatusCode::OK);
     }
@@ -260,18 +311,24 @@ async fn events_stream_state_on_connect_and_on_every_change_then_stats() {
     assert_eq!(resp.headers()["x-accel-buffering"], "no");
     let mut body = resp.into_body();
     let mut buf = String::new();
-    let (_, v) = next_event(&mut body, &mut buf, |e, _| e == "state").await.expect("state");
+    let (_, v) = next_event(&mut body, &mut buf, |e, _| e == "state")
+        .await
+        .expect("state");
     assert_eq!(v[0]["live"], "blue");
     assert!(buf.is_empty() || !buf.contains("event: state"));
     proxy
         .admin
         .ok(SWITCH, r#"{"to":"green","reason":"via events"}"#)
         .await;
-    let (_, v) = next_event(&mut body, &mut buf, |e, v| e == "state" && v[0]["live"] == "green")
-        .await
-        .expect("a state event after the switch");
+    let (_, v) = next_event(&mut body, &mut buf, |e, v| {
+        e == "state" && v[0]["live"] == "green"
+    })
+    .await
+    .expect("a state event after the switch");
     assert_eq!(v[0]["generation"], 2);
-    next_event(&mut body, &mut buf, |e, v| e == "stats" && v["services"].is_array())
-        .await
-        .expect("a stats event");
+    next_event(&mut body, &mut buf, |e, v| {
+        e == "stats" && v["services"].is_array()
+    })
+    .await
+    .expect("a stats event");
 }

@@ -32,7 +32,11 @@ async fn wait_for(out: &Arc<Mutex<String>>, what: impl Fn(&str) -> bool, label: 
         async move { found }
     })
     .await;
-    assert!(ok, "ctl --watch never printed {label}:\n{}", out.lock().unwrap());
+    assert!(
+        ok,
+        "ctl --watch never printed {label}:\n{}",
+        out.lock().unwrap()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -77,20 +81,35 @@ async fn status_watch_prints_every_change_and_survives_a_restart() {
         .ok("/api/v1/services/web/switch", r#"{"to":"green"}"#)
         .await;
     wait_for(&stdout, |t| t.contains("web  live=green"), "the switch").await;
-    wait_for(&stdout, |t| t.contains("rates (this replica, 10s)"), "rates").await;
+    wait_for(
+        &stdout,
+        |t| t.contains("rates (this replica, 10s)"),
+        "rates",
+    )
+    .await;
 
     // The admin listener goes away: ctl says so and keeps trying; a new
     // process on the same address is picked up with its current state.
     // (The first proxy's directory, with the state file, stays.)
     let running = proxy.running.take().unwrap();
     assert!(running.shutdown().await);
-    wait_for(&stderr, |t| t.contains("event stream lost"), "the lost stream").await;
+    wait_for(
+        &stderr,
+        |t| t.contains("event stream lost"),
+        "the lost stream",
+    )
+    .await;
     let again = TestProxy::start_text(TempDir::new("ctl-watch-2"), &text).await;
     again
         .admin
         .ok("/api/v1/services/web/split", r#"{"green":25}"#)
         .await;
-    wait_for(&stdout, |t| t.contains("web  live=split"), "the state after reconnecting").await;
+    wait_for(
+        &stdout,
+        |t| t.contains("web  live=split"),
+        "the state after reconnecting",
+    )
+    .await;
     assert_eq!(child.try_wait().unwrap(), None, "ctl --watch exited");
     child.kill().unwrap();
     child.wait().unwrap();
@@ -104,7 +123,14 @@ async fn status_watch_of_an_unknown_service_is_refused_at_once() {
     let admin = proxy.running.as_ref().unwrap().admin_addr;
     let out = tokio::task::spawn_blocking(move || {
         Command::new(env!("CARGO_BIN_EXE_switchyard"))
-            .args(["ctl", "--admin", &format!("http://{admin}"), "status", "nope", "--watch"])
+            .args([
+                "ctl",
+                "--admin",
+                &format!("http://{admin}"),
+                "status",
+                "nope",
+                "--watch",
+            ])
             .env_remove("SWITCHYARD_ADMIN")
             .env_remove("SWITCHYARD_TOKEN")
             .env_remove("SWITCHYARD_TOKEN_FILE")

@@ -35,7 +35,9 @@ fn browser() -> Option<(PathBuf, Option<PathBuf>)> {
                     .find(|f| f.is_file())
             })
         })?;
-    let chromium = Path::new(CHROMIUM).is_file().then(|| PathBuf::from(CHROMIUM));
+    let chromium = Path::new(CHROMIUM)
+        .is_file()
+        .then(|| PathBuf::from(CHROMIUM));
     Some((driver, chromium))
 }
 
@@ -197,7 +199,12 @@ async fn operator_page_in_a_real_browser() {
     }
     assert!(text.contains(&blue.addr.to_string()), "{text}");
     assert!(
-        js(&c, "return matchMedia('(prefers-color-scheme: dark)').matches").await == json!(false)
+        js(
+            &c,
+            "return matchMedia('(prefers-color-scheme: dark)').matches"
+        )
+        .await
+            == json!(false)
     );
 
     // 2. Live rates per pool follow the traffic.
@@ -218,11 +225,14 @@ async fn operator_page_in_a_real_browser() {
     .await;
 
     // 3. Switch to green from the page, with a reason; the API agrees.
-    find(&c, r#"[data-service="web"] button[data-action="switch"][data-to="green"]"#)
-        .await
-        .click()
-        .await
-        .unwrap();
+    find(
+        &c,
+        r#"[data-service="web"] button[data-action="switch"][data-to="green"]"#,
+    )
+    .await
+    .click()
+    .await
+    .unwrap();
     let change = find(&c, "dialog#confirm[open] #confirm-change").await;
     let change = change.text().await.unwrap();
     assert!(change.contains("GREEN 100 %"), "{change}");
@@ -268,7 +278,12 @@ async fn operator_page_in_a_real_browser() {
     //    page's change is refused (412), explained, and the page refreshes.
     //    Driven from the keyboard: focus the button, press Enter.
     js(&c, r#"document.querySelector('[data-service="web"] button[data-action="rollback"]').focus(); return true"#).await;
-    c.active_element().await.unwrap().send_keys("\u{E007}").await.unwrap();
+    c.active_element()
+        .await
+        .unwrap()
+        .send_keys("\u{E007}")
+        .await
+        .unwrap();
     find(&c, "dialog#confirm[open]").await;
     let gen_before = admin.service("web").await["generation"].clone();
     admin
@@ -281,7 +296,12 @@ async fn operator_page_in_a_real_browser() {
         .await;
     confirm_with_reason(&c, "should not apply").await;
     let notice = find(&c, "#notice:not([hidden])").await;
-    until(&c, "return document.querySelector('#notice').textContent.includes('changed since')", "the 412 explained").await;
+    until(
+        &c,
+        "return document.querySelector('#notice').textContent.includes('changed since')",
+        "the 412 explained",
+    )
+    .await;
     let notice = notice.text().await.unwrap();
     assert!(notice.contains("pipeline got there first"), "{notice}");
     find(&c, r#"[data-service="web"][data-live="blue"]"#).await;
@@ -302,19 +322,35 @@ async fn operator_page_in_a_real_browser() {
         "the markup reason as literal text",
     )
     .await;
-    assert_eq!(js(&c, "return document.querySelectorAll('main img').length").await, json!(0));
-    assert_eq!(js(&c, "return typeof window.__xss").await, json!("undefined"));
+    assert_eq!(
+        js(&c, "return document.querySelectorAll('main img').length").await,
+        json!(0)
+    );
+    assert_eq!(
+        js(&c, "return typeof window.__xss").await,
+        json!("undefined")
+    );
     assert_ne!(c.title().await.unwrap(), "pwned");
 
     // 7. A page on another origin cannot switch traffic (no-cors POST).
-    admin.ok("/api/v1/services/web/switch", r#"{"to":"blue"}"#).await;
+    admin
+        .ok("/api/v1/services/web/switch", r#"{"to":"blue"}"#)
+        .await;
     let generation = admin.service("web").await["generation"].clone();
     let evil = attacker_site(&admin.base).await;
     c.goto(&format!("http://{evil}/")).await.unwrap();
-    until(&c, "return document.title === 'sent'", "the attacker's request sent").await;
+    until(
+        &c,
+        "return document.title === 'sent'",
+        "the attacker's request sent",
+    )
+    .await;
     let svc = admin.service("web").await;
     assert_eq!(svc["live"], "blue");
-    assert_eq!(svc["generation"], generation, "a cross-origin POST changed the state");
+    assert_eq!(
+        svc["generation"], generation,
+        "a cross-origin POST changed the state"
+    );
 
     // 8. Phone width and 1280×800: nothing wider than the window.
     c.goto(&format!("{}/ui/", admin.base)).await.unwrap();
@@ -339,7 +375,11 @@ async fn operator_page_in_a_real_browser() {
     c.goto(&format!("{}/ui/", tproxy.admin.base)).await.unwrap();
     let input = find(&c, "dialog#token[open] input[type=password]").await;
     input.send_keys("wrong-token-123").await.unwrap();
-    find(&c, "dialog#token[open] #token-ok").await.click().await.unwrap();
+    find(&c, "dialog#token[open] #token-ok")
+        .await
+        .click()
+        .await
+        .unwrap();
     until(
         &c,
         "return document.querySelector('dialog#token').open && document.querySelector('#token-error').textContent.includes('refused')",
@@ -361,15 +401,32 @@ async fn operator_page_in_a_real_browser() {
     let c = session(
         port,
         &chromium,
-        &["--force-dark-mode", "--blink-settings=preferredColorScheme=0"],
+        &[
+            "--force-dark-mode",
+            "--blink-settings=preferredColorScheme=0",
+        ],
     )
     .await;
     c.goto(&format!("{}/ui/", admin.base)).await.unwrap();
     find(&c, r#"[data-service="web"][data-live="blue"]"#).await;
-    until(&c, "return document.querySelectorAll('.history tbody tr').length > 2", "history rows").await;
-    until(&c, "return document.querySelector('#conn').dataset.conn === 'streaming'", "streaming").await;
+    until(
+        &c,
+        "return document.querySelectorAll('.history tbody tr').length > 2",
+        "history rows",
+    )
+    .await;
+    until(
+        &c,
+        "return document.querySelector('#conn').dataset.conn === 'streaming'",
+        "streaming",
+    )
+    .await;
     assert_eq!(
-        js(&c, "return matchMedia('(prefers-color-scheme: dark)').matches").await,
+        js(
+            &c,
+            "return matchMedia('(prefers-color-scheme: dark)').matches"
+        )
+        .await,
         json!(true),
         "the dark screenshot must really be dark"
     );

@@ -343,7 +343,12 @@ async fn watch(admin: &Admin, json: bool, service: Option<&str>) -> Result<Strin
     if let Some(s) = service {
         // An unknown service is refused at once, not watched forever.
         admin
-            .call(Method::GET, &format!("/api/v1/services/{}", segment(s)), None, None)
+            .call(
+                Method::GET,
+                &format!("/api/v1/services/{}", segment(s)),
+                None,
+                None,
+            )
             .await?;
     }
     let mut rates: Option<Value> = None;

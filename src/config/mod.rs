@@ -736,7 +736,8 @@ impl<'a, 'i, 'c> Section<'a, 'i, 'c> {
 fn parse_allowed_host(s: &str) -> Result<String, String> {
     let ok = !s.is_empty()
         && s.len() <= 253
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
     if ok {
         Ok(s.to_ascii_lowercase())
     } else {
@@ -1299,10 +1300,16 @@ backends = ["127.0.0.1:9101"]
     fn admin_allowed_hosts() {
         let text = format!("[admin]\nallowed_hosts = [\"Switchyard.Internal\"]\n{WEB}");
         let c = parse_text(&text).expect("valid");
-        assert_eq!(c.admin.allowed_hosts, vec!["switchyard.internal".to_string()]);
+        assert_eq!(
+            c.admin.allowed_hosts,
+            vec!["switchyard.internal".to_string()]
+        );
         let text = format!("[admin]\nallowed_hosts = [\"a.example:9901\"]\n{WEB}");
         let e = format!("{:?}", parse_text(&text).expect_err("port refused"));
-        assert!(e.contains("allowed_hosts[0]") && e.contains("without port"), "{e}");
+        assert!(
+            e.contains("allowed_hosts[0]") && e.contains("without port"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -109,10 +109,8 @@ pub(crate) fn open(
     let mut changes = control.changes();
     tokio::spawn(async move {
         let _slot = slot;
-        let mut keepalive = tokio::time::interval_at(
-            tokio::time::Instant::now() + KEEPALIVE,
-            KEEPALIVE,
-        );
+        let mut keepalive =
+            tokio::time::interval_at(tokio::time::Instant::now() + KEEPALIVE, KEEPALIVE);
         stats.mark_unchanged();
         changes.mark_unchanged();
         let hello = [

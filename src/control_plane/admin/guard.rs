@@ -90,12 +90,7 @@ where
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let open = !self.layer.control.tokens().required();
-        match check(
-            req.method(),
-            req.headers(),
-            open,
-            &self.layer.allowed_hosts,
-        ) {
+        match check(req.method(), req.headers(), open, &self.layer.allowed_hosts) {
             Ok(()) => Box::pin(self.inner.call(req)),
             Err(refusal) => {
                 let resp = refusal.response();
@@ -265,7 +260,10 @@ mod tests {
         let post = Method::POST;
         let get = Method::GET;
         // curl / ctl: no Origin, no Sec-Fetch-Site.
-        assert_eq!(check(&post, &headers(&[("host", "127.0.0.1:9901")]), true, &[]), Ok(()));
+        assert_eq!(
+            check(&post, &headers(&[("host", "127.0.0.1:9901")]), true, &[]),
+            Ok(())
+        );
         assert_eq!(check(&post, &headers(&[]), true, &[]), Ok(()));
         // The page itself.
         let same = headers(&[
@@ -275,21 +273,39 @@ mod tests {
         ]);
         assert_eq!(check(&post, &same, true, &[]), Ok(()));
         // Another origin, with or without fetch metadata.
-        let other = headers(&[("host", "127.0.0.1:9901"), ("origin", "http://127.0.0.1:5555")]);
-        assert!(matches!(check(&post, &other, true, &[]), Err(Refusal::CrossOrigin(_))));
-        assert!(matches!(check(&post, &other, false, &[]), Err(Refusal::CrossOrigin(_))));
+        let other = headers(&[
+            ("host", "127.0.0.1:9901"),
+            ("origin", "http://127.0.0.1:5555"),
+        ]);
+        assert!(matches!(
+            check(&post, &other, true, &[]),
+            Err(Refusal::CrossOrigin(_))
+        ));
+        assert!(matches!(
+            check(&post, &other, false, &[]),
+            Err(Refusal::CrossOrigin(_))
+        ));
         let null = headers(&[("host", "127.0.0.1:9901"), ("origin", "null")]);
-        assert!(matches!(check(&post, &null, true, &[]), Err(Refusal::CrossOrigin(_))));
+        assert!(matches!(
+            check(&post, &null, true, &[]),
+            Err(Refusal::CrossOrigin(_))
+        ));
         for site in ["cross-site", "same-site"] {
             let h = headers(&[("host", "127.0.0.1:9901"), ("sec-fetch-site", site)]);
-            assert!(matches!(check(&post, &h, true, &[]), Err(Refusal::CrossOrigin(_))));
+            assert!(matches!(
+                check(&post, &h, true, &[]),
+                Err(Refusal::CrossOrigin(_))
+            ));
         }
         // Reads are not mutations.
         assert_eq!(check(&get, &other, true, &[]), Ok(()));
         // A rebound name, open API: refused even for reads; with a token
         // file it is served.
         let rebound = headers(&[("host", "attacker.example:9901")]);
-        assert!(matches!(check(&get, &rebound, true, &[]), Err(Refusal::ForbiddenHost(_))));
+        assert!(matches!(
+            check(&get, &rebound, true, &[]),
+            Err(Refusal::ForbiddenHost(_))
+        ));
         assert_eq!(check(&get, &rebound, false, &[]), Ok(()));
         assert_eq!(
             check(&get, &rebound, true, &["attacker.example".to_string()]),

@@ -174,7 +174,10 @@ impl Sampler {
         let Some(first) = first else {
             return (0.0, None);
         };
-        let then = first.pools.get(service).map_or((0, 0), |c| c[color.index()]);
+        let then = first
+            .pools
+            .get(service)
+            .map_or((0, 0), |c| c[color.index()]);
         let dt = last.at.saturating_duration_since(first.at).as_secs_f64();
         // A counter that went backwards (the service was removed and added
         // again) counts as a fresh start, never as a negative rate.
@@ -235,7 +238,8 @@ mod tests {
         let mut total = 0;
         let mut errors = 0;
         for i in 0..=60u64 {
-            s.ring.push_back(sample(t0 + Duration::from_secs(i), (total, errors)));
+            s.ring
+                .push_back(sample(t0 + Duration::from_secs(i), (total, errors)));
             if i < 50 {
                 total += 10;
                 errors += 1;
@@ -250,7 +254,11 @@ mod tests {
         assert!((rps60 - 11.67).abs() < 1e-9, "{rps60}");
         assert!((err60.unwrap_or(0.0) - 50.0 / 700.0).abs() < 1e-3);
         let (rps, ratio) = s.rate("web", Color::Green, 10);
-        assert_eq!((rps, ratio), (0.0, None), "no traffic: ratio unknown, not 0");
+        assert_eq!(
+            (rps, ratio),
+            (0.0, None),
+            "no traffic: ratio unknown, not 0"
+        );
         assert_eq!(s.rate("nope", Color::Blue, 10), (0.0, None));
     }
 
@@ -259,7 +267,8 @@ mod tests {
         let t0 = Instant::now();
         let mut s = Sampler::new("r".into());
         s.ring.push_back(sample(t0, (1000, 10)));
-        s.ring.push_back(sample(t0 + Duration::from_secs(1), (5, 1)));
+        s.ring
+            .push_back(sample(t0 + Duration::from_secs(1), (5, 1)));
         assert_eq!(s.rate("web", Color::Blue, 10), (0.0, None));
     }
 }
