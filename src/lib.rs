@@ -28,7 +28,7 @@
 //!    bottom: framing checks, host, service, pool, head rewrite, upstream.
 //! 3. [`data_plane::routing`]: service (host, then longest prefix), pool
 //!    (preview header, sticky bucket, weights), backend (balance, failover).
-//! 4. [`data_plane::upstream`]: the attempt loop (retries under a budget,
+//! 4. `data_plane::proxy` again: the attempt loop (retries under a budget,
 //!    checkout from [`data_plane::backend`], ejection, failover accounting).
 //! 5. [`data_plane::exchange`]: the response body streams back; when it ends,
 //!    metrics, access log and the pooled connection are settled.
@@ -46,6 +46,7 @@
 // Input from outside never reaches an unwrap (tests may unwrap freely).
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 #![warn(unreachable_pub)]
+#![allow(rustdoc::private_intra_doc_links)] // the crate docs map private modules (read with --document-private-items)
 
 pub(crate) mod app;
 pub mod cli;

@@ -7,7 +7,7 @@
 //! head to its end: slowloris) and `idle_timeout` (keep-alive with no
 //! request). [`ConnActivity`] is what the timer reads: the IO wrapper marks
 //! when a request head starts arriving, and every request holds an
-//! [`ActiveRequest`] until its response body ends.
+//! [`ActiveRequest`](crate::data_plane::conn::ActiveRequest) until its response body ends.
 //!
 //! Shutdown follows the dropped-sender pattern: dropping the
 //! `watch::Sender` tells every connection to finish gracefully (HTTP/1.1
