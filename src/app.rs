@@ -12,12 +12,13 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use hyper::server::conn::http1;
-use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpSocket};
 
 use crate::config::{Config, FileErrors};
-use crate::control_plane::admin::Admin;
+use crate::control_plane::admin::guard::GuardLayer;
+use crate::control_plane::admin::ui::Ui;
+use crate::control_plane::admin::{stats, Admin};
 use crate::control_plane::control::{Control, ControlParts};
 use crate::control_plane::files::LoadedFiles;
 use crate::control_plane::store::{FileStore, StateStore};
@@ -258,6 +259,7 @@ pub async fn start(config: Config, opts: StartOptions) -> Result<Running, StartE
         config.proxy.max_connections_per_client,
     );
     let accept_errors = Arc::new(AcceptErrors::default());
+    let guard_hosts = config.admin.allowed_hosts.clone();
     let control = Control::start(ControlParts {
         config,
         config_path: opts.config_path,
@@ -304,9 +306,16 @@ pub async fn start(config: Config, opts: StartOptions) -> Result<Running, StartE
         Arc::clone(&ready),
     ));
     let admin_drain = Drain::new();
+    let ui = Arc::new(Ui::new(
+        admin,
+        Arc::clone(&control),
+        stats::spawn(control.table(), admin_addr.to_string()),
+        admin_drain.watcher(),
+    ));
+    let guard = GuardLayer::new(Arc::clone(&control), &guard_hosts);
     tokio::spawn(serve_admin(
         admin_listener,
-        admin,
+        (ui, guard),
         accept_errors,
         admin_drain.watcher(),
         admin_drain.token(),
@@ -351,7 +360,7 @@ impl Running {
 
 async fn serve_admin(
     listener: TcpListener,
-    admin: Arc<Admin>,
+    (ui, guard): (Arc<Ui>, GuardLayer),
     accept_errors: Arc<AcceptErrors>,
     mut drain: tokio::sync::watch::Receiver<()>,
     token: crate::data_plane::drain::DrainToken,
@@ -374,15 +383,11 @@ async fn serve_admin(
             },
             _ = drain.changed() => return,
         };
-        let admin = Arc::clone(&admin);
+        let svc = crate::control_plane::admin::ui::stack(&ui, &guard, peer);
         let mut conn_drain = drain.clone();
         let token = token.clone();
         tokio::spawn(async move {
             let _token = token;
-            let svc = service_fn(move |req| {
-                let admin = Arc::clone(&admin);
-                async move { admin.handle(req, peer).await }
-            });
             let mut builder = http1::Builder::new();
             builder
                 .timer(TokioTimer::new())

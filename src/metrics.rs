@@ -380,6 +380,13 @@ impl PoolMetrics {
         self.duration.observe(seconds);
     }
 
+    /// Requests answered so far and how many of them were 5xx: read once
+    /// a second by the admin page's sampler, never on the request path.
+    pub(crate) fn answered(&self) -> (u64, u64) {
+        let total = self.requests.iter().map(IntCounter::get).sum();
+        (total, self.requests[4].get())
+    }
+
     /// Counts one upstream error.
     #[inline]
     pub(crate) fn upstream_error(&self, kind: UpstreamErrorKind) {

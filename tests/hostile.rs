@@ -837,7 +837,7 @@ async fn admin_bodies_are_capped_and_unknown_fields_refused() {
     let mut c = TcpStream::connect(proxy.running.as_ref().unwrap().admin_addr)
         .await
         .unwrap();
-    c.write_all(b"POST /api/v1/services/web/switch HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n").await.unwrap();
+    c.write_all(b"POST /api/v1/services/web/switch HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n").await.unwrap();
     let chunk = format!("10000\r\n{}\r\n", " ".repeat(0x10000));
     // 32 × 64 KiB = 2 MiB; the server may stop reading (and close) early.
     for _ in 0..32 {

@@ -61,6 +61,12 @@ pub(crate) enum CtlCommand {
     Status {
         /// Service name.
         service: Option<String>,
+        /// Keep printing: the state again on every routing change, with
+        /// this replica's req/s and 5xx ratio per pool, from the admin
+        /// API's event stream (`/api/v1/events`); reconnects when the
+        /// stream is lost. Stop with Ctrl-C.
+        #[arg(long)]
+        watch: bool,
     },
     /// Send all traffic of a service to one pool.
     Switch {
@@ -199,8 +205,16 @@ async fn run_inner(args: &CtlArgs, config: Option<&std::path::Path>) -> Result<S
     };
     let service_path = |s: &str| format!("/api/v1/services/{}", segment(s));
     let (method, path, body) = match &args.command {
-        CtlCommand::Status { service: None } => (Method::GET, "/api/v1/services".to_string(), None),
-        CtlCommand::Status { service: Some(s) } => (Method::GET, service_path(s), None),
+        CtlCommand::Status {
+            service,
+            watch: true,
+        } => return watch(&admin, args.json, service.as_deref()).await,
+        CtlCommand::Status { service: None, .. } => {
+            (Method::GET, "/api/v1/services".to_string(), None)
+        }
+        CtlCommand::Status {
+            service: Some(s), ..
+        } => (Method::GET, service_path(s), None),
         CtlCommand::Switch {
             service,
             color,
@@ -268,7 +282,7 @@ async fn run_inner(args: &CtlArgs, config: Option<&std::path::Path>) -> Result<S
         return Ok(format!("{}\n", pretty(&value)));
     }
     Ok(match &args.command {
-        CtlCommand::Status { service: None } => services_table(&value),
+        CtlCommand::Status { service: None, .. } => services_table(&value),
         CtlCommand::History { .. } => history_table(&value),
         CtlCommand::Rules { set: None, .. } => rules_table(&value),
         CtlCommand::Rules { set: Some(_), .. } => {
@@ -342,6 +356,126 @@ async fn wait_healthy(
         }
         tokio::time::sleep(interval.min(deadline - now)).await;
     }
+}
+
+/// `status --watch`: prints the state on connect and on every change,
+/// from `/api/v1/events`; on a lost stream, says so on stderr and
+/// reconnects every 2 s. Returns only on a refusal (bad token, unknown
+/// service) or an unusable answer.
+async fn watch(admin: &Admin, json: bool, service: Option<&str>) -> Result<String, Failure> {
+    use std::io::Write as _;
+    if let Some(s) = service {
+        // An unknown service is refused at once, not watched forever.
+        admin
+            .call(
+                Method::GET,
+                &format!("/api/v1/services/{}", segment(s)),
+                None,
+                None,
+            )
+            .await?;
+    }
+    let mut rates: Option<Value> = None;
+    loop {
+        let mut body = match admin.events().await {
+            Ok(b) => b,
+            Err(f @ (Failure::Refused { .. } | Failure::Usage(_))) => return Err(f),
+            Err(Failure::Unreachable(m) | Failure::TimedOut(m)) => {
+                eprintln!("switchyard ctl: {m}; retrying in 2s");
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                continue;
+            }
+        };
+        let mut buf: Vec<u8> = Vec::new();
+        let lost = loop {
+            // Heartbeats come every 15 s; 40 s of silence is a dead stream.
+            let frame = match tokio::time::timeout(Duration::from_secs(40), body.frame()).await {
+                Ok(Some(Ok(f))) => f,
+                Ok(Some(Err(e))) => break e.to_string(),
+                Ok(None) => break "the server ended the stream".to_string(),
+                Err(_) => break "no heartbeat for 40s".to_string(),
+            };
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            buf.extend_from_slice(&data);
+            while let Some(i) = buf.windows(2).position(|w| w == b"\n\n") {
+                let block: Vec<u8> = buf.drain(..i + 2).collect();
+                let Some((event, value)) = sse_event(&block) else {
+                    continue;
+                };
+                match event.as_str() {
+                    "stats" => rates = Some(value),
+                    "state" => {
+                        let out = watch_output(&value, rates.as_ref(), json, service);
+                        let mut stdout = std::io::stdout().lock();
+                        let _ = stdout.write_all(out.as_bytes());
+                        let _ = stdout.flush();
+                    }
+                    _ => {}
+                }
+            }
+        };
+        eprintln!("switchyard ctl: event stream lost ({lost}); reconnecting in 2s");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}
+
+/// `(event, data as JSON)` of one SSE block.
+fn sse_event(block: &[u8]) -> Option<(String, Value)> {
+    let text = std::str::from_utf8(block).ok()?;
+    let mut event = "message".to_string();
+    let mut data = String::new();
+    for line in text.lines() {
+        if let Some(e) = line.strip_prefix("event:") {
+            event = e.trim().to_string();
+        } else if let Some(d) = line.strip_prefix("data:") {
+            data.push_str(d.strip_prefix(' ').unwrap_or(d));
+        }
+    }
+    let value = serde_json::from_str(&data).ok()?;
+    Some((event, value))
+}
+
+/// What `status --watch` prints for one `state` event.
+fn watch_output(state: &Value, rates: Option<&Value>, json: bool, service: Option<&str>) -> String {
+    let services: Vec<&Value> = state
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|s| service.is_none_or(|n| s["name"] == n))
+                .collect()
+        })
+        .unwrap_or_default();
+    if json {
+        let list = Value::from(services.into_iter().cloned().collect::<Vec<_>>());
+        return format!("{list}\n");
+    }
+    let mut out = format!(
+        "--- {} ---\n",
+        humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+    );
+    for s in services {
+        out.push_str(&service_table(s));
+        let stats = rates
+            .and_then(|r| r["services"].as_array())
+            .and_then(|a| a.iter().find(|x| x["name"] == s["name"]));
+        if let Some(st) = stats {
+            let ratio = |v: &Value| match v.as_f64() {
+                Some(r) => format!("{:.2}%", r * 100.0),
+                None => "-".to_string(),
+            };
+            let _ = writeln!(
+                out,
+                "  rates (this replica, 10s): blue {:.1} req/s {} 5xx, green {:.1} req/s {} 5xx",
+                st["pools"]["blue"]["rps_10s"].as_f64().unwrap_or(0.0),
+                ratio(&st["pools"]["blue"]["error_ratio_10s"]),
+                st["pools"]["green"]["rps_10s"].as_f64().unwrap_or(0.0),
+                ratio(&st["pools"]["green"]["error_ratio_10s"]),
+            );
+        }
+    }
+    out
 }
 
 /// Where and how to reach the admin API.
@@ -461,6 +595,59 @@ impl Admin {
             (Some(code), Some(msg)) => format!("{} {code}: {msg}", status.as_u16()),
             _ => format!("{}: {}", status, body.as_str().unwrap_or_default().trim()),
         };
+        Err(Failure::Refused { message, body })
+    }
+
+    /// Opens `/api/v1/events`: the streaming body of a 200, or why not.
+    async fn events(&self) -> Result<hyper::body::Incoming, Failure> {
+        let unreachable = |e: &dyn std::fmt::Display| {
+            Failure::Unreachable(format!("cannot reach the admin API at {}: {e}", self.url))
+        };
+        let open = async {
+            let stream = tokio::net::TcpStream::connect(&self.authority)
+                .await
+                .map_err(|e| unreachable(&e))?;
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                .await
+                .map_err(|e| unreachable(&e))?;
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            let mut req = Request::builder()
+                .uri(format!("{}/api/v1/events", self.prefix))
+                .header(http::header::HOST, &self.authority)
+                .header(http::header::ACCEPT, "text/event-stream");
+            if let Some(t) = &self.token {
+                req = req.header(http::header::AUTHORIZATION, format!("Bearer {t}"));
+            }
+            let req = req
+                .body(Full::new(Bytes::new()))
+                .map_err(|e| Failure::Usage(format!("cannot build the request: {e}")))?;
+            sender.send_request(req).await.map_err(|e| unreachable(&e))
+        };
+        let resp = match tokio::time::timeout(CALL_TIMEOUT, open).await {
+            Ok(r) => r?,
+            Err(_) => return Err(unreachable(&"no answer within 10s")),
+        };
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(resp.into_body());
+        }
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .map(|c| c.to_bytes())
+            .unwrap_or_default();
+        let body: Value = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| Value::from(String::from_utf8_lossy(&bytes)));
+        let message = match body.pointer("/error/message").and_then(Value::as_str) {
+            Some(m) => format!("{} {}", status.as_u16(), m),
+            None => format!("{status} from /api/v1/events"),
+        };
+        if status.is_server_error() {
+            return Err(Failure::Unreachable(message));
+        }
         Err(Failure::Refused { message, body })
     }
 

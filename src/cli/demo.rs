@@ -62,6 +62,8 @@ pub(crate) fn instructions(proxy: SocketAddr, admin: SocketAddr) -> String {
         "\
 switchyard demo: proxy on http://{proxy}, admin API on http://{admin}
 
+Operator page: http://{admin}/ui/   (open it in a browser)
+
 Try:
   curl {proxy}/                                   # blue v1
   curl -X POST {admin}/api/v1/services/demo/switch -d '{{\"to\":\"green\"}}'
@@ -71,6 +73,8 @@ Try:
   curl -H 'x-switchyard-pool: green' {proxy}/     # preview the other pool
   curl {admin}/api/v1/services/demo
   curl {admin}/api/v1/services/demo/history
+  curl {admin}/api/v1/stats                       # req/s and 5xx ratio per pool
+  switchyard ctl --admin http://{admin} status demo --watch
   curl {admin}/metrics
 
 Ctrl-C to stop.

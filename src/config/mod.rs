@@ -102,6 +102,9 @@ pub struct AdminConfig {
     /// Bearer tokens, one per line (`NAME:SECRET` or `SECRET`). Required when
     /// `listen` is not a loopback address.
     pub token_file: Option<PathBuf>,
+    /// Host names (besides IP literals and `localhost`) the admin listener
+    /// answers while no `token_file` is set (SPEC §13, DNS rebinding).
+    pub allowed_hosts: Vec<String>,
 }
 
 /// `[state]`.
@@ -467,6 +470,7 @@ impl Default for AdminConfig {
         AdminConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 9901)),
             token_file: None,
+            allowed_hosts: Vec::new(),
         }
     }
 }
@@ -815,6 +819,22 @@ impl<'a, 'i, 'c> Section<'a, 'i, 'c> {
     }
 }
 
+/// A host name for `[admin] allowed_hosts`: letters, digits, `-` and `.`,
+/// no port (the port is not part of the check).
+fn parse_allowed_host(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.len() <= 253
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+    if ok {
+        Ok(s.to_ascii_lowercase())
+    } else {
+        Err(format!(
+            "invalid host name {s:?} (a DNS name like \"switchyard.internal\", without port)"
+        ))
+    }
+}
+
 fn set<T>(slot: &mut T, value: Option<T>) {
     if let Some(v) = value {
         *slot = v;
@@ -828,9 +848,13 @@ fn parse_root(cx: &Cx, table: &DeTable) -> Config {
     let proxy = proxy.map_or_else(ProxyConfig::default, |s| parse_proxy(&s));
 
     let mut admin = AdminConfig::default();
-    if let Some(s) = root.sub("admin", "[admin]", "listen token_file") {
+    if let Some(s) = root.sub("admin", "[admin]", "listen token_file allowed_hosts") {
         set(&mut admin.listen, s.get_with("listen", parse_socket_addr));
         admin.token_file = s.get_path("token_file");
+        set(
+            &mut admin.allowed_hosts,
+            s.get_list("allowed_hosts", parse_allowed_host),
+        );
         if let Some(v) = s.value("listen") {
             if !admin.listen.ip().is_loopback() && s.value("token_file").is_none() {
                 let message = format!(
@@ -1480,6 +1504,22 @@ backends = ["127.0.0.1:9101"]
     fn admin_with_token_file_may_listen_anywhere() {
         let text = format!("[admin]\nlisten = \"0.0.0.0:9901\"\ntoken_file = \"t\"\n{WEB}");
         assert!(parse_text(&text).is_ok());
+    }
+
+    #[test]
+    fn admin_allowed_hosts() {
+        let text = format!("[admin]\nallowed_hosts = [\"Switchyard.Internal\"]\n{WEB}");
+        let c = parse_text(&text).expect("valid");
+        assert_eq!(
+            c.admin.allowed_hosts,
+            vec!["switchyard.internal".to_string()]
+        );
+        let text = format!("[admin]\nallowed_hosts = [\"a.example:9901\"]\n{WEB}");
+        let e = format!("{:?}", parse_text(&text).expect_err("port refused"));
+        assert!(
+            e.contains("allowed_hosts[0]") && e.contains("without port"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -8,6 +8,10 @@
 //! is an [`AdminError`], whose `status()` and `code()` are the one mapping.
 
 pub(crate) mod auth;
+pub(crate) mod events;
+pub(crate) mod guard;
+pub(crate) mod stats;
+pub(crate) mod ui;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
