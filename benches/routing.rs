@@ -152,7 +152,7 @@ fn bench(c: &mut Criterion) {
         g.bench_function(label, |b| {
             b.iter(|| {
                 let mut ch = choose_pool(r, black_box(&sticky));
-                black_box(pick_backend(r, &mut ch, &[]).map(|b| b.in_flight()))
+                black_box(pick_backend(r, &mut ch, &[]).map(|p| p.backend.in_flight()))
             })
         });
     }
