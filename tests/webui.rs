@@ -357,12 +357,26 @@ async fn operator_page_in_a_real_browser() {
     find(&c, r#"[data-service="web"]"#).await;
     for (w, h) in [(390, 844), (1280, 800)] {
         c.set_window_size(w, h).await.unwrap();
-        until(
-            &c,
-            "return document.documentElement.scrollWidth <= window.innerWidth",
-            &format!("no horizontal scrolling at {w}x{h}"),
-        )
-        .await;
+        let fits = "return document.documentElement.scrollWidth <= window.innerWidth";
+        let mut ok = false;
+        for _ in 0..50 {
+            if js(&c, fits).await == Value::Bool(true) {
+                ok = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        if !ok {
+            // Name what sticks out, so a failure says what to fix.
+            let wide = js(
+                &c,
+                "const w = window.innerWidth; return [document.documentElement.scrollWidth, w, \
+                 [...document.querySelectorAll('body *')].filter(e => e.getBoundingClientRect().right > w + 1) \
+                 .slice(0, 8).map(e => e.tagName + '.' + e.className + '#' + e.id + ':' + Math.round(e.getBoundingClientRect().right))]",
+            )
+            .await;
+            panic!("horizontal scrolling at {w}x{h}: [scrollWidth, innerWidth, elements past the edge] = {wide}");
+        }
     }
 
     // 9. With a token file, the page asks for a token; a wrong one is
