@@ -411,6 +411,7 @@
   function setConn(s) {
     connState = s;
     $("conn").setAttribute("data-conn", s);
+    tickStatus(); // show it now, not at the next 1 s tick
   }
   function tickStatus() {
     const age = lastData ? Math.round((Date.now() - lastData) / 1000) : null;
