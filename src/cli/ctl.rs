@@ -598,21 +598,32 @@ impl Admin {
         Err(Failure::Refused { message, body })
     }
 
+    /// One HTTP/1.1 connection to the admin API, driven by its own task.
+    async fn connect(
+        &self,
+    ) -> Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>, Failure> {
+        let unreachable = |e: &dyn std::fmt::Display| {
+            Failure::Unreachable(format!("cannot reach the admin API at {}: {e}", self.url))
+        };
+        let stream = tokio::net::TcpStream::connect(&self.authority)
+            .await
+            .map_err(|e| unreachable(&e))?;
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| unreachable(&e))?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(sender)
+    }
+
     /// Opens `/api/v1/events`: the streaming body of a 200, or why not.
     async fn events(&self) -> Result<hyper::body::Incoming, Failure> {
         let unreachable = |e: &dyn std::fmt::Display| {
             Failure::Unreachable(format!("cannot reach the admin API at {}: {e}", self.url))
         };
         let open = async {
-            let stream = tokio::net::TcpStream::connect(&self.authority)
-                .await
-                .map_err(|e| unreachable(&e))?;
-            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-                .await
-                .map_err(|e| unreachable(&e))?;
-            tokio::spawn(async move {
-                let _ = conn.await;
-            });
+            let mut sender = self.connect().await?;
             let mut req = Request::builder()
                 .uri(format!("{}/api/v1/events", self.prefix))
                 .header(http::header::HOST, &self.authority)
@@ -661,15 +672,7 @@ impl Admin {
         let unreachable = |e: &dyn std::fmt::Display| {
             Failure::Unreachable(format!("cannot reach the admin API at {}: {e}", self.url))
         };
-        let stream = tokio::net::TcpStream::connect(&self.authority)
-            .await
-            .map_err(|e| unreachable(&e))?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| unreachable(&e))?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
+        let mut sender = self.connect().await?;
         let mut req = Request::builder()
             .method(method)
             .uri(format!("{}{path}", self.prefix))

@@ -531,6 +531,30 @@ fn initial_state(svc: &ServiceConfig, at: SystemTime) -> ServiceState {
     state
 }
 
+/// A change the config file made to a service (reload): a new generation
+/// and a history entry by `config`. Weights are never changed by a reload.
+fn record_config_change(
+    next: &mut ServiceState,
+    at: SystemTime,
+    action: Action,
+    pool: Option<PoolChange>,
+    rules: Option<RulesChange>,
+) {
+    next.generation += 1;
+    let entry = HistoryEntry {
+        generation: next.generation,
+        at: humantime::format_rfc3339_seconds(at).to_string(),
+        action,
+        from: next.weights,
+        to: next.weights,
+        reason: Some("config file changed".into()),
+        actor: "config".into(),
+        pool,
+        rules,
+    };
+    push_history(next, entry);
+}
+
 fn reconcile_service(cur: &ServiceState, svc: &ServiceConfig, at: SystemTime) -> ServiceState {
     let mut next = cur.clone();
     for color in Color::ALL {
@@ -545,48 +569,19 @@ fn reconcile_service(cur: &ServiceState, svc: &ServiceConfig, at: SystemTime) ->
             // The API had already set what the file now says.
             continue;
         }
-        next.generation += 1;
-        let generation = next.generation;
-        push_history(
-            &mut next,
-            HistoryEntry {
-                generation,
-                at: humantime::format_rfc3339_seconds(at).to_string(),
-                action: Action::Pool,
-                from: cur.weights,
-                to: cur.weights,
-                reason: Some("config file changed".into()),
-                actor: "config".into(),
-                pool: Some(PoolChange {
-                    color,
-                    from,
-                    to: file.to_vec(),
-                }),
-                rules: None,
-            },
-        );
+        let pool = PoolChange {
+            color,
+            from,
+            to: file.to_vec(),
+        };
+        record_config_change(&mut next, at, Action::Pool, Some(pool), None);
     }
     if next.rules.config != svc.rules {
         next.rules.config.clone_from(&svc.rules);
         if next.rules.rules != svc.rules {
             let change = RulesChange::of(&next.rules.rules, &svc.rules);
             next.rules.rules.clone_from(&svc.rules);
-            next.generation += 1;
-            let generation = next.generation;
-            push_history(
-                &mut next,
-                HistoryEntry {
-                    generation,
-                    at: humantime::format_rfc3339_seconds(at).to_string(),
-                    action: Action::Rules,
-                    from: cur.weights,
-                    to: cur.weights,
-                    reason: Some("config file changed".into()),
-                    actor: "config".into(),
-                    pool: None,
-                    rules: Some(change),
-                },
-            );
+            record_config_change(&mut next, at, Action::Rules, None, Some(change));
         }
     }
     next
