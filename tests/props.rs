@@ -332,6 +332,8 @@ fn settings() -> Settings {
         upstream_read_timeout: std::time::Duration::from_secs(60),
         max_response_headers: 500,
         add_pool_header: true,
+        request_id: true,
+        forwarded_headers: true,
         access_log: false,
         drain_timeout: std::time::Duration::from_secs(1),
     }

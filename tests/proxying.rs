@@ -186,6 +186,66 @@ async fn hop_by_hop_headers_are_removed_both_ways() {
     }
 }
 
+/// The leanest set-up (`request_id`, `forwarded_headers`, `add_pool_header`
+/// off, `[service.sticky] cookie = ""`): nothing is added but the backend's
+/// pool header, a client's own headers pass untouched, and a split still
+/// splits, without a Set-Cookie.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extras_can_be_switched_off() {
+    let (blue, green) = (
+        Upstream::start("blue").await,
+        Upstream::start("green").await,
+    );
+    let proxy = TestProxy::start_with(
+        "request_id = false\nforwarded_headers = false\nadd_pool_header = false",
+        &[Svc::new("web", &[&blue], &[&green]).extra("[service.sticky]\ncookie = \"\"\n")],
+    )
+    .await;
+    let (h, v) = upstream_view(&proxy, &[("x-switchyard-pool", "green")]).await;
+    assert_eq!(
+        (blue.hits(), green.hits()),
+        (0, 1),
+        "the preview header still decides"
+    );
+    let up = v["headers"].as_object().unwrap();
+    for name in [
+        "x-request-id",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+    ] {
+        assert!(!up.contains_key(name), "{name} sent upstream: {v}");
+    }
+    assert_eq!(
+        up["x-switchyard-pool"], "green",
+        "the backend is told its pool"
+    );
+    for name in ["x-request-id", "x-switchyard-pool", "set-cookie"] {
+        assert!(h.get(name).is_none(), "{name} in the response: {h:?}");
+    }
+    let (_, v) = upstream_view(&proxy, &[("x-request-id", "client-id-1")]).await;
+    assert_eq!(
+        v["headers"]["x-request-id"], "client-id-1",
+        "passed as sent"
+    );
+
+    proxy
+        .admin
+        .ok("/api/v1/services/web/split", r#"{"green":50}"#)
+        .await;
+    let before = green.hits();
+    for _ in 0..200 {
+        let (s, h, _) = proxy.get_with("/", &[]).await;
+        assert_eq!(s, StatusCode::OK);
+        assert!(h.get("set-cookie").is_none(), "no bucket cookie: {h:?}");
+    }
+    let greens = green.hits() - before;
+    assert!(
+        (40..=160).contains(&greens),
+        "a fresh bucket per request: {greens} of 200 to green"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwarding_headers_request_ids_and_pool_headers() {
     let (blue, green) = (

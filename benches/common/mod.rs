@@ -58,6 +58,8 @@ pub fn settings() -> Settings {
         upstream_read_timeout: Duration::from_secs(60),
         max_response_headers: 500,
         add_pool_header: true,
+        request_id: true,
+        forwarded_headers: true,
         access_log: false,
         drain_timeout: Duration::from_secs(30),
     }

@@ -6,6 +6,8 @@
 #   benches/load/callgrind.sh                 # target/perf/switchyard
 #   SY=/tmp/old-switchyard benches/load/callgrind.sh
 #   REQUESTS=20000 WORKLOAD=big benches/load/callgrind.sh
+#   CONFIG=lean benches/load/callgrind.sh     # request id, forwarding and
+#                                             # pool headers, sticky cookie off
 #
 # Runs switchyard (workers = 1, access log off, a 90/10 split) under
 # callgrind with instrumentation off, warms up, switches instrumentation
@@ -47,11 +49,17 @@ wait_port() {
 
 "$UP" 18001 18002 1 >"$OUT/upstream.log" 2>&1 &
 PIDS+=($!)
+lean="" sticky=""
+if [ "${CONFIG:-equivalent}" = lean ]; then
+  lean=$'request_id = false\nforwarded_headers = false\nadd_pool_header = false'
+  sticky=$'[service.sticky]\ncookie = ""'
+fi
 cat >"$OUT/switchyard.toml" <<CFG
 [proxy]
 listen = "127.0.0.1:18080"
 workers = 1
 access_log = false
+$lean
 [admin]
 listen = "127.0.0.1:18901"
 [state]
@@ -65,6 +73,7 @@ initial = "blue"
 backends = ["127.0.0.1:18001"]
 [service.green]
 backends = ["127.0.0.1:18002"]
+$sticky
 CFG
 valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$OUT/callgrind.out" \
   "$SY" run --config "$OUT/switchyard.toml" >"$OUT/switchyard.log" 2>&1 &

@@ -31,7 +31,9 @@
 # nginx haproxy"), WORKLOADS ("small big h2 close"), DIRECT (1: measure the
 # upstream alone), SY_BASE (a baseline switchyard binary: add `baseline` to
 # TARGETS for an A/B run), IDLE_CONNS (10000),
-# UPLOAD_MIB (1024), PIN (1), UP_THREADS (upstream threads, 1), OUT (target/bench-load/DATE).
+# UPLOAD_MIB (1024), PIN (1), UP_THREADS (upstream threads, 1), OUT (target/bench-load/DATE),
+# CONFIG (equivalent: every proxy adds a request id, forwarding headers and
+# the pool header; lean: none of them, and no sticky cookie).
 # Loopback only. Every process started here is stopped on exit.
 
 set -euo pipefail
@@ -199,11 +201,41 @@ start_upstream() {
 # ---------------------------------------------------------------- proxies
 write_configs() { # write_configs WORKERS
   local w=$1
+  # CONFIG=lean: each proxy's leanest 90/10 split: no request id, no
+  # forwarding headers, no pool header, no sticky cookie (switchyard's
+  # extras off; nginx and HAProxy without the lines that add them).
+  local sy_lean="" sy_sticky="" ng_extra hp_extra
+  ng_extra=$(cat <<'NG'
+      proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+      proxy_set_header X-Forwarded-Proto $scheme;
+      proxy_set_header X-Forwarded-Host $host;
+      proxy_set_header X-Request-Id $request_id;
+      add_header X-Request-Id $request_id;
+      add_header X-Switchyard-Pool $pool;
+NG
+)
+  hp_extra=$(cat <<'HP'
+  option forwardfor
+  http-request set-var(txn.rid) uuid
+  http-request set-header X-Request-Id %[var(txn.rid)]
+  http-request set-header X-Forwarded-Proto http
+  http-request set-header X-Forwarded-Host %[req.hdr(host)]
+  http-response set-header X-Request-Id %[var(txn.rid)]
+  http-response set-header X-Switchyard-Pool %[srv_name]
+HP
+)
+  if [ "${CONFIG:-equivalent}" = lean ]; then
+    sy_lean=$'request_id = false\nforwarded_headers = false\nadd_pool_header = false'
+    sy_sticky=$'[service.sticky]\ncookie = ""'
+    ng_extra=""
+    hp_extra=""
+  fi
   cat >"$OUT/switchyard-w$w.toml" <<EOF
 [proxy]
 listen = "127.0.0.1:$PROXY"
 workers = $w
 access_log = false
+$sy_lean
 [admin]
 listen = "127.0.0.1:$ADMIN"
 [state]
@@ -217,6 +249,7 @@ initial = "blue"
 backends = ["127.0.0.1:$BLUE"]
 [service.green]
 backends = ["127.0.0.1:$GREEN"]
+$sy_sticky
 EOF
   # nginx: what switchyard does per request, as far as nginx can:
   # forwarding headers, a request id both ways, the pool in the response.
@@ -255,12 +288,7 @@ http {
       proxy_http_version 1.1;
       proxy_set_header Connection "";
       proxy_set_header Host \$host;
-      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
-      proxy_set_header X-Forwarded-Proto \$scheme;
-      proxy_set_header X-Forwarded-Host \$host;
-      proxy_set_header X-Request-Id \$request_id;
-      add_header X-Request-Id \$request_id;
-      add_header X-Switchyard-Pool \$pool;
+$ng_extra
       proxy_buffer_size 16k;
       proxy_buffers 16 16k;
       proxy_busy_buffers_size 32k;
@@ -290,13 +318,7 @@ frontend fe
   default_backend be
 backend be
   balance roundrobin
-  option forwardfor
-  http-request set-var(txn.rid) uuid
-  http-request set-header X-Request-Id %[var(txn.rid)]
-  http-request set-header X-Forwarded-Proto http
-  http-request set-header X-Forwarded-Host %[req.hdr(host)]
-  http-response set-header X-Request-Id %[var(txn.rid)]
-  http-response set-header X-Switchyard-Pool %[srv_name]
+$hp_extra
   server blue 127.0.0.1:$BLUE weight 90
   server green 127.0.0.1:$GREEN weight 10
 EOF

@@ -81,6 +81,12 @@ pub struct ProxyConfig {
     pub(crate) add_pool_header: bool,
     /// One access-log line per request (extension to SPEC). Default true.
     pub(crate) access_log: bool,
+    /// Make an `x-request-id` when the client sent none, pass it upstream
+    /// and echo it in the response (extension to SPEC). Default true.
+    pub(crate) request_id: bool,
+    /// Add `X-Forwarded-For`, `-Proto` and `-Host` upstream (extension to
+    /// SPEC). Default true.
+    pub(crate) forwarded_headers: bool,
 }
 
 /// One `[[proxy.tls]]` entry.
@@ -460,6 +466,8 @@ impl Default for ProxyConfig {
             max_connections_per_client: 0,
             drain_timeout: Duration::from_secs(30),
             add_pool_header: true,
+            request_id: true,
+            forwarded_headers: true,
             access_log: true,
         }
     }
@@ -576,7 +584,7 @@ const ROOT_KEYS: &str = "proxy admin state service";
 const PROXY_KEYS: &str = "listen tls_listen tls workers connect_timeout request_timeout \
     upstream_read_timeout max_response_headers idle_timeout header_read_timeout \
     max_request_header_bytes max_connections max_connections_per_client drain_timeout \
-    add_pool_header access_log";
+    add_pool_header access_log request_id forwarded_headers";
 const SERVICE_KEYS: &str = "name hosts path_prefix initial balance upstream_ca \
     upstream_insecure_skip_verify blue green health sticky preview rule";
 const HEALTH_KEYS: &str = "path interval timeout unhealthy_after healthy_after";
@@ -925,6 +933,8 @@ fn parse_proxy(s: &Section) -> ProxyConfig {
         s.get_duration_or_never("drain_timeout"),
     );
     set(&mut p.add_pool_header, s.get_bool("add_pool_header"));
+    set(&mut p.request_id, s.get_bool("request_id"));
+    set(&mut p.forwarded_headers, s.get_bool("forwarded_headers"));
     set(&mut p.access_log, s.get_bool("access_log"));
 
     for (i, table, span) in s.tables("tls") {
@@ -1018,7 +1028,15 @@ fn parse_service(
         svc.health = Some(health);
     }
     if let Some(t) = s.sub("sticky", "[service.sticky]", "cookie key") {
-        let cookie = t.get_with("cookie", |c| check_token(c, "cookie name"));
+        // `cookie = ""` turns the bucket cookie off: without a sticky key
+        // every request draws a fresh bucket and no Set-Cookie is sent.
+        let cookie = t.get_with("cookie", |c| {
+            if c.is_empty() {
+                Ok(String::new())
+            } else {
+                check_token(c, "cookie name")
+            }
+        });
         set(&mut svc.sticky.cookie, cookie);
         svc.sticky.key = t.get_with("key", parse_sticky_key);
     }

@@ -266,8 +266,7 @@ pub(crate) fn valid_host(s: &str) -> bool {
 /// upgrade if one was asked for.
 pub(crate) fn prepare_request(
     parts: &mut http::request::Parts,
-    client_ip: &HeaderValue,
-    tls: bool,
+    forwarded: Option<(&HeaderValue, bool)>,
 ) -> Option<hyper::upgrade::OnUpgrade> {
     let upgrade = remove_hop_by_hop(&mut parts.headers);
     // The client's Expect was answered by our own server side (hyper sends
@@ -283,14 +282,18 @@ pub(crate) fn prepare_request(
             }
         }
     }
-    if let Some(h) = parts.headers.get(HOST).cloned() {
-        parts.headers.insert(X_FORWARDED_HOST.clone(), h);
+    // `forwarded`: the client's address and whether it came over TLS, or
+    // None when the forwarding headers are off (`forwarded_headers = false`).
+    if let Some((client_ip, tls)) = forwarded {
+        if let Some(h) = parts.headers.get(HOST).cloned() {
+            parts.headers.insert(X_FORWARDED_HOST.clone(), h);
+        }
+        append_forwarded_for(&mut parts.headers, client_ip);
+        parts.headers.insert(
+            X_FORWARDED_PROTO.clone(),
+            HeaderValue::from_static(if tls { "https" } else { "http" }),
+        );
     }
-    append_forwarded_for(&mut parts.headers, client_ip);
-    parts.headers.insert(
-        X_FORWARDED_PROTO.clone(),
-        HeaderValue::from_static(if tls { "https" } else { "http" }),
-    );
     // Origin-form target for the HTTP/1.1 backend.
     if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
         let pq = parts
@@ -402,7 +405,7 @@ mod tests {
                 .body(())
                 .unwrap(),
         );
-        let up = prepare_request(&mut p, &HeaderValue::from_static("10.0.0.9"), true);
+        let up = prepare_request(&mut p, Some((&HeaderValue::from_static("10.0.0.9"), true)));
         assert!(
             up.is_none(),
             "no OnUpgrade (HTTP/2): the upgrade is dropped"

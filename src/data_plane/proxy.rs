@@ -105,15 +105,19 @@ impl Proxy {
 
         // 1. Request id: keep a sane one, else make one. First, so that the
         //    proxy's own errors (400, 404) carry it too.
-        let request_id = match parts.headers.get(&X_REQUEST_ID) {
-            Some(v) if valid_request_id(v) => v.clone(),
-            _ => {
-                let id = new_request_id();
-                parts.headers.insert(X_REQUEST_ID.clone(), id.clone());
-                id
-            }
-        };
-        ex.request_id = Some(request_id);
+        //    Off (`request_id = false`): the client's header, if any, goes
+        //    upstream untouched and nothing is made or echoed.
+        if snap.settings.request_id {
+            let request_id = match parts.headers.get(&X_REQUEST_ID) {
+                Some(v) if valid_request_id(v) => v.clone(),
+                _ => {
+                    let id = new_request_id();
+                    parts.headers.insert(X_REQUEST_ID.clone(), id.clone());
+                    id
+                }
+            };
+            ex.request_id = Some(request_id);
+        }
         check_framing(&parts)?;
 
         // 2. Which service: host, then longest path prefix.
@@ -140,7 +144,11 @@ impl Proxy {
         }
 
         // 4. The upstream request head and body.
-        let client_upgrade = prepare_request(&mut parts, &client.ip, client.tls);
+        let forwarded = snap
+            .settings
+            .forwarded_headers
+            .then_some((&client.ip, client.tls));
+        let client_upgrade = prepare_request(&mut parts, forwarded);
         let (body, replay) = upstream_body(&parts, body, snap.settings.request_timeout).await?;
         let req = Request::from_parts(parts, body);
 

@@ -40,6 +40,10 @@ pub struct Settings {
     pub add_pool_header: bool,
     /// Write access-log lines.
     pub access_log: bool,
+    /// Make, forward and echo `x-request-id`.
+    pub request_id: bool,
+    /// Add the `X-Forwarded-*` headers upstream.
+    pub forwarded_headers: bool,
     /// How long upgraded connections outlive their pool taking traffic.
     pub drain_timeout: Duration,
 }
@@ -54,6 +58,8 @@ impl Settings {
             max_response_headers: p.max_response_headers,
             add_pool_header: p.add_pool_header,
             access_log: p.access_log,
+            request_id: p.request_id,
+            forwarded_headers: p.forwarded_headers,
             drain_timeout: p.drain_timeout,
         }
     }
@@ -350,7 +356,13 @@ pub fn choose_pool(route: &Route, req: &RequestFacts<'_>) -> PoolChoice {
         Some(StickyKey::Cookie(name)) => cookie(headers, name).map(bucket_of_key),
         None => None,
     }
-    .or_else(|| cookie(headers, &svc.sticky.cookie).and_then(parse_bucket));
+    .or_else(|| {
+        // An empty cookie name: the bucket cookie is off.
+        if svc.sticky.cookie.is_empty() {
+            return None;
+        }
+        cookie(headers, &svc.sticky.cookie).and_then(parse_bucket)
+    });
     let (bucket, decision, fresh) = match sticky {
         Some(b) => (b, Decision::Sticky, false),
         None => (fastrand::u16(..10_000), Decision::Weight, true),
@@ -359,7 +371,9 @@ pub fn choose_pool(route: &Route, req: &RequestFacts<'_>) -> PoolChoice {
         color: route.weights.pick(bucket),
         decision,
         bucket: Some(bucket),
-        set_cookie: fresh && route.weights.live() == crate::weights::Live::Split,
+        set_cookie: fresh
+            && route.weights.live() == crate::weights::Live::Split
+            && !svc.sticky.cookie.is_empty(),
         rule: fell_back,
     }
 }
@@ -646,6 +660,8 @@ mod tests {
             upstream_read_timeout: Duration::from_secs(60),
             max_response_headers: 500,
             add_pool_header: true,
+            request_id: true,
+            forwarded_headers: true,
             access_log: false,
             drain_timeout: Duration::from_secs(1),
         }
