@@ -322,6 +322,7 @@ fn route(m: &Metrics, name: &str, green_bp: u16, token: Option<&str>, healthy: [
             Arc::new(Pool::new(vec![backend(m, 3, healthy[2])])),
         ],
         rules: Box::new([]),
+        mirror: None,
     }
 }
 

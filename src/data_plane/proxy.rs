@@ -12,6 +12,7 @@ use std::time::Instant;
 use arc_swap::ArcSwap;
 use http::header::{HeaderValue, CONNECTION, SET_COOKIE, UPGRADE};
 use http::{Method, Request, Response, StatusCode, Version};
+use http_body::Body as _;
 use hyper::body::Incoming;
 
 use crate::data_plane::backend::UpstreamBody;
@@ -23,7 +24,7 @@ use crate::data_plane::headers::{
     valid_request_id, X_REQUEST_ID, X_SWITCHYARD_POOL,
 };
 use crate::data_plane::routing::{choose_pool, RequestFacts, Snapshot};
-use crate::data_plane::upgrade;
+use crate::data_plane::{mirror, upgrade};
 use crate::data_plane::upstream::{self, Replay};
 use crate::metrics::Metrics;
 
@@ -74,10 +75,14 @@ impl Proxy {
                 rule: None,
             }));
         }
-        let mut resp = match self.forward(&snap, req, client, &mut ex).await {
+        let mut copy = None;
+        let mut resp = match self.forward(&snap, req, client, &mut ex, &mut copy).await {
             Ok(resp) => resp.map(|body| ProxyBody::upstream(body, ex)),
             Err(err) => err.into_response(ex, &snap.settings, &self.metrics),
         };
+        if let Some(live) = copy {
+            live.live(resp.status());
+        }
         if unguarded && resp.status() != StatusCode::SWITCHING_PROTOCOLS {
             resp.headers_mut()
                 .insert(CONNECTION, HeaderValue::from_static("close"));
@@ -100,6 +105,7 @@ impl Proxy {
         req: Request<Incoming>,
         client: &Arc<ClientInfo>,
         ex: &mut Exchange,
+        copy: &mut Option<mirror::LiveSide>,
     ) -> Result<Response<Incoming>, ProxyError> {
         let (mut parts, body) = req.into_parts();
 
@@ -141,7 +147,24 @@ impl Proxy {
 
         // 4. The upstream request head and body.
         let client_upgrade = prepare_request(&mut parts, &client.ip, client.tls);
-        let (body, replay) = upstream_body(&parts, body, snap.settings.request_timeout).await?;
+        // Traffic mirroring (SPEC §9): when off, this one branch.
+        let pending = match (&route.mirror, &ex.request_id) {
+            (Some(m), Some(id)) => {
+                // A client's claim to be a copy is not passed on.
+                parts.headers.remove(&mirror::X_SWITCHYARD_MIRROR);
+                let len = if body.is_end_stream() {
+                    Some(0)
+                } else {
+                    body.size_hint().exact()
+                };
+                m.select(route, &parts, &choice, id, len, client_upgrade.is_some())
+            }
+            _ => None,
+        };
+        let (mut body, replay) = upstream_body(&parts, body, snap.settings.request_timeout).await?;
+        if let Some(pending) = pending {
+            *copy = Some(pending.launch(&mut body, &snap.settings));
+        }
         let req = Request::from_parts(parts, body);
 
         // 5. Send, with bounded retries.
@@ -219,7 +242,6 @@ async fn upstream_body(
     body: Incoming,
     client_silence: std::time::Duration,
 ) -> Result<(UpstreamBody, Option<Replay>), ProxyError> {
-    use http_body::Body as _;
     let idempotent = matches!(
         parts.method,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
