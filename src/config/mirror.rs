@@ -41,7 +41,7 @@ pub struct MirrorSpec {
     pub to: Color,
     /// Share of eligible requests copied, in basis points (1..=10000;
     /// written as a percent with up to two decimals).
-    #[serde(with = "percent_bp")]
+    #[serde(rename = "percent", with = "percent_bp")]
     pub percent_bp: u16,
     /// Methods copied (default GET, HEAD, OPTIONS).
     #[serde(default = "default_methods")]
