@@ -600,4 +600,26 @@ async fn the_mirror_api_refuses_bad_input_guards_with_if_match_records_history_a
         "one copy since the restart, none after DELETE: {m}"
     );
     assert_eq!(green.hits(), 2);
+
+    // `ctl mirror`: set, show, stop; a half-given mirror is a usage error.
+    let admin_url = format!("http://{}", p.admin);
+    let ctl = |args: &[&str]| {
+        let mut all = vec!["ctl", "--admin", admin_url.as_str()];
+        all.extend_from_slice(args);
+        run_binary(&all)
+    };
+    let (code, out, err) = ctl(&["mirror", "web", "--to", "green", "--percent", "50", "--reason", "ctl"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("mirror: 50% to green (GET,HEAD,OPTIONS"), "{out}");
+    let (code, out, err) = ctl(&["mirror", "web"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("sent ") && out.contains("max_inflight=0"), "{out}");
+    let (code, out, err) = ctl(&["mirror", "web", "--off"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(!out.contains("mirror:"), "{out}");
+    let (code, _, err) = ctl(&["mirror", "web", "--to", "green"]);
+    assert_eq!(code, 2, "{err}");
+    let (code, _, err) = ctl(&["mirror", "web", "--to", "blue", "--percent", "10"]);
+    assert_eq!(code, 1, "blue is live: {err}");
+    assert!(err.contains("to:"), "{err}");
 }

@@ -350,6 +350,13 @@ impl Mirror {
         {
             return None;
         }
+        // The live pool has no backend: the request will fail over to the
+        // mirror pool (or fail), and a copy would reach the pool serving it.
+        if matches!(choice.decision, Decision::Sticky | Decision::Weight)
+            && !route.pool(choice.color).has_available(now_ms())
+        {
+            return None;
+        }
         if body_len.is_some_and(|n| n > self.spec.max_body_bytes) {
             self.drop_copy(route, Dropped::BodyTooLarge);
             return None;
