@@ -291,7 +291,8 @@ impl Metrics {
     pub(crate) fn mirror(&self, service: &str, pool: Color) -> MirrorMetrics {
         let p = pool.as_str();
         MirrorMetrics {
-            requests: MIRROR_CODES.map(|c| self.mirror_requests.with_label_values(&[service, p, c])),
+            requests: MIRROR_CODES
+                .map(|c| self.mirror_requests.with_label_values(&[service, p, c])),
             dropped: crate::data_plane::mirror::Dropped::ALL
                 .map(|d| self.mirror_dropped.with_label_values(&[service, d.label()])),
             duration: self.mirror_duration.with_label_values(&[service, p]),
@@ -410,10 +411,14 @@ impl Metrics {
                     .mirror_requests
                     .remove_label_values(&[service, c.as_str(), code]);
             }
-            let _ = self.mirror_duration.remove_label_values(&[service, c.as_str()]);
+            let _ = self
+                .mirror_duration
+                .remove_label_values(&[service, c.as_str()]);
         }
         for d in crate::data_plane::mirror::Dropped::ALL {
-            let _ = self.mirror_dropped.remove_label_values(&[service, d.label()]);
+            let _ = self
+                .mirror_dropped
+                .remove_label_values(&[service, d.label()]);
         }
         let _ = self.mirror_mismatches.remove_label_values(&[service]);
     }

@@ -52,7 +52,7 @@ struct Recorder {
 }
 
 impl Recorder {
-    /// `hold`: requests wait until [`Recorder::release`] (at most 20 s);
+    /// `hold`: requests wait until [`Recorder::release`] (at most 60 s);
     /// `fail_half`: every other request answers 500.
     async fn start(hold: bool, fail_half: bool) -> Recorder {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -68,8 +68,13 @@ impl Recorder {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
-                let (s, a, m, rx, served) =
-                    (s.clone(), a.clone(), m.clone(), open_rx.clone(), served.clone());
+                let (s, a, m, rx, served) = (
+                    s.clone(),
+                    a.clone(),
+                    m.clone(),
+                    open_rx.clone(),
+                    served.clone(),
+                );
                 tokio::spawn(async move {
                     let svc = service_fn(move |req: Request<Incoming>| {
                         let (s, a, m, mut rx, served) =
@@ -97,7 +102,7 @@ impl Recorder {
                             seen.body = req.into_body().collect().await.unwrap().to_bytes();
                             s.lock().unwrap().push(seen);
                             let _ = tokio::time::timeout(
-                                Duration::from_secs(20),
+                                Duration::from_secs(60),
                                 rx.wait_for(|open| *open),
                             )
                             .await;
@@ -193,7 +198,9 @@ async fn copies_arrive_marked_with_the_live_request_id_sampled_per_request_id() 
     }
     // A client's claim to be a copy never reaches the live pool; a request
     // without an id is copied with the id the proxy gave it.
-    let (s, h, live_head) = p.get_with("/headers", &[("x-switchyard-mirror", "1")]).await;
+    let (s, h, live_head) = p
+        .get_with("/headers", &[("x-switchyard-mirror", "1")])
+        .await;
     assert_eq!(s, StatusCode::OK);
     let live_head: Value = serde_json::from_str(&live_head).unwrap();
     assert!(
@@ -204,14 +211,20 @@ async fn copies_arrive_marked_with_the_live_request_id_sampled_per_request_id() 
     settled(&p.admin, 21).await;
     let seen = green.seen();
     assert_eq!(seen.len(), 21, "{seen:?}");
-    for (i, copy) in seen.iter().take(20).enumerate() {
+    // Copies run detached: they may arrive in any order.
+    let by_id: HashMap<String, &Seen> = seen
+        .iter()
+        .map(|c| (c.request_id.clone().unwrap_or_default(), c))
+        .collect();
+    for i in 0..20 {
+        let copy = by_id[&format!("req-{i}")];
         assert_eq!(copy.method, "GET");
         assert_eq!(copy.path, format!("/page?i={i}"));
-        assert_eq!(copy.request_id.as_deref(), Some(format!("req-{i}").as_str()));
         assert_eq!(copy.mirror.as_deref(), Some("1"));
         assert_eq!(copy.pool.as_deref(), Some("green"));
     }
-    assert_eq!(seen[20].request_id.as_deref(), Some(generated.as_str()));
+    assert_eq!(by_id[&generated].path, "/headers");
+    assert_eq!(by_id[&generated].mirror.as_deref(), Some("1"));
     assert_eq!(blue.hits(), 21, "the live pool got each request once");
 
     // Copies count in the mirror series only, never as requests.
@@ -219,7 +232,10 @@ async fn copies_arrive_marked_with_the_live_request_id_sampled_per_request_id() 
     let mirror_2xx = r#"switchyard_mirror_requests_total{code="2xx",pool="green",service="web"}"#;
     assert_eq!(sample(&m, mirror_2xx), 21.0, "{m}");
     assert_eq!(
-        sample(&m, r#"switchyard_requests_total{code="2xx",pool="blue",service="web"}"#),
+        sample(
+            &m,
+            r#"switchyard_requests_total{code="2xx",pool="blue",service="web"}"#
+        ),
         21.0
     );
     for code in ["2xx", "4xx", "5xx"] {
@@ -227,8 +243,10 @@ async fn copies_arrive_marked_with_the_live_request_id_sampled_per_request_id() 
         assert_eq!(sample(&m, &s), 0.0, "{s}");
     }
     assert!(
-        sample(&m, r#"switchyard_mirror_duration_seconds_count{pool="green",service="web"}"#)
-            == 21.0,
+        sample(
+            &m,
+            r#"switchyard_mirror_duration_seconds_count{pool="green",service="web"}"#
+        ) == 21.0,
         "{m}"
     );
 
@@ -287,15 +305,18 @@ fn pattern(n: usize) -> Bytes {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bodies_are_copied_only_for_listed_methods_and_up_to_the_limit_and_live_bodies_stay_intact(
-) {
+async fn bodies_are_copied_only_for_listed_methods_and_up_to_the_limit_and_live_bodies_stay_intact()
+{
     let blue = Upstream::start("blue").await;
     let green = Recorder::start(false, false).await;
     let p = TestProxy::start(&[svc(&blue, green.addr)]).await;
     put_mirror(&p.admin, json!({"to": "green", "percent": 100})).await;
 
     // Default methods: a POST is served, not copied.
-    assert_eq!(count(&p, "POST", "post-default", full(pattern(1000))).await, "1000");
+    assert_eq!(
+        count(&p, "POST", "post-default", full(pattern(1000))).await,
+        "1000"
+    );
     p.get_with("/", &[("x-request-id", "get-after")]).await;
     settled(&p.admin, 1).await;
     let ids: Vec<_> = green.seen().into_iter().map(|s| s.request_id).collect();
@@ -308,14 +329,29 @@ async fn bodies_are_copied_only_for_listed_methods_and_up_to_the_limit_and_live_
         json!({"to": "green", "percent": 100, "methods": ["GET", "POST", "PUT"], "max_body_bytes": 1024}),
     )
     .await;
-    assert_eq!(count(&p, "POST", "post-known", full(pattern(1000))).await, "1000");
+    assert_eq!(
+        count(&p, "POST", "post-known", full(pattern(1000))).await,
+        "1000"
+    );
     let chunks: Vec<Bytes> = (0..5).map(|_| pattern(100)).collect();
-    assert_eq!(count(&p, "POST", "post-chunked", streamed(chunks)).await, "500");
-    assert_eq!(count(&p, "PUT", "put-held", full(pattern(100))).await, "100");
+    assert_eq!(
+        count(&p, "POST", "post-chunked", streamed(chunks)).await,
+        "500"
+    );
+    assert_eq!(
+        count(&p, "PUT", "put-held", full(pattern(100))).await,
+        "100"
+    );
     // Over the limit: the live pool gets every byte, the copy is dropped.
-    assert_eq!(count(&p, "POST", "post-big", full(pattern(5000))).await, "5000");
+    assert_eq!(
+        count(&p, "POST", "post-big", full(pattern(5000))).await,
+        "5000"
+    );
     let big: Vec<Bytes> = (0..50).map(|_| pattern(4096)).collect();
-    assert_eq!(count(&p, "POST", "post-big-chunked", streamed(big)).await, "204800");
+    assert_eq!(
+        count(&p, "POST", "post-big-chunked", streamed(big)).await,
+        "204800"
+    );
     let c = settled(&p.admin, 4).await;
     assert_eq!(c["dropped"]["body_too_large"], 2, "{c}");
     let seen: HashMap<String, Seen> = green
@@ -336,7 +372,10 @@ async fn bodies_are_copied_only_for_listed_methods_and_up_to_the_limit_and_live_
     assert!(!seen.contains_key("post-big") && !seen.contains_key("post-big-chunked"));
     let m = p.admin.metrics().await;
     assert_eq!(
-        sample(&m, r#"switchyard_mirror_dropped_total{reason="body_too_large",service="web"}"#),
+        sample(
+            &m,
+            r#"switchyard_mirror_dropped_total{reason="body_too_large",service="web"}"#
+        ),
         2.0,
         "{m}"
     );
@@ -351,7 +390,7 @@ async fn a_slow_failing_canary_costs_clients_nothing_and_never_sees_more_copies_
     let p = TestProxy::start(&[svc(&blue, green.addr)]).await;
     put_mirror(
         &p.admin,
-        json!({"to": "green", "percent": 100, "max_inflight": 4, "timeout": "30s"}),
+        json!({"to": "green", "percent": 100, "max_inflight": 4, "timeout": "90s"}),
     )
     .await;
 
@@ -380,15 +419,24 @@ async fn a_slow_failing_canary_costs_clients_nothing_and_never_sees_more_copies_
     assert_eq!(client_errors, 0);
     assert_eq!(blue.hits(), 200);
     let c = counters(&p.admin).await;
-    assert_eq!(c["in_flight"], 4, "the cap is full while the canary holds: {c}");
+    assert_eq!(
+        c["in_flight"], 4,
+        "the cap is full while the canary holds: {c}"
+    );
     assert_eq!(c["dropped"]["max_inflight"], 196, "{c}");
-    assert_eq!(green.active.load(Ordering::SeqCst), 4);
+    let held = eventually(Duration::from_secs(20), || async {
+        green.active.load(Ordering::SeqCst) == 4
+    })
+    .await;
+    assert!(held, "the canary holds the 4 copies");
 
     // Released, the canary answers; then more traffic with it answering.
     green.release();
     settled(&p.admin, 4).await;
     for i in 0..40 {
-        let (s, _, _) = p.get_with("/", &[("x-request-id", &format!("late-{i}"))]).await;
+        let (s, _, _) = p
+            .get_with("/", &[("x-request-id", &format!("late-{i}"))])
+            .await;
         assert_eq!(s, StatusCode::OK);
     }
     let sent = counters(&p.admin).await["sent"].as_u64().unwrap();
@@ -404,11 +452,19 @@ async fn a_slow_failing_canary_costs_clients_nothing_and_never_sees_more_copies_
     // Every copy was compared with its 2xx live answer: the 5xx ones
     // mismatch, the others match.
     let m = p.admin.metrics().await;
-    let ok = sample(&m, r#"switchyard_mirror_requests_total{code="2xx",pool="green",service="web"}"#);
-    let failed =
-        sample(&m, r#"switchyard_mirror_requests_total{code="5xx",pool="green",service="web"}"#);
+    let ok = sample(
+        &m,
+        r#"switchyard_mirror_requests_total{code="2xx",pool="green",service="web"}"#,
+    );
+    let failed = sample(
+        &m,
+        r#"switchyard_mirror_requests_total{code="5xx",pool="green",service="web"}"#,
+    );
     assert_eq!(ok + failed, sent as f64, "{m}");
-    assert!(failed >= 2.0 && ok >= 2.0, "half fail: {ok} ok, {failed} failed");
+    assert!(
+        failed >= 2.0 && ok >= 2.0,
+        "half fail: {ok} ok, {failed} failed"
+    );
     assert_eq!(
         sample(&m, r#"switchyard_mirror_mismatches_total{service="web"}"#),
         failed,
@@ -420,7 +476,10 @@ async fn a_slow_failing_canary_costs_clients_nothing_and_never_sees_more_copies_
     assert_eq!(g["failures"].as_f64(), Some(failed), "{c}");
     assert_eq!(g["mirror_failed_live_ok"].as_f64(), Some(failed), "{c}");
     assert_eq!(
-        sample(&m, r#"switchyard_requests_total{code="5xx",pool="blue",service="web"}"#),
+        sample(
+            &m,
+            r#"switchyard_requests_total{code="5xx",pool="blue",service="web"}"#
+        ),
         0.0
     );
     p.shutdown().await;
@@ -447,12 +506,22 @@ async fn a_canary_without_a_healthy_backend_gets_no_copies_and_nothing_is_resent
     }
     let c = counters(&p.admin).await;
     assert_eq!(c["dropped"]["no_healthy_backend"], 30, "{c}");
-    assert_eq!((c["sent"].clone(), c["in_flight"].clone()), (json!(0), json!(0)));
+    assert_eq!(
+        (c["sent"].clone(), c["in_flight"].clone()),
+        (json!(0), json!(0))
+    );
     assert_eq!(green.hits(), 0, "no copy reached the canary");
-    assert_eq!(blue.hits(), 30, "the live pool got each request exactly once");
+    assert_eq!(
+        blue.hits(),
+        30,
+        "the live pool got each request exactly once"
+    );
     let m = p.admin.metrics().await;
     assert_eq!(
-        sample(&m, r#"switchyard_mirror_dropped_total{reason="no_healthy_backend",service="web"}"#),
+        sample(
+            &m,
+            r#"switchyard_mirror_dropped_total{reason="no_healthy_backend",service="web"}"#
+        ),
         30.0,
         "{m}"
     );
@@ -494,15 +563,51 @@ async fn the_mirror_api_refuses_bad_input_guards_with_if_match_records_history_a
         (r#"{"to":"blue","percent":10}"#, "invalid_field", "to"),
         (r#"{"to":"green"}"#, "invalid_field", "percent"),
         (r#"{"to":"green","percent":0}"#, "invalid_field", "percent"),
-        (r#"{"to":"green","percent":150}"#, "invalid_field", "percent"),
-        (r#"{"to":"green","percent":"10"}"#, "invalid_field", "percent"),
-        (r#"{"to":"green","percent":10,"methods":["get"]}"#, "invalid_field", "methods"),
-        (r#"{"to":"green","percent":10,"methods":[]}"#, "invalid_field", "methods"),
-        (r#"{"to":"green","percent":10,"max_body_bytes":-5}"#, "invalid_field", "max_body_bytes"),
-        (r#"{"to":"green","percent":10,"max_inflight":0}"#, "invalid_field", "max_inflight"),
-        (r#"{"to":"green","percent":10,"timeout":"forever"}"#, "invalid_field", "timeout"),
-        (r#"{"to":"green","percent":10,"timeout":"0s"}"#, "invalid_field", "timeout"),
-        (r#"{"to":"green","percent":10,"colour":1}"#, "unknown_field", "colour"),
+        (
+            r#"{"to":"green","percent":150}"#,
+            "invalid_field",
+            "percent",
+        ),
+        (
+            r#"{"to":"green","percent":"10"}"#,
+            "invalid_field",
+            "percent",
+        ),
+        (
+            r#"{"to":"green","percent":10,"methods":["get"]}"#,
+            "invalid_field",
+            "methods",
+        ),
+        (
+            r#"{"to":"green","percent":10,"methods":[]}"#,
+            "invalid_field",
+            "methods",
+        ),
+        (
+            r#"{"to":"green","percent":10,"max_body_bytes":-5}"#,
+            "invalid_field",
+            "max_body_bytes",
+        ),
+        (
+            r#"{"to":"green","percent":10,"max_inflight":0}"#,
+            "invalid_field",
+            "max_inflight",
+        ),
+        (
+            r#"{"to":"green","percent":10,"timeout":"forever"}"#,
+            "invalid_field",
+            "timeout",
+        ),
+        (
+            r#"{"to":"green","percent":10,"timeout":"0s"}"#,
+            "invalid_field",
+            "timeout",
+        ),
+        (
+            r#"{"to":"green","percent":10,"colour":1}"#,
+            "unknown_field",
+            "colour",
+        ),
         (r#"[1]"#, "invalid_json", ""),
         (r#"{"to":"#, "invalid_json", ""),
     ];
@@ -511,25 +616,42 @@ async fn the_mirror_api_refuses_bad_input_guards_with_if_match_records_history_a
         assert_eq!(s, StatusCode::BAD_REQUEST, "{body}: {v}");
         assert_eq!(v["error"]["code"], *code, "{body}: {v}");
         let named = v["error"]["field"].as_str().unwrap_or_default() == *field
-            || v["error"]["message"].as_str().unwrap_or_default().contains(field);
+            || v["error"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains(field);
         assert!(named, "{body}: {v} does not name `{field}`");
     }
     let (s, _) = admin
-        .put("/api/v1/services/nope/mirror", r#"{"to":"green","percent":10}"#)
+        .put(
+            "/api/v1/services/nope/mirror",
+            r#"{"to":"green","percent":10}"#,
+        )
         .await;
     assert_eq!(s, StatusCode::NOT_FOUND);
     let (s, _) = admin
-        .post("/api/v1/services/web/mirror", r#"{"to":"green","percent":10}"#)
+        .post(
+            "/api/v1/services/web/mirror",
+            r#"{"to":"green","percent":10}"#,
+        )
         .await;
     assert_eq!(s, StatusCode::METHOD_NOT_ALLOWED);
     let body = r#"{"to":"green","percent":100,"timeout":"2s","reason":"shadow v2"}"#;
     let stale = format!("\"{}\"", generation + 3);
     let (s, v) = admin
-        .call("PUT", "/api/v1/services/web/mirror", Some(body), &[("if-match", &stale)])
+        .call(
+            "PUT",
+            "/api/v1/services/web/mirror",
+            Some(body),
+            &[("if-match", &stale)],
+        )
         .await;
     assert_eq!(s, StatusCode::PRECONDITION_FAILED, "{v}");
     let (_, v) = admin.get("/api/v1/services/web/mirror").await;
-    assert_eq!((&v["enabled"], v["generation"].as_u64()), (&json!(false), Some(generation)));
+    assert_eq!(
+        (&v["enabled"], v["generation"].as_u64()),
+        (&json!(false), Some(generation))
+    );
     get(&client, &url, &[]).await;
     assert_eq!(green.hits(), 0);
 
@@ -537,7 +659,12 @@ async fn the_mirror_api_refuses_bad_input_guards_with_if_match_records_history_a
     // disk, and in force for the next request.
     let current = format!("\"{generation}\"");
     let (s, v) = admin
-        .call("PUT", "/api/v1/services/web/mirror", Some(body), &[("if-match", &current)])
+        .call(
+            "PUT",
+            "/api/v1/services/web/mirror",
+            Some(body),
+            &[("if-match", &current)],
+        )
         .await;
     assert_eq!(s, StatusCode::OK, "{v}");
     assert_eq!(v["generation"].as_u64(), Some(generation + 1));
@@ -553,10 +680,16 @@ async fn the_mirror_api_refuses_bad_input_guards_with_if_match_records_history_a
     assert_eq!(h[0]["mirror"]["to"]["to"], "green");
     let state: Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("state.json")).unwrap()).unwrap();
-    assert_eq!(state["services"]["web"]["mirror"]["percent"], 100, "{state}");
+    assert_eq!(
+        state["services"]["web"]["mirror"]["percent"], 100,
+        "{state}"
+    );
     let m = admin.metrics().await;
     assert_eq!(
-        metric(&m, r#"switchyard_routing_changes_total{action="mirror",service="web"}"#),
+        metric(
+            &m,
+            r#"switchyard_routing_changes_total{action="mirror",service="web"}"#
+        ),
         Some(1.0)
     );
     get(&client, &url, &[]).await;
@@ -571,7 +704,11 @@ async fn the_mirror_api_refuses_bad_input_guards_with_if_match_records_history_a
     let admin = Admin::new(p.admin);
     let url = format!("http://{}/", p.proxy);
     let (_, v) = admin.get("/api/v1/services/web/mirror").await;
-    assert_eq!((&v["enabled"], &v["mirror"]["timeout"]), (&json!(true), &json!("2s")), "{v}");
+    assert_eq!(
+        (&v["enabled"], &v["mirror"]["timeout"]),
+        (&json!(true), &json!("2s")),
+        "{v}"
+    );
     let (s, _, body) = get(&client, &url, &[]).await;
     assert_eq!((s, body.as_str()), (StatusCode::OK, "blue"));
     assert!(
@@ -585,17 +722,28 @@ async fn the_mirror_api_refuses_bad_input_guards_with_if_match_records_history_a
 
     // DELETE stops it, recorded like any change.
     let (s, v) = admin
-        .call("DELETE", "/api/v1/services/web/mirror", None, &[("x-change-reason", "done")])
+        .call(
+            "DELETE",
+            "/api/v1/services/web/mirror",
+            None,
+            &[("x-change-reason", "done")],
+        )
         .await;
     assert_eq!(s, StatusCode::OK, "{v}");
     assert_eq!(v["mirror"], Value::Null);
     let (_, h) = admin.get("/api/v1/services/web/history").await;
-    assert_eq!((&h[0]["action"], &h[0]["reason"]), (&json!("mirror"), &json!("done")));
+    assert_eq!(
+        (&h[0]["action"], &h[0]["reason"]),
+        (&json!("mirror"), &json!("done"))
+    );
     assert_eq!(h[0]["mirror"]["to"], Value::Null);
     get(&client, &url, &[]).await;
     let m = admin.metrics().await;
     assert_eq!(
-        metric(&m, r#"switchyard_mirror_requests_total{code="2xx",pool="green",service="web"}"#),
+        metric(
+            &m,
+            r#"switchyard_mirror_requests_total{code="2xx",pool="green",service="web"}"#
+        ),
         Some(1.0),
         "one copy since the restart, none after DELETE: {m}"
     );
@@ -608,12 +756,27 @@ async fn the_mirror_api_refuses_bad_input_guards_with_if_match_records_history_a
         all.extend_from_slice(args);
         run_binary(&all)
     };
-    let (code, out, err) = ctl(&["mirror", "web", "--to", "green", "--percent", "50", "--reason", "ctl"]);
+    let (code, out, err) = ctl(&[
+        "mirror",
+        "web",
+        "--to",
+        "green",
+        "--percent",
+        "50",
+        "--reason",
+        "ctl",
+    ]);
     assert_eq!(code, 0, "{out}{err}");
-    assert!(out.contains("mirror: 50% to green (GET,HEAD,OPTIONS"), "{out}");
+    assert!(
+        out.contains("mirror: 50% to green (GET,HEAD,OPTIONS"),
+        "{out}"
+    );
     let (code, out, err) = ctl(&["mirror", "web"]);
     assert_eq!(code, 0, "{out}{err}");
-    assert!(out.contains("sent ") && out.contains("max_inflight=0"), "{out}");
+    assert!(
+        out.contains("sent ") && out.contains("max_inflight=0"),
+        "{out}"
+    );
     let (code, out, err) = ctl(&["mirror", "web", "--off"]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(!out.contains("mirror:"), "{out}");

@@ -125,7 +125,12 @@ pub(crate) enum CtlCommand {
         /// Service name.
         service: String,
         /// The pool copies go to (the idle one).
-        #[arg(long, value_name = "POOL", requires = "percent", conflicts_with = "off")]
+        #[arg(
+            long,
+            value_name = "POOL",
+            requires = "percent",
+            conflicts_with = "off"
+        )]
         to: Option<String>,
         /// Percent of the requests served by the other pool to copy.
         #[arg(long, value_name = "PCT", requires = "to", conflicts_with = "off")]
@@ -330,7 +335,9 @@ async fn run_inner(args: &CtlArgs, config: Option<&std::path::Path>) -> Result<S
         CtlCommand::Status { service: None, .. } => services_table(&value),
         CtlCommand::History { .. } => history_table(&value),
         CtlCommand::Mirror {
-            to: None, off: false, ..
+            to: None,
+            off: false,
+            ..
         } => mirror_table(&value),
         CtlCommand::Rules { set: None, .. } => rules_table(&value),
         CtlCommand::Rules { set: Some(_), .. } => {

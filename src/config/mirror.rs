@@ -182,14 +182,23 @@ impl MirrorSpec {
             Some(Value::String(s)) => s
                 .parse::<Color>()
                 .map_err(|()| bad("to", format!("expected \"blue\" or \"green\", got \"{s}\"")))?,
-            Some(v) => return Err(bad("to", format!("expected \"blue\" or \"green\", got {v}"))),
+            Some(v) => {
+                return Err(bad(
+                    "to",
+                    format!("expected \"blue\" or \"green\", got {v}"),
+                ))
+            }
         };
         let percent_bp = match body.get("percent") {
             None | Some(Value::Null) => {
-                return Err(bad("percent", "missing (share of requests copied, 0.01 to 100)"))
+                return Err(bad(
+                    "percent",
+                    "missing (share of requests copied, 0.01 to 100)",
+                ))
             }
-            Some(Value::Number(n)) => percent_to_bp(n.as_f64().unwrap_or(f64::NAN))
-                .map_err(|m| bad("percent", m))?,
+            Some(Value::Number(n)) => {
+                percent_to_bp(n.as_f64().unwrap_or(f64::NAN)).map_err(|m| bad("percent", m))?
+            }
             Some(v) => return Err(bad("percent", format!("expected a number, got {v}"))),
         };
         let mut spec = MirrorSpec::new(to, percent_bp);
@@ -235,7 +244,10 @@ impl MirrorSpec {
             None | Some(Value::Null) => {}
             Some(Value::String(s)) => {
                 spec.timeout = humantime::parse_duration(s).map_err(|e| {
-                    bad("timeout", format!("`{s}` is not a duration like \"5s\": {e}"))
+                    bad(
+                        "timeout",
+                        format!("`{s}` is not a duration like \"5s\": {e}"),
+                    )
                 })?;
             }
             Some(v) => {
@@ -338,13 +350,31 @@ mod tests {
             (r#"{"to":"green","percent":1.005}"#, "percent"),
             (r#"{"to":"green","percent":"10"}"#, "percent"),
             (r#"{"to":"green","percent":10,"methods":[]}"#, "methods"),
-            (r#"{"to":"green","percent":10,"methods":["get"]}"#, "methods"),
-            (r#"{"to":"green","percent":10,"methods":["CONNECT"]}"#, "methods"),
-            (r#"{"to":"green","percent":10,"methods":["GET","GET"]}"#, "methods"),
+            (
+                r#"{"to":"green","percent":10,"methods":["get"]}"#,
+                "methods",
+            ),
+            (
+                r#"{"to":"green","percent":10,"methods":["CONNECT"]}"#,
+                "methods",
+            ),
+            (
+                r#"{"to":"green","percent":10,"methods":["GET","GET"]}"#,
+                "methods",
+            ),
             (r#"{"to":"green","percent":10,"methods":"GET"}"#, "methods"),
-            (r#"{"to":"green","percent":10,"max_body_bytes":-1}"#, "max_body_bytes"),
-            (r#"{"to":"green","percent":10,"max_body_bytes":99999999999}"#, "max_body_bytes"),
-            (r#"{"to":"green","percent":10,"max_inflight":0}"#, "max_inflight"),
+            (
+                r#"{"to":"green","percent":10,"max_body_bytes":-1}"#,
+                "max_body_bytes",
+            ),
+            (
+                r#"{"to":"green","percent":10,"max_body_bytes":99999999999}"#,
+                "max_body_bytes",
+            ),
+            (
+                r#"{"to":"green","percent":10,"max_inflight":0}"#,
+                "max_inflight",
+            ),
             (r#"{"to":"green","percent":10,"timeout":"soon"}"#, "timeout"),
             (r#"{"to":"green","percent":10,"timeout":"0s"}"#, "timeout"),
             (r#"{"to":"green","percent":10,"timeout":5}"#, "timeout"),

@@ -773,7 +773,7 @@ impl Prepared {
                     rules: rules.into_boxed_slice(),
                     mirror: st.mirror.as_ref().map(|spec| {
                         Box::new(Mirror::new(
-                            spec.clone(),
+                            (**spec).clone(),
                             metrics.mirror(&svc.name, spec.to),
                         ))
                     }),

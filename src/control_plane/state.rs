@@ -173,7 +173,7 @@ pub(crate) struct ServiceState {
     /// Traffic mirroring (SPEC §9); `None`: off. Set only by commands
     /// (API, rollouts), never by the config file, so a reload keeps it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub(crate) mirror: Option<MirrorSpec>,
+    pub(crate) mirror: Option<Box<MirrorSpec>>,
 }
 
 /// The two pools of a service.
@@ -492,14 +492,14 @@ pub(crate) fn apply(
                     });
                 }
             }
-            if current.mirror == *mirror {
+            if current.mirror.as_deref() == mirror.as_ref() {
                 return Ok(Outcome::Unchanged);
             }
             mirror_change = Some(MirrorChange {
-                from: current.mirror.clone(),
+                from: current.mirror.as_deref().cloned(),
                 to: mirror.clone(),
             });
-            next.mirror.clone_from(mirror);
+            next.mirror = mirror.clone().map(Box::new);
         }
     }
     if let Live::Full(c) = current.weights.live() {
@@ -1044,11 +1044,13 @@ mod tests {
         run(&mut s, set.clone()).expect("mirror");
         assert_eq!(run(&mut s, set), Ok(Outcome::Unchanged));
         let svc = &s.services["web"];
-        assert_eq!((svc.generation, svc.mirror.as_ref()), (2, Some(&spec)));
+        assert_eq!((svc.generation, svc.mirror.as_deref()), (2, Some(&spec)));
         let last = svc.history.back().expect("history");
         assert_eq!(last.action, Action::Mirror);
         assert_eq!(
-            last.mirror.as_ref().map(|m| (m.from.is_none(), m.to.is_some())),
+            last.mirror
+                .as_ref()
+                .map(|m| (m.from.is_none(), m.to.is_some())),
             Some((true, true))
         );
         // Persisted form round-trips; a state file without it loads as off.
@@ -1068,7 +1070,7 @@ mod tests {
         );
         cfg.services[0].name = "web".into();
         let r = reconcile(&s, &cfg, SystemTime::UNIX_EPOCH);
-        assert_eq!(r.services["web"].mirror.as_ref(), Some(&spec));
+        assert_eq!(r.services["web"].mirror.as_deref(), Some(&spec));
         run(&mut s, Command::SetMirror { mirror: None }).expect("off");
         assert!(s.services["web"].mirror.is_none());
         assert_eq!(s.services["web"].generation, 3);

@@ -276,7 +276,9 @@ impl MirrorStats {
     fn try_slot(self: &Arc<Self>, max: usize) -> Option<Slot> {
         let taken = self
             .in_flight
-            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| (n < max).then_some(n + 1))
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+                (n < max).then_some(n + 1)
+            })
             .is_ok();
         taken.then(|| Slot(Arc::clone(self)))
     }

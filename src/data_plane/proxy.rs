@@ -24,8 +24,8 @@ use crate::data_plane::headers::{
     valid_request_id, X_REQUEST_ID, X_SWITCHYARD_POOL,
 };
 use crate::data_plane::routing::{choose_pool, RequestFacts, Snapshot};
-use crate::data_plane::{mirror, upgrade};
 use crate::data_plane::upstream::{self, Replay};
+use crate::data_plane::{mirror, upgrade};
 use crate::metrics::Metrics;
 
 /// The data plane: the routing table and the metrics.

@@ -683,10 +683,7 @@ fn decode_mirror(body: &Map<String, Value>) -> Result<(Command, Option<String>),
         field: e.field,
         message: e.message,
     })?;
-    Ok((
-        Command::SetMirror { mirror: Some(spec) },
-        get_reason(body)?,
-    ))
+    Ok((Command::SetMirror { mirror: Some(spec) }, get_reason(body)?))
 }
 
 /// `DELETE …/mirror`: no body, or `{"reason"}`.
