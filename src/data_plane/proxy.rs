@@ -148,8 +148,10 @@ impl Proxy {
         // 4. The upstream request head and body.
         let client_upgrade = prepare_request(&mut parts, &client.ip, client.tls);
         // Traffic mirroring (SPEC §9): when off, this one branch.
-        let pending = match (&route.mirror, &ex.request_id) {
-            (Some(m), Some(id)) => {
+        let timeout = snap.settings.request_timeout;
+        let (body, replay) = match route.mirror.as_deref() {
+            None => upstream_body(&parts, body, timeout).await?,
+            Some(m) => {
                 // A client's claim to be a copy is not passed on.
                 parts.headers.remove(&mirror::X_SWITCHYARD_MIRROR);
                 let len = if body.is_end_stream() {
@@ -157,14 +159,16 @@ impl Proxy {
                 } else {
                     body.size_hint().exact()
                 };
-                m.select(route, &parts, &choice, id, len, client_upgrade.is_some())
+                let pending = ex.request_id.as_ref().and_then(|id| {
+                    m.select(route, &parts, &choice, id, len, client_upgrade.is_some())
+                });
+                let (mut body, replay) = upstream_body(&parts, body, timeout).await?;
+                if let Some(pending) = pending {
+                    *copy = Some(pending.launch(&mut body, &snap.settings));
+                }
+                (body, replay)
             }
-            _ => None,
         };
-        let (mut body, replay) = upstream_body(&parts, body, snap.settings.request_timeout).await?;
-        if let Some(pending) = pending {
-            *copy = Some(pending.launch(&mut body, &snap.settings));
-        }
         let req = Request::from_parts(parts, body);
 
         // 5. Send, with bounded retries.
