@@ -80,6 +80,7 @@ fn with_rules(base: &Route, rules: Box<[Rule]>) -> Route {
         generation: base.generation,
         pools: base.pools.clone(),
         rules,
+        mirror: None,
     }
 }
 

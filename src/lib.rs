@@ -26,7 +26,9 @@
 //!    `data_plane::conn` (header-read and idle timeouts, parking).
 //! 2. `data_plane::proxy`: `Proxy::handle` loads the snapshot once and is
 //!    the one place an error becomes a response; `forward` reads top to
-//!    bottom: framing checks, host, service, pool, head rewrite, upstream.
+//!    bottom: framing checks, host, service, pool, head rewrite, upstream;
+//!    a service with a mirror also hands a copy to `data_plane::mirror`
+//!    (detached, never waited for).
 //! 3. [`data_plane::routing`]: service (host, then longest prefix), pool
 //!    (preview header, targeting rules, sticky bucket, weights), backend
 //!    (balance, failover).

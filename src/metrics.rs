@@ -19,7 +19,12 @@ const DURATION_BUCKETS: &[f64] = &[
 ];
 
 /// `action` values of `switchyard_routing_changes_total` (SPEC §5).
-const ROUTING_ACTIONS: [&str; 5] = ["switch", "split", "rollback", "pool", "rules"];
+const ROUTING_ACTIONS: [&str; 6] = ["switch", "split", "rollback", "pool", "rules", "mirror"];
+
+/// `code` values of `switchyard_mirror_requests_total`: the status classes
+/// of the mirror's answers, `timeout` (none within the mirror's timeout)
+/// and `error` (connect failed, connection broke).
+pub(crate) const MIRROR_CODES: [&str; 7] = ["1xx", "2xx", "3xx", "4xx", "5xx", "timeout", "error"];
 
 /// `code` values of `switchyard_requests_total`: the status classes, and
 /// `499` for requests the client abandoned before the response head (nginx's
@@ -106,6 +111,14 @@ pub struct Metrics {
     pub(crate) retries: IntCounterVec,
     /// Passive ejections of backends.
     pub(crate) ejections: IntCounterVec,
+    /// `switchyard_mirror_requests_total{service,pool,code}` (SPEC §9).
+    mirror_requests: IntCounterVec,
+    /// `switchyard_mirror_dropped_total{service,reason}`.
+    mirror_dropped: IntCounterVec,
+    /// `switchyard_mirror_duration_seconds{service,pool}`.
+    mirror_duration: HistogramVec,
+    /// `switchyard_mirror_mismatches_total{service}`.
+    mirror_mismatches: IntCounterVec,
 }
 
 fn must<T>(r: prometheus::Result<T>) -> T {
@@ -222,6 +235,30 @@ impl Metrics {
             "Passive ejections of backends after consecutive failures.",
             &["service", "pool"],
         );
+        let mirror_requests = counter(
+            "switchyard_mirror_requests_total",
+            "Mirrored copies by service, mirror pool and outcome: status class, timeout or error.",
+            &["service", "pool", "code"],
+        );
+        let mirror_dropped = counter(
+            "switchyard_mirror_dropped_total",
+            "Copies not sent, by reason: max_inflight, body_too_large, no_healthy_backend, body_aborted.",
+            &["service", "reason"],
+        );
+        let mirror_duration = must(HistogramVec::new(
+            HistogramOpts::new(
+                "switchyard_mirror_duration_seconds",
+                "Time from sending a copy to the end of its (drained) response.",
+            )
+            .buckets(DURATION_BUCKETS.to_vec()),
+            &["service", "pool"],
+        ));
+        must(registry.register(Box::new(mirror_duration.clone())));
+        let mirror_mismatches = counter(
+            "switchyard_mirror_mismatches_total",
+            "Mirrored requests whose copy's status class differed from the live answer's.",
+            &["service"],
+        );
         let unmatched = CODES.map(|class| requests.with_label_values(&["", "", class]));
         Metrics {
             registry,
@@ -242,6 +279,24 @@ impl Metrics {
             parked,
             retries,
             ejections,
+            mirror_requests,
+            mirror_dropped,
+            mirror_duration,
+            mirror_mismatches,
+        }
+    }
+
+    /// Handles for the mirror of `service` to `pool` (looked up when a
+    /// snapshot is built; every series starts at 0).
+    pub(crate) fn mirror(&self, service: &str, pool: Color) -> MirrorMetrics {
+        let p = pool.as_str();
+        MirrorMetrics {
+            requests: MIRROR_CODES
+                .map(|c| self.mirror_requests.with_label_values(&[service, p, c])),
+            dropped: crate::data_plane::mirror::Dropped::ALL
+                .map(|d| self.mirror_dropped.with_label_values(&[service, d.label()])),
+            duration: self.mirror_duration.with_label_values(&[service, p]),
+            mismatches: self.mirror_mismatches.with_label_values(&[service]),
         }
     }
 
@@ -350,6 +405,22 @@ impl Metrics {
         for action in ROUTING_ACTIONS {
             let _ = self.routing_changes.remove_label_values(&[service, action]);
         }
+        for c in Color::ALL {
+            for code in MIRROR_CODES {
+                let _ = self
+                    .mirror_requests
+                    .remove_label_values(&[service, c.as_str(), code]);
+            }
+            let _ = self
+                .mirror_duration
+                .remove_label_values(&[service, c.as_str()]);
+        }
+        for d in crate::data_plane::mirror::Dropped::ALL {
+            let _ = self
+                .mirror_dropped
+                .remove_label_values(&[service, d.label()]);
+        }
+        let _ = self.mirror_mismatches.remove_label_values(&[service]);
     }
 }
 
@@ -400,4 +471,16 @@ impl PoolMetrics {
         };
         self.upstream_errors[i].inc();
     }
+}
+
+/// Pre-resolved metric handles of one service's mirror (SPEC §9).
+pub(crate) struct MirrorMetrics {
+    /// By [`MIRROR_CODES`].
+    pub(crate) requests: [IntCounter; 7],
+    /// By `data_plane::mirror::Dropped` order.
+    pub(crate) dropped: [IntCounter; 4],
+    /// Copy durations.
+    pub(crate) duration: Histogram,
+    /// Status-class mismatches.
+    pub(crate) mismatches: IntCounter,
 }

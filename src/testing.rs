@@ -21,6 +21,7 @@ pub mod color {
 }
 
 pub mod config {
+    pub use crate::config::mirror::{MirrorError, MirrorSpec};
     pub use crate::config::rules::RuleSpec;
     pub use crate::config::{
         load, parse, BackendAddr, Balance, Config, FileError, FileErrors, HostPattern,
@@ -40,6 +41,12 @@ pub mod headers {
 
 pub mod metrics {
     pub use crate::metrics::Metrics;
+}
+
+pub mod mirror {
+    pub use crate::data_plane::mirror::{
+        Mirror, MirrorStats, OutcomeCounts, PoolOutcomes, LATENCY_BOUNDS_MS,
+    };
 }
 
 pub mod routing {

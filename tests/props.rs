@@ -217,6 +217,10 @@ fn json_value() -> impl Strategy<Value = String> {
         "[\"https://h:443\", \"h:1\"]",
         "[1]",
         "\"x\\u0000y\"",
+        "[\"GET\", \"POST\"]",
+        "[\"CONNECT\"]",
+        "\"5s\"",
+        "\"0s\"",
     ])
     .prop_map(str::to_string)
 }
@@ -231,6 +235,11 @@ fn json_body() -> impl Strategy<Value = Vec<u8>> {
         "to_generation",
         "backends",
         "rules",
+        "percent",
+        "methods",
+        "max_body_bytes",
+        "max_inflight",
+        "timeout",
         "colour",
         "",
     ]);
@@ -248,7 +257,7 @@ proptest! {
 
     #[test]
     fn admin_decoding_never_panics_and_accepts_only_sane_commands(
-        action in prop::sample::select(vec!["switch", "split", "rollback", "pools/blue", "pools/green", "rules", "nope"]),
+        action in prop::sample::select(vec!["switch", "split", "rollback", "pools/blue", "pools/green", "rules", "mirror", "nope"]),
         body in json_body(),
     ) {
         match switchyard::testing::admin::decode_mutation(action, &body) {
@@ -272,6 +281,11 @@ proptest! {
                         for r in &rules {
                             prop_assert!(!r.conditions.is_empty());
                         }
+                    }
+                    // Only a mirror that passed its checks.
+                    Command::SetMirror { mirror } => {
+                        prop_assert_eq!(action, "mirror");
+                        prop_assert!(mirror.is_some_and(|m| m.check().is_ok()));
                     }
                 }
             }
@@ -322,6 +336,7 @@ fn route(m: &Metrics, name: &str, green_bp: u16, token: Option<&str>, healthy: [
             Arc::new(Pool::new(vec![backend(m, 3, healthy[2])])),
         ],
         rules: Box::new([]),
+        mirror: None,
     }
 }
 

@@ -48,6 +48,7 @@ pub fn route(m: &Metrics, name: &str, green_pct: f64, per_pool: u16, balance: Ba
         generation: 1,
         pools: [pool(Color::Blue, 10_000), pool(Color::Green, 20_000)],
         rules: Box::new([]),
+        mirror: None,
     }
 }
 

@@ -30,7 +30,8 @@
 # ("1 2"), CONNS (64), PHASES ("load switch memory"), TARGETS ("switchyard
 # nginx haproxy"), WORKLOADS ("small big h2 close"), DIRECT (1: measure the
 # upstream alone), SY_BASE (a baseline switchyard binary: add `baseline` to
-# TARGETS for an A/B run), IDLE_CONNS (10000),
+# TARGETS for an A/B run), MIRROR (a percent: `switchyard` mirrors that
+# share of blue's requests to green; `baseline` does not), IDLE_CONNS (10000),
 # UPLOAD_MIB (1024), PIN (1), UP_THREADS (upstream threads, 1), OUT (target/bench-load/DATE),
 # CONFIG (equivalent: every proxy adds a request id, forwarding headers and
 # the pool header; lean: none of them, and no sticky cookie).
@@ -358,6 +359,13 @@ start_target() { # start_target NAME WORKERS
     wait_port "$ADMIN"
     curl -fsS -X POST "http://127.0.0.1:$ADMIN/api/v1/services/web/split" \
       -d '{"green":10}' -o /dev/null
+  fi
+  # MIRROR=PCT: `switchyard` (not `baseline`) also copies PCT % of the
+  # requests blue serves to green (SPEC §9), so an A/B run with SY_BASE set
+  # to the same binary measures what mirroring costs the clients.
+  if [ "$name" = switchyard ] && [ -n "${MIRROR:-}" ]; then
+    curl -fsS -X PUT "http://127.0.0.1:$ADMIN/api/v1/services/web/mirror" \
+      -d "{\"to\":\"green\",\"percent\":$MIRROR}" -o /dev/null
   fi
 }
 stop_target() {

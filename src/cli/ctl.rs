@@ -119,6 +119,29 @@ pub(crate) enum CtlCommand {
         #[arg(long, value_name = "FILE.json")]
         set: Option<std::path::PathBuf>,
     },
+    /// Show a service's traffic mirror and its counters, start or change
+    /// it (`--to POOL --percent N`), or stop it (`--off`).
+    Mirror {
+        /// Service name.
+        service: String,
+        /// The pool copies go to (the idle one).
+        #[arg(
+            long,
+            value_name = "POOL",
+            requires = "percent",
+            conflicts_with = "off"
+        )]
+        to: Option<String>,
+        /// Percent of the requests served by the other pool to copy.
+        #[arg(long, value_name = "PCT", requires = "to", conflicts_with = "off")]
+        percent: Option<f64>,
+        /// Methods to copy, comma-separated (default GET,HEAD,OPTIONS).
+        #[arg(long, value_name = "LIST", requires = "to", value_delimiter = ',')]
+        methods: Option<Vec<String>>,
+        /// Stop mirroring.
+        #[arg(long)]
+        off: bool,
+    },
     /// Routing history of a service, newest first.
     History {
         /// Service name.
@@ -269,6 +292,33 @@ async fn run_inner(args: &CtlArgs, config: Option<&std::path::Path>) -> Result<S
             service_path(service) + "/rules",
             Some(with_reason(read_rules_file(file)?)),
         ),
+        CtlCommand::Mirror {
+            service,
+            to: Some(to),
+            percent: Some(percent),
+            methods,
+            ..
+        } => {
+            let mut body = json!({ "to": to, "percent": percent });
+            if let (Some(m), Some(o)) = (methods, body.as_object_mut()) {
+                o.insert("methods".into(), json!(m));
+            }
+            (
+                Method::PUT,
+                service_path(service) + "/mirror",
+                Some(with_reason(body)),
+            )
+        }
+        CtlCommand::Mirror {
+            service, off: true, ..
+        } => (
+            Method::DELETE,
+            service_path(service) + "/mirror",
+            Some(with_reason(json!({}))),
+        ),
+        CtlCommand::Mirror { service, .. } => {
+            (Method::GET, service_path(service) + "/mirror", None)
+        }
         CtlCommand::Reload => (Method::POST, "/api/v1/reload".to_string(), None),
         CtlCommand::WaitHealthy {
             service,
@@ -284,6 +334,11 @@ async fn run_inner(args: &CtlArgs, config: Option<&std::path::Path>) -> Result<S
     Ok(match &args.command {
         CtlCommand::Status { service: None, .. } => services_table(&value),
         CtlCommand::History { .. } => history_table(&value),
+        CtlCommand::Mirror {
+            to: None,
+            off: false,
+            ..
+        } => mirror_table(&value),
         CtlCommand::Rules { set: None, .. } => rules_table(&value),
         CtlCommand::Rules { set: Some(_), .. } => {
             format!("{}{}", service_table(&value), rules_table(&value))
@@ -854,6 +909,62 @@ fn service_table(s: &Value) -> String {
         }
     }
     out.push_str(&columns(&rows, "  "));
+    if s["mirror"].is_object() {
+        out.push_str(&mirror_line(&s["mirror"]));
+    }
+    out
+}
+
+/// `  mirror: 10% to green (GET,HEAD,OPTIONS; body ≤ 65536 B, ≤ 64 in flight, timeout 5s)`.
+fn mirror_line(m: &Value) -> String {
+    let methods: Vec<&str> = m["methods"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    format!(
+        "  mirror: {}% to {} ({}; body ≤ {} B, ≤ {} in flight, timeout {})\n",
+        m["percent"],
+        text(&m["to"], "?"),
+        methods.join(","),
+        m["max_body_bytes"],
+        m["max_inflight"],
+        text(&m["timeout"], "?"),
+    )
+}
+
+/// `GET …/mirror`: the mirror and this replica's counters.
+fn mirror_table(v: &Value) -> String {
+    let c = &v["counters"];
+    let mut out = if v["mirror"].is_object() {
+        mirror_line(&v["mirror"])
+    } else {
+        "  mirror: off\n".to_string()
+    };
+    let dropped: Vec<String> = c["dropped"]
+        .as_object()
+        .map(|m| m.iter().map(|(k, n)| format!("{k}={n}")).collect())
+        .unwrap_or_default();
+    let _ = writeln!(
+        out,
+        "  sent {}  in flight {}  mismatches {}  dropped {}",
+        c["sent"],
+        c["in_flight"],
+        c["mismatches"],
+        dropped.join(" ")
+    );
+    for color in ["blue", "green"] {
+        let p = &c["pools"][color];
+        if p["requests"].as_u64().unwrap_or(0) > 0 {
+            let _ = writeln!(
+                out,
+                "  copies to {color}: {} answered, {} failed",
+                p["requests"], p["failures"]
+            );
+        }
+    }
     out
 }
 

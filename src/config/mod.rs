@@ -24,6 +24,7 @@ use toml::Spanned;
 
 use crate::color::Color;
 
+pub(crate) mod mirror;
 pub(crate) mod rules;
 
 use rules::RuleSpec;

@@ -31,6 +31,7 @@ use serde::Serialize;
 use tokio::sync::{watch, Mutex};
 
 use crate::color::Color;
+use crate::config::mirror::MirrorSpec;
 use crate::config::rules::RuleSpec;
 use crate::config::{BackendAddr, Config, ConfigErrors, FileError, FileErrors, ServiceConfig};
 use crate::control_plane::admin::auth::Tokens;
@@ -41,6 +42,7 @@ use crate::control_plane::state::{
 use crate::control_plane::store::{StateStore, StoreError};
 use crate::data_plane::backend::{now_ms, Backend, Health};
 use crate::data_plane::conn_limit::ConnLimiter;
+use crate::data_plane::mirror::{Mirror, StatsView};
 use crate::data_plane::routing::{Pool, Route, Rule, Service, Settings, Snapshot};
 use crate::data_plane::tls::{ServerTls, UpstreamTls};
 use crate::metrics::Metrics;
@@ -121,6 +123,8 @@ pub(crate) struct ServiceView {
     pub(crate) pools: PoolsView,
     /// Targeting rules, in order (SPEC §8).
     pub(crate) rules: Vec<RuleSpec>,
+    /// Traffic mirroring (SPEC §9); `null` when off.
+    pub(crate) mirror: Option<MirrorSpec>,
 }
 
 impl ServiceView {
@@ -155,8 +159,24 @@ impl ServiceView {
                 green: pool(Color::Green),
             },
             rules: route.rules.iter().map(|r| r.spec.clone()).collect(),
+            mirror: route.mirror.as_ref().map(|m| m.spec.clone()),
         }
     }
+}
+
+/// `GET /api/v1/services/{name}/mirror`: the mirror (or `null`), the
+/// generation, and the live counters of this replica.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct MirrorView {
+    /// Is a mirror set?
+    pub(crate) enabled: bool,
+    /// The mirror, when set.
+    pub(crate) mirror: Option<MirrorSpec>,
+    /// Generation of the routing state shown.
+    pub(crate) generation: u64,
+    /// Counters since the service was built (start, or a reload that
+    /// changed its settings).
+    pub(crate) counters: StatsView,
 }
 
 /// Runtime objects of one service. Its `Service` is reused while its config
@@ -305,6 +325,19 @@ impl Control {
             route.rules.iter().map(|r| r.spec.clone()).collect(),
             route.generation,
         ))
+    }
+
+    /// The mirror of a service with its counters.
+    pub(crate) fn mirror(&self, name: &str) -> Option<MirrorView> {
+        let snap = self.table.load();
+        let route = snap.route(name)?;
+        let mirror = route.mirror.as_ref().map(|m| m.spec.clone());
+        Some(MirrorView {
+            enabled: mirror.is_some(),
+            mirror,
+            generation: route.generation,
+            counters: route.service.mirror.view(),
+        })
     }
 
     /// History of a service, newest first.
@@ -738,6 +771,12 @@ impl Prepared {
                     generation: st.generation,
                     pools: [blue, green],
                     rules: rules.into_boxed_slice(),
+                    mirror: st.mirror.as_ref().map(|spec| {
+                        Box::new(Mirror::new(
+                            (**spec).clone(),
+                            metrics.mirror(&svc.name, spec.to),
+                        ))
+                    }),
                 },
                 svc.hosts.clone(),
                 svc.path_prefix.clone(),

@@ -16,6 +16,7 @@ use serde::ser::Serializer;
 use serde::{Deserialize, Serialize};
 
 use crate::color::Color;
+use crate::config::mirror::MirrorSpec;
 use crate::config::rules::{check_rules, RuleError, RuleSpec};
 use crate::config::{BackendAddr, Config, ServiceConfig};
 use crate::weights::{Live, Weights};
@@ -52,6 +53,8 @@ pub(crate) enum Action {
     Pool,
     /// The targeting rules replaced (API, or config reload).
     Rules,
+    /// Traffic mirroring set, changed or stopped.
+    Mirror,
 }
 
 impl Action {
@@ -64,6 +67,7 @@ impl Action {
             Action::Rollback => "rollback",
             Action::Pool => "pool",
             Action::Rules => "rules",
+            Action::Mirror => "mirror",
         }
     }
 }
@@ -111,6 +115,16 @@ impl RulesChange {
     }
 }
 
+/// A mirror change recorded in history: the mirror before and after
+/// (`null`: off).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct MirrorChange {
+    /// Before.
+    pub(crate) from: Option<MirrorSpec>,
+    /// After.
+    pub(crate) to: Option<MirrorSpec>,
+}
+
 /// One accepted change.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub(crate) struct HistoryEntry {
@@ -134,6 +148,9 @@ pub(crate) struct HistoryEntry {
     /// For `rules` changes: rule names before and after.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) rules: Option<RulesChange>,
+    /// For `mirror` changes: the mirror before and after.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) mirror: Option<MirrorChange>,
 }
 
 /// The dynamic state of one service.
@@ -153,6 +170,10 @@ pub(crate) struct ServiceState {
     /// Targeting rules (absent from state files written before them).
     #[serde(default)]
     pub(crate) rules: RulesState,
+    /// Traffic mirroring (SPEC §9); `None`: off. Set only by commands
+    /// (API, rollouts), never by the config file, so a reload keeps it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) mirror: Option<Box<MirrorSpec>>,
 }
 
 /// The two pools of a service.
@@ -239,6 +260,11 @@ pub enum Command {
         /// The new list, in order (may be empty: no rules).
         rules: Vec<RuleSpec>,
     },
+    /// Set (`Some`) or stop (`None`) traffic mirroring.
+    SetMirror {
+        /// The new mirror, checked by `apply`.
+        mirror: Option<MirrorSpec>,
+    },
 }
 
 impl Command {
@@ -250,6 +276,7 @@ impl Command {
             Command::Rollback { .. } => Action::Rollback,
             Command::SetPool { .. } => Action::Pool,
             Command::SetRules { .. } => Action::Rules,
+            Command::SetMirror { .. } => Action::Mirror,
         }
     }
 }
@@ -361,6 +388,7 @@ pub(crate) fn apply(
     let mut next = current.clone();
     let mut pool_change = None;
     let mut rules_change = None;
+    let mut mirror_change = None;
     match cmd {
         Command::Switch { to, force } => {
             let w = Weights::full(*to);
@@ -448,6 +476,31 @@ pub(crate) fn apply(
             rules_change = Some(RulesChange::of(&current.rules.rules, rules));
             next.rules.rules.clone_from(rules);
         }
+        Command::SetMirror { mirror } => {
+            if let Some(spec) = mirror {
+                spec.check().map_err(|e| CommandError::BadField {
+                    field: e.field,
+                    message: e.message,
+                })?;
+                if current.weights.bp(spec.to) == 10_000 {
+                    return Err(CommandError::BadField {
+                        field: "to",
+                        message: format!(
+                            "pool {} takes all traffic: no request would be copied (mirror to the idle pool)",
+                            spec.to
+                        ),
+                    });
+                }
+            }
+            if current.mirror.as_deref() == mirror.as_ref() {
+                return Ok(Outcome::Unchanged);
+            }
+            mirror_change = Some(MirrorChange {
+                from: current.mirror.as_deref().cloned(),
+                to: mirror.clone(),
+            });
+            next.mirror = mirror.clone().map(Box::new);
+        }
     }
     if let Live::Full(c) = current.weights.live() {
         if next.weights != current.weights {
@@ -465,6 +518,7 @@ pub(crate) fn apply(
         actor: meta.actor.clone(),
         pool: pool_change,
         rules: rules_change,
+        mirror: mirror_change,
     };
     push_history(&mut next, entry);
     Ok(Outcome::Changed(next))
@@ -513,6 +567,7 @@ fn initial_state(svc: &ServiceConfig, at: SystemTime) -> ServiceState {
             rules: svc.rules.clone(),
             config: svc.rules.clone(),
         },
+        mirror: None,
     };
     push_history(
         &mut state,
@@ -526,6 +581,7 @@ fn initial_state(svc: &ServiceConfig, at: SystemTime) -> ServiceState {
             actor: "config".into(),
             pool: None,
             rules: None,
+            mirror: None,
         },
     );
     state
@@ -551,6 +607,7 @@ fn record_config_change(
         actor: "config".into(),
         pool,
         rules,
+        mirror: None,
     };
     push_history(next, entry);
 }
@@ -631,6 +688,7 @@ mod tests {
             },
             history: VecDeque::new(),
             rules: RulesState::default(),
+            mirror: None,
         };
         s.services.insert("web".into(), svc);
         s
@@ -947,6 +1005,75 @@ mod tests {
         let r = reconcile(&s, &cfg, SystemTime::UNIX_EPOCH);
         assert_eq!(r.services["web"].rules.rules, cfg.services[0].rules);
         assert_eq!(r.services["web"].generation, 3);
+    }
+
+    #[test]
+    fn set_mirror_validates_records_and_survives_reload_and_json() {
+        let mut s = state();
+        let mut spec = MirrorSpec::new(Color::Blue, 1000);
+        let refused = run(
+            &mut s,
+            Command::SetMirror {
+                mirror: Some(spec.clone()),
+            },
+        );
+        assert!(
+            matches!(refused, Err(CommandError::BadField { field: "to", .. })),
+            "blue is live: {refused:?}"
+        );
+        spec.to = Color::Green;
+        spec.max_inflight = 0;
+        let refused = run(
+            &mut s,
+            Command::SetMirror {
+                mirror: Some(spec.clone()),
+            },
+        );
+        assert!(matches!(
+            refused,
+            Err(CommandError::BadField {
+                field: "max_inflight",
+                ..
+            })
+        ));
+        assert_eq!(s, state(), "refusals change nothing");
+        spec.max_inflight = 8;
+        let set = Command::SetMirror {
+            mirror: Some(spec.clone()),
+        };
+        run(&mut s, set.clone()).expect("mirror");
+        assert_eq!(run(&mut s, set), Ok(Outcome::Unchanged));
+        let svc = &s.services["web"];
+        assert_eq!((svc.generation, svc.mirror.as_deref()), (2, Some(&spec)));
+        let last = svc.history.back().expect("history");
+        assert_eq!(last.action, Action::Mirror);
+        assert_eq!(
+            last.mirror
+                .as_ref()
+                .map(|m| (m.from.is_none(), m.to.is_some())),
+            Some((true, true))
+        );
+        // Persisted form round-trips; a state file without it loads as off.
+        let json = serde_json::to_value(svc).expect("json");
+        let back: ServiceState = serde_json::from_value(json.clone()).expect("back");
+        assert_eq!(&back, svc);
+        let mut old = json;
+        if let Some(o) = old.as_object_mut() {
+            o.remove("mirror");
+        }
+        let old: ServiceState = serde_json::from_value(old).expect("old state loads");
+        assert!(old.mirror.is_none());
+        // A reload keeps it.
+        let mut cfg = crate::config::Config::demo(
+            "127.0.0.1:1".parse().expect("addr"),
+            "127.0.0.1:2".parse().expect("addr"),
+        );
+        cfg.services[0].name = "web".into();
+        let r = reconcile(&s, &cfg, SystemTime::UNIX_EPOCH);
+        assert_eq!(r.services["web"].mirror.as_deref(), Some(&spec));
+        run(&mut s, Command::SetMirror { mirror: None }).expect("off");
+        assert!(s.services["web"].mirror.is_none());
+        assert_eq!(s.services["web"].generation, 3);
     }
 
     #[test]

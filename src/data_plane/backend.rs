@@ -29,6 +29,7 @@ use prometheus::IntGauge;
 use tokio::net::TcpStream;
 
 use crate::config::{BackendAddr, Scheme};
+use crate::data_plane::mirror::Tee;
 use crate::data_plane::tls::UpstreamTls;
 
 /// Idle upstream connections kept per backend.
@@ -106,7 +107,25 @@ impl UpstreamBody {
             waits: Arc::new(ClientWaits::default()),
             limit: client_silence,
             silence: None,
+            tee: None,
         }))
+    }
+
+    /// The body if it is held in memory (`Some(None)`: no body); `None`
+    /// for a streamed one.
+    pub(crate) fn held(&self) -> Option<Option<Bytes>> {
+        match self {
+            UpstreamBody::Full(b) => Some(b.clone()),
+            UpstreamBody::Incoming(_) => None,
+        }
+    }
+
+    /// Copies a streamed body's chunks into `tee` as they go upstream
+    /// (traffic mirroring); no effect on a held body.
+    pub(crate) fn set_tee(&mut self, tee: Tee) {
+        if let UpstreamBody::Incoming(up) = self {
+            up.tee = Some(Box::new(tee));
+        }
     }
 
     /// For a streamed body, how long it has waited on the client so far.
@@ -124,6 +143,8 @@ pub(crate) struct Upload {
     waits: Arc<ClientWaits>,
     limit: Duration,
     silence: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Keeps the chunks for a mirror copy (only when one is made).
+    tee: Option<Box<Tee>>,
 }
 
 /// Time an upload spent waiting on the client (the backend's response
@@ -177,6 +198,21 @@ impl Upload {
         match Pin::new(&mut self.body).poll_frame(cx) {
             Poll::Ready(r) => {
                 self.waits.stop();
+                if let Some(tee) = &mut self.tee {
+                    match &r {
+                        Some(Ok(frame)) => {
+                            if let Some(d) = frame.data_ref() {
+                                tee.data(d);
+                            }
+                            if self.body.is_end_stream() {
+                                tee.end();
+                            }
+                        }
+                        None => tee.end(),
+                        // Dropped: the copy learns the body was aborted.
+                        Some(Err(_)) => self.tee = None,
+                    }
+                }
                 Poll::Ready(r.map(|f| f.map_err(BodyError::from)))
             }
             Poll::Pending => {

@@ -12,6 +12,7 @@ use std::time::Instant;
 use arc_swap::ArcSwap;
 use http::header::{HeaderValue, CONNECTION, SET_COOKIE, UPGRADE};
 use http::{Method, Request, Response, StatusCode, Version};
+use http_body::Body as _;
 use hyper::body::Incoming;
 
 use crate::data_plane::backend::UpstreamBody;
@@ -23,8 +24,8 @@ use crate::data_plane::headers::{
     valid_request_id, X_REQUEST_ID, X_SWITCHYARD_POOL,
 };
 use crate::data_plane::routing::{choose_pool, RequestFacts, Snapshot};
-use crate::data_plane::upgrade;
 use crate::data_plane::upstream::{self, Replay};
+use crate::data_plane::{mirror, upgrade};
 use crate::metrics::Metrics;
 
 /// The data plane: the routing table and the metrics.
@@ -74,10 +75,14 @@ impl Proxy {
                 rule: None,
             }));
         }
-        let mut resp = match self.forward(&snap, req, client, &mut ex).await {
+        let mut copy = None;
+        let mut resp = match self.forward(&snap, req, client, &mut ex, &mut copy).await {
             Ok(resp) => resp.map(|body| ProxyBody::upstream(body, ex)),
             Err(err) => err.into_response(ex, &snap.settings, &self.metrics),
         };
+        if let Some(live) = copy {
+            live.live(resp.status());
+        }
         if unguarded && resp.status() != StatusCode::SWITCHING_PROTOCOLS {
             resp.headers_mut()
                 .insert(CONNECTION, HeaderValue::from_static("close"));
@@ -100,6 +105,7 @@ impl Proxy {
         req: Request<Incoming>,
         client: &Arc<ClientInfo>,
         ex: &mut Exchange,
+        copy: &mut Option<mirror::LiveSide>,
     ) -> Result<Response<Incoming>, ProxyError> {
         let (mut parts, body) = req.into_parts();
 
@@ -108,15 +114,7 @@ impl Proxy {
         //    Off (`request_id = false`): the client's header, if any, goes
         //    upstream untouched and nothing is made or echoed.
         if snap.settings.request_id {
-            let request_id = match parts.headers.get(&X_REQUEST_ID) {
-                Some(v) if valid_request_id(v) => v.clone(),
-                _ => {
-                    let id = new_request_id();
-                    parts.headers.insert(X_REQUEST_ID.clone(), id.clone());
-                    id
-                }
-            };
-            ex.request_id = Some(request_id);
+            ex.request_id = Some(ensure_request_id(&mut parts.headers));
         }
         check_framing(&parts)?;
 
@@ -149,7 +147,33 @@ impl Proxy {
             .forwarded_headers
             .then_some((&client.ip, client.tls));
         let client_upgrade = prepare_request(&mut parts, forwarded);
-        let (body, replay) = upstream_body(&parts, body, snap.settings.request_timeout).await?;
+        // Traffic mirroring (SPEC §9): when off, this one branch.
+        let timeout = snap.settings.request_timeout;
+        let (body, replay) = match route.mirror.as_deref() {
+            None => upstream_body(&parts, body, timeout).await?,
+            Some(m) => {
+                // A client's claim to be a copy is not passed on.
+                parts.headers.remove(&mirror::X_SWITCHYARD_MIRROR);
+                let len = if body.is_end_stream() {
+                    Some(0)
+                } else {
+                    body.size_hint().exact()
+                };
+                // A copy is chosen by, and carries, the live request's id:
+                // with `request_id = false` a mirrored service still gets one.
+                if ex.request_id.is_none() {
+                    ex.request_id = Some(ensure_request_id(&mut parts.headers));
+                }
+                let pending = ex.request_id.as_ref().and_then(|id| {
+                    m.select(route, &parts, &choice, id, len, client_upgrade.is_some())
+                });
+                let (mut body, replay) = upstream_body(&parts, body, timeout).await?;
+                if let Some(pending) = pending {
+                    *copy = Some(pending.launch(&mut body, &snap.settings));
+                }
+                (body, replay)
+            }
+        };
         let req = Request::from_parts(parts, body);
 
         // 5. Send, with bounded retries.
@@ -216,6 +240,19 @@ impl Proxy {
     }
 }
 
+/// The request's `x-request-id`: the client's if sane, else a new one,
+/// set in `headers` either way.
+fn ensure_request_id(headers: &mut http::HeaderMap) -> HeaderValue {
+    match headers.get(&X_REQUEST_ID) {
+        Some(v) if valid_request_id(v) => v.clone(),
+        _ => {
+            let id = new_request_id();
+            headers.insert(X_REQUEST_ID.clone(), id.clone());
+            id
+        }
+    }
+}
+
 /// Largest request body held in memory so that an idempotent request can
 /// be sent again after a reset.
 const REPLAY_BODY_MAX: u64 = 64 * 1024;
@@ -227,7 +264,6 @@ async fn upstream_body(
     body: Incoming,
     client_silence: std::time::Duration,
 ) -> Result<(UpstreamBody, Option<Replay>), ProxyError> {
-    use http_body::Body as _;
     let idempotent = matches!(
         parts.method,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE

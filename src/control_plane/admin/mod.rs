@@ -27,6 +27,7 @@ use hyper::body::Incoming;
 use serde_json::{json, Map, Value};
 
 use crate::color::Color;
+use crate::config::mirror::MirrorSpec;
 use crate::config::rules::{check_rules, RuleSpec, MAX_RULES};
 use crate::config::BackendAddr;
 use crate::control_plane::control::{Control, ControlError, ReloadError};
@@ -325,6 +326,20 @@ impl Admin {
                 self.mutate(req, &name, actor, decode_rules).await
             }
             (["services", _, "rules"], _) => Err(AdminError::MethodNotAllowed("GET, PUT")),
+            (["services", name, "mirror"], &Method::GET) => self
+                .control
+                .mirror(name)
+                .map(|v| json_response(StatusCode::OK, &v))
+                .ok_or_else(|| unknown_service(name)),
+            (["services", name, "mirror"], &Method::PUT) => {
+                let name = name.to_string();
+                self.mutate(req, &name, actor, decode_mirror).await
+            }
+            (["services", name, "mirror"], &Method::DELETE) => {
+                let name = name.to_string();
+                self.mutate(req, &name, actor, decode_mirror_off).await
+            }
+            (["services", _, "mirror"], _) => Err(AdminError::MethodNotAllowed("GET, PUT, DELETE")),
             (["services", name, action @ ("switch" | "split" | "rollback")], &Method::POST) => {
                 let name = name.to_string();
                 let action = *action;
@@ -452,8 +467,8 @@ fn parse_object(bytes: &[u8]) -> Result<Map<String, Value>, AdminError> {
 }
 
 /// Decodes a mutation body exactly as the API does, without applying it:
-/// `action` is `switch`, `split`, `rollback`, `pools/blue`, `pools/green`
-/// or `rules`.
+/// `action` is `switch`, `split`, `rollback`, `pools/blue`, `pools/green`,
+/// `rules` or `mirror` (a PUT).
 /// The error is `(status, code, message)`. For property tests and fuzzing;
 /// never panics.
 pub fn decode_mutation(
@@ -472,6 +487,7 @@ pub fn decode_mutation(
         "pools/blue" => decode_pool(&map, Color::Blue),
         "pools/green" => decode_pool(&map, Color::Green),
         "rules" => decode_rules(&map),
+        "mirror" => decode_mirror(&map),
         _ => Err(AdminError::NoSuchPath(action.to_string())),
     }
     .map_err(refuse)
@@ -653,6 +669,27 @@ fn decode_pool(
         },
         get_reason(body)?,
     ))
+}
+
+/// `PUT …/mirror`: `{"to","percent","methods"?,"max_body_bytes"?,
+/// "max_inflight"?,"timeout"?,"reason"?}` (SPEC §9); every problem names
+/// its field.
+fn decode_mirror(body: &Map<String, Value>) -> Result<(Command, Option<String>), AdminError> {
+    only(
+        body,
+        "to, percent, methods, max_body_bytes, max_inflight, timeout, reason",
+    )?;
+    let spec = MirrorSpec::from_json(body).map_err(|e| AdminError::InvalidField {
+        field: e.field,
+        message: e.message,
+    })?;
+    Ok((Command::SetMirror { mirror: Some(spec) }, get_reason(body)?))
+}
+
+/// `DELETE …/mirror`: no body, or `{"reason"}`.
+fn decode_mirror_off(body: &Map<String, Value>) -> Result<(Command, Option<String>), AdminError> {
+    only(body, "reason")?;
+    Ok((Command::SetMirror { mirror: None }, get_reason(body)?))
 }
 
 /// `{"rules":[{name, match, to, fallback}], "reason"?}`. Each rule is

@@ -19,6 +19,7 @@ use http::HeaderValue;
 use crate::color::Color;
 use crate::config::{Balance, HostPattern, PreviewConfig, ProxyConfig, StickyConfig, StickyKey};
 use crate::data_plane::backend::{now_ms, Backend};
+use crate::data_plane::mirror::{Mirror, MirrorStats};
 use crate::metrics::PoolMetrics;
 use crate::weights::Weights;
 
@@ -127,6 +128,8 @@ pub struct Service {
     pub(crate) metrics: [PoolMetrics; 2],
     /// Bounds retries across all its requests.
     pub(crate) retry_budget: RetryBudget,
+    /// Mirroring counters and in-flight cap (SPEC §9); outlive snapshots.
+    pub(crate) mirror: Arc<MirrorStats>,
 }
 
 impl Service {
@@ -147,6 +150,7 @@ impl Service {
             preview,
             metrics,
             retry_budget: RetryBudget::new(),
+            mirror: Arc::default(),
         }
     }
 
@@ -263,6 +267,9 @@ pub struct Route {
     pub pools: [Arc<Pool>; 2],
     /// Targeting rules, tried in order (SPEC §8); usually empty.
     pub rules: Box<[Rule]>,
+    /// Traffic mirroring (SPEC §9); `None` (off) costs the request path
+    /// one branch.
+    pub mirror: Option<Box<Mirror>>,
 }
 
 impl Route {
@@ -650,6 +657,7 @@ mod tests {
                 Arc::new(Pool::new(vec![backend(m, 3)])),
             ],
             rules: Box::new([]),
+            mirror: None,
         }
     }
 
