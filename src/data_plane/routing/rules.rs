@@ -108,16 +108,17 @@ fn cost_rank(c: &Condition) -> u8 {
 /// prebuilt SIMD searcher, so that a Cookie header without that name is
 /// rejected without splitting it into pairs.
 enum Test {
-    Cookie(memchr::memmem::Finder<'static>, Option<Box<[u8]>>),
+    Cookie(Box<memchr::memmem::Finder<'static>>, Option<Box<[u8]>>),
     Other(Condition),
 }
 
 impl From<Condition> for Test {
     fn from(c: Condition) -> Test {
         match c {
-            Condition::Cookie(name, value) => {
-                Test::Cookie(memchr::memmem::Finder::new(&*name).into_owned(), value)
-            }
+            Condition::Cookie(name, value) => Test::Cookie(
+                Box::new(memchr::memmem::Finder::new(&*name).into_owned()),
+                value,
+            ),
             other => Test::Other(other),
         }
     }
