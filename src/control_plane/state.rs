@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use crate::color::Color;
 use crate::config::rules::{check_rules, RuleError, RuleSpec};
 use crate::config::{BackendAddr, Config, ServiceConfig};
+use crate::control_plane::rollout::machine::Rollout;
 use crate::weights::{Live, Weights};
 
 /// How many history entries a service keeps (oldest dropped first).
@@ -153,6 +154,17 @@ pub(crate) struct ServiceState {
     /// Targeting rules (absent from state files written before them).
     #[serde(default)]
     pub(crate) rules: RulesState,
+    /// Rollouts (SPEC §10), oldest first; the last one may be running.
+    /// Written only by the service's rollout driver.
+    #[serde(default, skip_serializing_if = "VecDeque::is_empty")]
+    pub(crate) rollouts: VecDeque<Rollout>,
+}
+
+impl ServiceState {
+    /// The running rollout, if one is.
+    pub(crate) fn active_rollout(&self) -> Option<&Rollout> {
+        self.rollouts.back().filter(|r| r.is_active())
+    }
 }
 
 /// The two pools of a service.
@@ -293,6 +305,9 @@ pub(crate) enum CommandError {
     /// Nothing to roll back to.
     #[error("nothing to roll back to: no earlier state had one pool live at 100%")]
     NothingToRollBack,
+    /// A manual switch, split or rollback while a rollout runs (SPEC §10).
+    #[error("rollout {0} is running; pause, promote or abort it (or send \"force\": true, which aborts it first)")]
+    RolloutActive(String),
 }
 
 /// Read-only facts `apply` needs about the running backends.
@@ -340,6 +355,14 @@ pub(crate) fn apply(
                 expected,
                 current: current.generation,
             });
+        }
+    }
+    if matches!(
+        cmd,
+        Command::Switch { .. } | Command::Split { .. } | Command::Rollback { .. }
+    ) {
+        if let Some(r) = current.active_rollout() {
+            return Err(CommandError::RolloutActive(r.id.clone()));
         }
     }
     let gate = |weights: Weights, force: bool| -> Result<(), CommandError> {
@@ -470,7 +493,7 @@ pub(crate) fn apply(
     Ok(Outcome::Changed(next))
 }
 
-fn push_history(state: &mut ServiceState, entry: HistoryEntry) {
+pub(crate) fn push_history(state: &mut ServiceState, entry: HistoryEntry) {
     state.history.push_back(entry);
     while state.history.len() > HISTORY_LIMIT {
         state.history.pop_front();
@@ -513,6 +536,7 @@ fn initial_state(svc: &ServiceConfig, at: SystemTime) -> ServiceState {
             rules: svc.rules.clone(),
             config: svc.rules.clone(),
         },
+        rollouts: VecDeque::new(),
     };
     push_history(
         &mut state,
@@ -631,6 +655,7 @@ mod tests {
             },
             history: VecDeque::new(),
             rules: RulesState::default(),
+            rollouts: VecDeque::new(),
         };
         s.services.insert("web".into(), svc);
         s

@@ -14,6 +14,7 @@ pub(crate) mod exchange;
 pub(crate) mod h1guard;
 pub(crate) mod headers;
 pub(crate) mod health;
+pub(crate) mod outcomes;
 pub(crate) mod proxy;
 pub(crate) mod routing;
 pub(crate) mod server;
