@@ -226,13 +226,13 @@ mod tests {
     fn counts_and_quantiles() {
         let o = ServiceOutcomes::new();
         let p = o.pool(Color::Green);
-        for i in 0..99 {
+        for i in 0..199 {
             p.record(Outcome::Ok, Duration::from_micros(1000 + i));
         }
         p.record(Outcome::Status5xx, Duration::from_millis(50));
         p.record(Outcome::Transport, Duration::from_millis(50));
         let c = p.read();
-        assert_eq!((c.requests, c.status_5xx, c.transport), (101, 1, 1));
+        assert_eq!((c.requests, c.status_5xx, c.transport), (201, 1, 1));
         let p99 = c.quantile_micros(0.99).expect("samples");
         assert!((1000..1200).contains(&p99), "{p99}");
         assert_eq!(c.above_micros(40_000), 2);

@@ -647,7 +647,8 @@ mod tests {
         assert!(r.tick(1000, &Verdict::Pass, "t10"));
         assert_eq!((r.state, r.weight_bp), (State::Succeeded, 10_000));
         assert!(r.abort("ops", "", "t11").is_err(), "ended");
-        assert_eq!(r.steps_report.len(), 3);
+        // mirror, 1 %, 50 % and the final 100 % (gates have no report).
+        assert_eq!(r.steps_report.len(), 4);
     }
 
     #[test]
