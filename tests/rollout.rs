@@ -609,3 +609,86 @@ async fn restart_resumes_the_same_step_with_the_time_left() {
     assert_eq!(v["state"], "aborted");
     let _ = blue.served.load(Ordering::SeqCst);
 }
+
+/// `ctl rollout …` as a CI job uses it: start with a plan from the config,
+/// `status --wait` exits 0 on success, 4 on rollback or abort, 5 when
+/// still running at `--timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctl_rollout_exit_codes() {
+    let blue = Faulty::start("blue").await;
+    let green = Faulty::start("green").await;
+    let dir = TempDir::new("rollout-ctl");
+    let text = format!(
+        "{}\n[[rollout_plan]]\nname = \"quick\"\nsteps = [ {{ weight = 10, pause = \"300ms\", min_requests = 0 }}, {{ weight = 100 }} ]\n\n[[rollout_plan]]\nname = \"slow\"\nsteps = [ {{ weight = 10, pause = \"1h\" }}, {{ weight = 100 }} ]\n",
+        config_text(dir.path(), "", &[Svc::addrs("web", &[blue.addr], &[green.addr])])
+    );
+    let p = TestProxy::start_text(dir, &text).await;
+    let admin = p.admin.base.clone();
+    let ctl = |args: &[&str]| {
+        let mut all = vec!["ctl", "--admin", admin.as_str()];
+        all.extend_from_slice(args);
+        let owned: Vec<String> = all.iter().map(|s| s.to_string()).collect();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                let refs: Vec<&str> = owned.iter().map(String::as_str).collect();
+                run_binary(&refs)
+            })
+            .await
+            .unwrap()
+        }
+    };
+    let (code, out, err) = ctl(&["rollout", "start", "web", "--plan", "quick"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out, err) = ctl(&["rollout", "status", "web", "--wait", "--timeout", "60s"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("succeeded"), "{out}");
+    // Green is live now: the next canary is blue.
+    let (code, out, err) = ctl(&["rollout", "start", "web", "--plan", "slow"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out, err) = ctl(&["rollout", "status", "web", "--wait", "--timeout", "1s"]).await;
+    assert_eq!(code, 5, "still running: {out}{err}");
+    let (code, out, err) = ctl(&["--reason", "bad build", "rollout", "abort", "web"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out, err) = ctl(&["rollout", "status", "web", "--wait"]).await;
+    assert_eq!(code, 4, "aborted: {out}{err}");
+    assert!(out.contains("bad build"), "{out}");
+    let (code, _, err) = ctl(&["rollout", "start", "web", "--plan", "nope"]).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("nope"), "{err}");
+    let (code, out, _) = ctl(&["--json", "rollout", "history", "web"]).await;
+    assert_eq!(code, 0);
+    let list: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 2);
+    p.shutdown().await;
+}
+
+/// `switchyard check` names the line of every problem in a
+/// `[[rollout_plan]]`.
+#[test]
+fn check_reports_plan_errors_with_their_lines() {
+    let dir = TempDir::new("rollout-check");
+    let text = format!(
+        "{}\n[[rollout_plan]]\nname = \"bad\"\nsteps = [\n  {{ weight = 10 }},\n  {{ weight = 5, pause = \"1m\" }},\n  {{ mirror = 10, duration = \"1m\" }},\n]\n[rollout_plan.analysis]\nalpha = 2\n",
+        config_text(
+            dir.path(),
+            "",
+            &[Svc::addrs("web", &["127.0.0.1:1".parse().unwrap()], &["127.0.0.1:2".parse().unwrap()])]
+        )
+    );
+    let config = dir.join("switchyard.toml");
+    std::fs::write(&config, &text).unwrap();
+    let line_of = |needle: &str| text.lines().position(|l| l.contains(needle)).unwrap() + 1;
+    let (code, out, err) = run_binary(&["check", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, 1, "{out}{err}");
+    let all = format!("{out}{err}");
+    for (line, what) in [
+        (line_of("weight = 5"), "steps[1].weight"),
+        (line_of("mirror = 10"), "steps[2]"),
+        (line_of("alpha = 2"), "analysis.alpha"),
+    ] {
+        assert!(
+            all.lines().any(|l| l.contains(&format!(":{line}: ")) && l.contains(what)),
+            "no `{what}` at line {line} in:\n{all}"
+        );
+    }
+}
