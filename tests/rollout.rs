@@ -193,7 +193,10 @@ async fn rollout(admin: &Admin) -> Value {
 
 async fn start(admin: &Admin, plan: &str) -> Value {
     let (s, v) = admin
-        .post("/api/v1/services/web/rollout", &format!("{{\"plan\":{plan}}}"))
+        .post(
+            "/api/v1/services/web/rollout",
+            &format!("{{\"plan\":{plan}}}"),
+        )
         .await;
     assert_eq!(s, StatusCode::CREATED, "{v}");
     v
@@ -217,7 +220,10 @@ async fn poll(admin: &Admin, limit: Duration, pred: impl Fn(&Value) -> bool) -> 
 
 /// Waits (bounded) until the rollout's state is one of `states`.
 async fn until_state(admin: &Admin, states: &[&str], limit: Duration) -> Value {
-    let (ok, last) = poll(admin, limit, |v| states.contains(&v["state"].as_str().unwrap_or(""))).await;
+    let (ok, last) = poll(admin, limit, |v| {
+        states.contains(&v["state"].as_str().unwrap_or(""))
+    })
+    .await;
     assert!(ok, "rollout never reached {states:?}: {last:#}");
     last
 }
@@ -255,6 +261,10 @@ async fn bad_canary_rolled_back_at_first_step_with_exact_user_impact() {
     let done = until_state(&p.admin, &["rolled_back"], Duration::from_secs(100)).await;
     stop.store(true, Ordering::SeqCst);
     let seen = driver.await.unwrap();
+    eprintln!(
+        "rolled back: started {} ended {}; clients saw {seen:?}\n{}",
+        done["started_at"], done["ended_at"], done["reason"]
+    );
     assert_eq!(done["step"], 0, "rolled back at the 1 % step: {done:#}");
     assert_eq!(green_weight(&done), 0.0);
     assert!(
@@ -285,16 +295,25 @@ async fn bad_canary_rolled_back_at_first_step_with_exact_user_impact() {
     assert_eq!(seen.other_errors, 0, "{seen:?}");
     let m = p.admin.metrics().await;
     assert_eq!(
-        metric(&m, r#"switchyard_rollouts_total{result="rolled_back",service="web"}"#),
+        metric(
+            &m,
+            r#"switchyard_rollouts_total{result="rolled_back",service="web"}"#
+        ),
         Some(1.0),
         "{m}"
     );
     assert_eq!(
-        metric(&m, r#"switchyard_rollout_user_failures_total{service="web"}"#),
+        metric(
+            &m,
+            r#"switchyard_rollout_user_failures_total{service="web"}"#
+        ),
         Some(seen.green_5xx as f64)
     );
     assert_eq!(
-        metric(&m, r#"switchyard_rollout_state{service="web",state="rolled_back"}"#),
+        metric(
+            &m,
+            r#"switchyard_rollout_state{service="web",state="rolled_back"}"#
+        ),
         Some(1.0)
     );
     // Past rollouts carry the report.
@@ -319,7 +338,15 @@ async fn a_step_without_min_requests_never_passes() {
     )
     .await;
     let stop = Arc::new(AtomicBool::new(false));
-    let seen = load(p.addr, 4, 1, 100, Duration::from_secs(30), Arc::clone(&stop)).await;
+    let seen = load(
+        p.addr,
+        4,
+        1,
+        100,
+        Duration::from_secs(30),
+        Arc::clone(&stop),
+    )
+    .await;
     assert_eq!(seen.requests, 100);
     // The pause has run out ...
     let (ok, v) = poll(&p.admin, Duration::from_secs(20), |v| {
@@ -330,12 +357,29 @@ async fn a_step_without_min_requests_never_passes() {
     // ... and for many ticks after it the step still holds.
     for _ in 0..8 {
         let v = rollout(&p.admin).await;
-        assert_eq!((v["state"].as_str(), v["step"].as_u64()), (Some("progressing"), Some(0)), "{v:#}");
-        assert!(v["analysis"]["rules"][0]["canary"]["requests"].as_u64().unwrap() < 300);
+        assert_eq!(
+            (v["state"].as_str(), v["step"].as_u64()),
+            (Some("progressing"), Some(0)),
+            "{v:#}"
+        );
+        assert!(
+            v["analysis"]["rules"][0]["canary"]["requests"]
+                .as_u64()
+                .unwrap()
+                < 300
+        );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     // Enough canary requests: it passes (and the last step is 100 %).
-    let _ = load(p.addr, 8, 1, 2_000, Duration::from_secs(60), Arc::clone(&stop)).await;
+    let _ = load(
+        p.addr,
+        8,
+        1,
+        2_000,
+        Duration::from_secs(60),
+        Arc::clone(&stop),
+    )
+    .await;
     let done = until_state(&p.admin, &["succeeded"], Duration::from_secs(30)).await;
     assert_eq!(green_weight(&done), 100.0);
     p.shutdown().await;
@@ -380,7 +424,10 @@ async fn healthy_canary_succeeds_and_sticky_clients_only_move_to_green() {
                     let c = sc.to_str().unwrap().split(';').next().unwrap().to_string();
                     cookie.get_or_insert(c);
                 }
-                let pool = resp.headers()["x-switchyard-pool"].to_str().unwrap().to_string();
+                let pool = resp.headers()["x-switchyard-pool"]
+                    .to_str()
+                    .unwrap()
+                    .to_string();
                 let _ = resp.into_body().collect().await;
                 if cookie.is_some() {
                     pools.push(pool);
@@ -390,7 +437,12 @@ async fn healthy_canary_succeeds_and_sticky_clients_only_move_to_green() {
             (pools, failures)
         }));
     }
-    let v = until_state(&p.admin, &["succeeded", "rolled_back", "aborted"], Duration::from_secs(90)).await;
+    let v = until_state(
+        &p.admin,
+        &["succeeded", "rolled_back", "aborted"],
+        Duration::from_secs(90),
+    )
+    .await;
     done.store(true, Ordering::SeqCst);
     assert_eq!(v["state"], "succeeded", "{v:#}");
     assert_eq!(green_weight(&v), 100.0);
@@ -417,7 +469,9 @@ async fn healthy_canary_succeeds_and_sticky_clients_only_move_to_green() {
         .filter(|e| e["actor"].as_str().unwrap().starts_with("rollout:"))
         .collect();
     assert_eq!(by_rollout.len(), 4, "{history:#}");
-    assert!(by_rollout.iter().all(|e| e["actor"] == format!("rollout:{}", v["id"].as_str().unwrap())));
+    assert!(by_rollout
+        .iter()
+        .all(|e| e["actor"] == format!("rollout:{}", v["id"].as_str().unwrap())));
     p.shutdown().await;
 }
 
@@ -434,19 +488,44 @@ async fn verbs_pause_promote_full_abort_and_manual_override() {
     let a = &p.admin;
     let plan = r#"{"steps":[{"weight":10,"pause":"1h"},{"gate":"approve"},{"weight":20,"pause":"1h"},{"weight":100}],"analysis":{"min_requests":20}}"#;
     start(a, plan).await;
-    let (s, v) = a.post("/api/v1/services/web/split", r#"{"green":50}"#).await;
-    assert_eq!((s, v["error"]["code"].as_str()), (StatusCode::CONFLICT, Some("rollout_active")), "{v}");
+    let (s, v) = a
+        .post("/api/v1/services/web/split", r#"{"green":50}"#)
+        .await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (StatusCode::CONFLICT, Some("rollout_active")),
+        "{v}"
+    );
     let (s, v) = a.post("/api/v1/services/web/rollback", "{}").await;
     assert_eq!(s, StatusCode::CONFLICT, "{v}");
-    let (s, v) = a.post("/api/v1/services/web/rollout", r#"{"plan":{"steps":[{"weight":100}]}}"#).await;
-    assert_eq!((s, v["error"]["code"].as_str()), (StatusCode::CONFLICT, Some("rollout_active")));
+    let (s, v) = a
+        .post(
+            "/api/v1/services/web/rollout",
+            r#"{"plan":{"steps":[{"weight":100}]}}"#,
+        )
+        .await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (StatusCode::CONFLICT, Some("rollout_active"))
+    );
     // promote: skips the 1 h pause, then waits at the gate.
     let v = a.ok("/api/v1/services/web/rollout/promote", "{}").await;
-    assert_eq!((v["state"].as_str(), v["pause"].as_str(), v["step"].as_u64()), (Some("paused"), Some("gate"), Some(1)));
+    assert_eq!(
+        (v["state"].as_str(), v["pause"].as_str(), v["step"].as_u64()),
+        (Some("paused"), Some("gate"), Some(1))
+    );
     let (s, _) = a.post("/api/v1/services/web/rollout/resume", "{}").await;
     assert_eq!(s, StatusCode::CONFLICT, "a gate needs promote");
-    let v = a.ok("/api/v1/services/web/rollout/promote", r#"{"reason":"QA ok"}"#).await;
-    assert_eq!((v["state"].as_str(), green_weight(&v)), (Some("progressing"), 20.0));
+    let v = a
+        .ok(
+            "/api/v1/services/web/rollout/promote",
+            r#"{"reason":"QA ok"}"#,
+        )
+        .await;
+    assert_eq!(
+        (v["state"].as_str(), green_weight(&v)),
+        (Some("progressing"), 20.0)
+    );
     // pause: the state says so, and the weight holds.
     let v = a.ok("/api/v1/services/web/rollout/pause", "{}").await;
     assert_eq!(v["state"], "paused");
@@ -454,7 +533,14 @@ async fn verbs_pause_promote_full_abort_and_manual_override() {
     // A failure while paused still rolls back.
     green.fail_every(1);
     let stop = Arc::new(AtomicBool::new(false));
-    let driver = tokio::spawn(load(p.addr, 4, 10, 20_000, Duration::from_secs(60), Arc::clone(&stop)));
+    let driver = tokio::spawn(load(
+        p.addr,
+        4,
+        10,
+        20_000,
+        Duration::from_secs(60),
+        Arc::clone(&stop),
+    ));
     let v = until_state(a, &["rolled_back"], Duration::from_secs(60)).await;
     stop.store(true, Ordering::SeqCst);
     driver.await.unwrap();
@@ -466,27 +552,53 @@ async fn verbs_pause_promote_full_abort_and_manual_override() {
     // promote full: 100 % in one generation.
     start(a, plan).await;
     let before = a.service("web").await["generation"].as_u64().unwrap();
-    let v = a.ok("/api/v1/services/web/rollout/promote", r#"{"full":true}"#).await;
-    assert_eq!((v["state"].as_str(), green_weight(&v)), (Some("succeeded"), 100.0));
+    let v = a
+        .ok("/api/v1/services/web/rollout/promote", r#"{"full":true}"#)
+        .await;
+    assert_eq!(
+        (v["state"].as_str(), green_weight(&v)),
+        (Some("succeeded"), 100.0)
+    );
     let svc = a.service("web").await;
-    assert_eq!((svc["live"].as_str(), svc["generation"].as_u64()), (Some("green"), Some(before + 1)));
+    assert_eq!(
+        (svc["live"].as_str(), svc["generation"].as_u64()),
+        (Some("green"), Some(before + 1))
+    );
 
     // abort: the canary (now blue) back to 0 % in one call.
     let v = start(a, plan).await;
-    assert_eq!((v["canary"].as_str(), v["weights"]["blue"].as_f64()), (Some("blue"), Some(10.0)));
-    let v = a.ok("/api/v1/services/web/rollout/abort", r#"{"reason":"bad build"}"#).await;
+    assert_eq!(
+        (v["canary"].as_str(), v["weights"]["blue"].as_f64()),
+        (Some("blue"), Some(10.0))
+    );
+    let v = a
+        .ok(
+            "/api/v1/services/web/rollout/abort",
+            r#"{"reason":"bad build"}"#,
+        )
+        .await;
     assert_eq!(v["state"], "aborted");
     assert_eq!(a.service("web").await["live"], "green");
 
     // force: aborts the running rollout, then the manual change.
     start(a, plan).await;
-    let svc = a.ok("/api/v1/services/web/split", r#"{"green":70,"force":true}"#).await;
+    let svc = a
+        .ok("/api/v1/services/web/split", r#"{"green":70,"force":true}"#)
+        .await;
     assert_eq!(svc["weights"]["green"], 70);
     let v = rollout(a).await;
     assert_eq!(v["state"], "aborted");
-    assert!(v["reason"].as_str().unwrap().contains("manual_override"), "{v:#}");
+    assert!(
+        v["reason"].as_str().unwrap().contains("manual_override"),
+        "{v:#}"
+    );
     let (_, list) = a.get("/api/v1/services/web/rollouts").await;
-    let results: Vec<&str> = list.as_array().unwrap().iter().map(|r| r["state"].as_str().unwrap()).collect();
+    let results: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["state"].as_str().unwrap())
+        .collect();
     assert_eq!(results, ["aborted", "aborted", "succeeded", "rolled_back"]);
     p.shutdown().await;
 }
@@ -498,21 +610,53 @@ async fn both_pools_failing_pauses_then_resumes() {
     let blue = Faulty::start("blue").await;
     let green = Faulty::start("green").await;
     let p = TestProxy::start(&[Svc::addrs("web", &[blue.addr], &[green.addr])]).await;
-    start(&p.admin, r#"{"steps":[{"weight":50,"pause":"1h"},{"weight":100}]}"#).await;
+    start(
+        &p.admin,
+        r#"{"steps":[{"weight":50,"pause":"1h"},{"weight":100}]}"#,
+    )
+    .await;
     let stop = Arc::new(AtomicBool::new(false));
-    let driver = tokio::spawn(load(p.addr, 8, 20, 200_000, Duration::from_secs(120), Arc::clone(&stop)));
+    let driver = tokio::spawn(load(
+        p.addr,
+        8,
+        20,
+        200_000,
+        Duration::from_secs(120),
+        Arc::clone(&stop),
+    ));
     blue.fail_every(5);
     green.fail_every(5);
-    let v = until_state(&p.admin, &["paused", "rolled_back"], Duration::from_secs(60)).await;
-    assert_eq!((v["state"].as_str(), v["pause"].as_str()), (Some("paused"), Some("baseline_unhealthy")), "{v:#}");
+    let v = until_state(
+        &p.admin,
+        &["paused", "rolled_back"],
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(
+        (v["state"].as_str(), v["pause"].as_str()),
+        (Some("paused"), Some("baseline_unhealthy")),
+        "{v:#}"
+    );
     assert_eq!(green_weight(&v), 50.0, "no rollback, no weight change");
-    assert!(v["reason"].as_str().unwrap().contains("both pools"), "{v:#}");
+    assert!(
+        v["reason"].as_str().unwrap().contains("both pools"),
+        "{v:#}"
+    );
     blue.fail_every(0);
     green.fail_every(0);
-    let v = until_state(&p.admin, &["progressing", "rolled_back"], Duration::from_secs(60)).await;
+    let v = until_state(
+        &p.admin,
+        &["progressing", "rolled_back"],
+        Duration::from_secs(60),
+    )
+    .await;
     stop.store(true, Ordering::SeqCst);
     driver.await.unwrap();
-    assert_eq!((v["state"].as_str(), v["step"].as_u64()), (Some("progressing"), Some(0)), "{v:#}");
+    assert_eq!(
+        (v["state"].as_str(), v["step"].as_u64()),
+        (Some("progressing"), Some(0)),
+        "{v:#}"
+    );
     assert_eq!(green_weight(&v), 50.0);
     p.shutdown().await;
 }
@@ -525,9 +669,20 @@ async fn slow_canary_rolled_back_by_the_latency_rule() {
     let green = Faulty::start("green").await;
     green.delay(50);
     let p = TestProxy::start(&[Svc::addrs("web", &[blue.addr], &[green.addr])]).await;
-    start(&p.admin, r#"{"steps":[{"weight":5,"pause":"1h"},{"weight":100}],"analysis":{"min_requests":50}}"#).await;
+    start(
+        &p.admin,
+        r#"{"steps":[{"weight":5,"pause":"1h"},{"weight":100}],"analysis":{"min_requests":50}}"#,
+    )
+    .await;
     let stop = Arc::new(AtomicBool::new(false));
-    let driver = tokio::spawn(load(p.addr, 8, 20, 100_000, Duration::from_secs(120), Arc::clone(&stop)));
+    let driver = tokio::spawn(load(
+        p.addr,
+        8,
+        20,
+        100_000,
+        Duration::from_secs(120),
+        Arc::clone(&stop),
+    ));
     let v = until_state(&p.admin, &["rolled_back"], Duration::from_secs(100)).await;
     stop.store(true, Ordering::SeqCst);
     let seen = driver.await.unwrap();
@@ -559,15 +714,29 @@ async fn restart_resumes_the_same_step_with_the_time_left() {
     let client = http1_client();
     let mut pinned = Vec::new();
     for _ in 0..1000 {
-        let req = Request::get(format!("http://{}/", first.proxy)).body(empty()).unwrap();
+        let req = Request::get(format!("http://{}/", first.proxy))
+            .body(empty())
+            .unwrap();
         let resp = client.request(req).await.unwrap();
-        let cookie = resp.headers()["set-cookie"].to_str().unwrap().split(';').next().unwrap().to_string();
-        let pool = resp.headers()["x-switchyard-pool"].to_str().unwrap().to_string();
+        let cookie = resp.headers()["set-cookie"]
+            .to_str()
+            .unwrap()
+            .split(';')
+            .next()
+            .unwrap()
+            .to_string();
+        let pool = resp.headers()["x-switchyard-pool"]
+            .to_str()
+            .unwrap()
+            .to_string();
         let _ = resp.into_body().collect().await;
         pinned.push((cookie, pool));
     }
     let greens = pinned.iter().filter(|(_, p)| p == "green").count();
-    assert!((150..=350).contains(&greens), "{greens} of 1000 green at 25 %");
+    assert!(
+        (150..=350).contains(&greens),
+        "{greens} of 1000 green at 25 %"
+    );
     // Some observation time has been persisted (every 2 s).
     let (ok, before) = poll(&admin, Duration::from_secs(30), |v| {
         v["step_remaining_s"].as_f64().unwrap() <= 595.0
@@ -583,7 +752,10 @@ async fn restart_resumes_the_same_step_with_the_time_left() {
     let admin = Admin::new(second.admin);
     let after = rollout(&admin).await;
     assert_eq!(after["id"], id.as_str());
-    assert_eq!((after["state"].as_str(), after["step"].as_u64()), (Some("progressing"), Some(0)));
+    assert_eq!(
+        (after["state"].as_str(), after["step"].as_u64()),
+        (Some("progressing"), Some(0))
+    );
     assert_eq!(green_weight(&after), 25.0);
     let left_after = after["step_remaining_s"].as_f64().unwrap();
     assert!(
@@ -596,7 +768,11 @@ async fn restart_resumes_the_same_step_with_the_time_left() {
             .body(empty())
             .unwrap();
         let resp = client.request(req).await.unwrap();
-        assert_eq!(resp.headers()["x-switchyard-pool"].to_str().unwrap(), pool, "{cookie}");
+        assert_eq!(
+            resp.headers()["x-switchyard-pool"].to_str().unwrap(),
+            pool,
+            "{cookie}"
+        );
         let _ = resp.into_body().collect().await;
     }
     // And it goes on ticking.
@@ -687,7 +863,8 @@ fn check_reports_plan_errors_with_their_lines() {
         (line_of("alpha = 2"), "analysis.alpha"),
     ] {
         assert!(
-            all.lines().any(|l| l.contains(&format!(":{line}: ")) && l.contains(what)),
+            all.lines()
+                .any(|l| l.contains(&format!(":{line}: ")) && l.contains(what)),
             "no `{what}` at line {line} in:\n{all}"
         );
     }

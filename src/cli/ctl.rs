@@ -159,7 +159,12 @@ pub(crate) enum RolloutCommand {
         /// Service name.
         service: String,
         /// A `[[rollout_plan]]` name from the server's config.
-        #[arg(long, value_name = "NAME", required_unless_present = "plan_file", conflicts_with = "plan_file")]
+        #[arg(
+            long,
+            value_name = "NAME",
+            required_unless_present = "plan_file",
+            conflicts_with = "plan_file"
+        )]
         plan: Option<String>,
         /// An inline plan: a JSON file `{"steps":[…],"analysis":{…}}`.
         #[arg(long, value_name = "FILE.json")]
@@ -369,7 +374,11 @@ async fn run_inner(args: &CtlArgs, config: Option<&std::path::Path>) -> Result<S
 }
 
 /// `ctl rollout …`.
-async fn rollout(admin: &Admin, args: &CtlArgs, command: &RolloutCommand) -> Result<String, Failure> {
+async fn rollout(
+    admin: &Admin,
+    args: &CtlArgs,
+    command: &RolloutCommand,
+) -> Result<String, Failure> {
     let path = |s: &str, rest: &str| format!("/api/v1/services/{}/{rest}", segment(s));
     let with_reason = |mut body: Value| {
         if let (Some(r), Some(m)) = (&args.reason, body.as_object_mut()) {
@@ -393,9 +402,15 @@ async fn rollout(admin: &Admin, args: &CtlArgs, command: &RolloutCommand) -> Res
                         Failure::Usage(format!("--plan-file {}: invalid JSON: {e}", file.display()))
                     })?
                 }
-                (None, None) => return Err(Failure::Usage("--plan NAME or --plan-file FILE".into())),
+                (None, None) => {
+                    return Err(Failure::Usage("--plan NAME or --plan-file FILE".into()))
+                }
             };
-            (Method::POST, path(service, "rollout"), Some(with_reason(json!({ "plan": plan }))))
+            (
+                Method::POST,
+                path(service, "rollout"),
+                Some(with_reason(json!({ "plan": plan }))),
+            )
         }
         RolloutCommand::Status {
             service,
@@ -403,20 +418,26 @@ async fn rollout(admin: &Admin, args: &CtlArgs, command: &RolloutCommand) -> Res
             timeout,
         } => return rollout_wait(admin, args.json, service, *timeout).await,
         RolloutCommand::Status { service, .. } => (Method::GET, path(service, "rollout"), None),
-        RolloutCommand::Pause { service } => {
-            (Method::POST, path(service, "rollout/pause"), Some(with_reason(json!({}))))
-        }
-        RolloutCommand::Resume { service } => {
-            (Method::POST, path(service, "rollout/resume"), Some(with_reason(json!({}))))
-        }
+        RolloutCommand::Pause { service } => (
+            Method::POST,
+            path(service, "rollout/pause"),
+            Some(with_reason(json!({}))),
+        ),
+        RolloutCommand::Resume { service } => (
+            Method::POST,
+            path(service, "rollout/resume"),
+            Some(with_reason(json!({}))),
+        ),
         RolloutCommand::Promote { service, full } => (
             Method::POST,
             path(service, "rollout/promote"),
             Some(with_reason(json!({ "full": full }))),
         ),
-        RolloutCommand::Abort { service } => {
-            (Method::POST, path(service, "rollout/abort"), Some(with_reason(json!({}))))
-        }
+        RolloutCommand::Abort { service } => (
+            Method::POST,
+            path(service, "rollout/abort"),
+            Some(with_reason(json!({}))),
+        ),
         RolloutCommand::History { service } => (Method::GET, path(service, "rollouts"), None),
     };
     let value = admin.call(method, &p, body, args.if_generation).await?;
@@ -434,7 +455,12 @@ async fn rollout(admin: &Admin, args: &CtlArgs, command: &RolloutCommand) -> Res
 
 /// `rollout status --wait`: long-polls (in calls shorter than the call
 /// timeout) until the rollout ends or `timeout` passes.
-async fn rollout_wait(admin: &Admin, json: bool, service: &str, timeout: Duration) -> Result<String, Failure> {
+async fn rollout_wait(
+    admin: &Admin,
+    json: bool,
+    service: &str,
+    timeout: Duration,
+) -> Result<String, Failure> {
     let deadline = Instant::now() + timeout;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -454,9 +480,7 @@ async fn rollout_wait(admin: &Admin, json: bool, service: &str, timeout: Duratio
         match state {
             "succeeded" => return Ok(output),
             "rolled_back" | "aborted" => return Err(Failure::Rollout { code: 4, output }),
-            _ if Instant::now() >= deadline => {
-                return Err(Failure::Rollout { code: 5, output })
-            }
+            _ if Instant::now() >= deadline => return Err(Failure::Rollout { code: 5, output }),
             _ => {}
         }
     }
@@ -491,7 +515,11 @@ fn rollout_table(r: &Value) -> String {
             .as_f64()
             .map_or_else(|| "-".to_string(), |s| format!("{s:.0}s"))
     );
-    for rule in r["analysis"]["rules"].as_array().map(Vec::as_slice).unwrap_or_default() {
+    for rule in r["analysis"]["rules"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+    {
         let _ = writeln!(
             out,
             "  {:<12} {:<8} canary {}  baseline {}",
@@ -504,7 +532,9 @@ fn rollout_table(r: &Value) -> String {
     let _ = writeln!(
         out,
         "  impact: {} canary requests, {} failures, {} user failures",
-        r["impact"]["canary_requests"], r["impact"]["canary_failures"], r["impact"]["user_failures"]
+        r["impact"]["canary_requests"],
+        r["impact"]["canary_failures"],
+        r["impact"]["user_failures"]
     );
     out
 }

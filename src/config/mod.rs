@@ -908,7 +908,9 @@ fn parse_rollout_plans(root: &Section) -> Vec<Plan> {
     for (i, table, span) in root.tables("rollout_plan") {
         let line = root.cx.line(&span);
         let json = table_json(table);
-        let name_span = table.get("name").map_or_else(|| span.clone(), Spanned::span);
+        let name_span = table
+            .get("name")
+            .map_or_else(|| span.clone(), Spanned::span);
         let who = match table.get("name").and_then(|v| v.get_ref().as_str()) {
             Some(n) => format!("rollout_plan {n:?}"),
             None => format!("rollout_plan[{i}]"),

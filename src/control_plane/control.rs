@@ -35,10 +35,10 @@ use crate::config::rules::RuleSpec;
 use crate::config::{BackendAddr, Config, ConfigErrors, FileError, FileErrors, ServiceConfig};
 use crate::control_plane::admin::auth::Tokens;
 use crate::control_plane::files::{upstream_ca_error, LoadedFiles};
+use crate::control_plane::rollout::{self, machine::Rollout, plan::Plan};
 use crate::control_plane::state::{
     self, ChangeMeta, Command, CommandError, HealthView, HistoryEntry, Outcome, RoutingState,
 };
-use crate::control_plane::rollout::{self, machine::Rollout, plan::Plan};
 use crate::control_plane::store::{StateStore, StoreError};
 use crate::data_plane::backend::{now_ms, Backend, Health};
 use crate::data_plane::conn_limit::ConnLimiter;

@@ -601,13 +601,21 @@ fn parse_wait(query: &str) -> Result<Option<std::time::Duration>, AdminError> {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         match k {
             "wait" if v == "done" => wait = true,
-            "wait" => return Err(AdminError::field("wait", format!("expected \"done\", got {v:?}"))),
+            "wait" => {
+                return Err(AdminError::field(
+                    "wait",
+                    format!("expected \"done\", got {v:?}"),
+                ))
+            }
             "timeout" => {
                 timeout = humantime::parse_duration(v)
                     .ok()
                     .filter(|d| *d <= std::time::Duration::from_secs(24 * 3600))
                     .ok_or_else(|| {
-                        AdminError::field("timeout", format!("expected a duration up to 24h like \"600s\", got {v:?}"))
+                        AdminError::field(
+                            "timeout",
+                            format!("expected a duration up to 24h like \"600s\", got {v:?}"),
+                        )
                     })?;
             }
             _ => {}

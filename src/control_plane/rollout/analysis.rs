@@ -243,7 +243,8 @@ impl StepStats {
             if base_n >= LATENCY_BASELINE_MIN {
                 if let Some(p99) = self.baseline_p99_us {
                     let tau = (p99 as f64 * cfg.max_latency_ratio
-                        + cfg.latency_slack.as_micros() as f64) as u64;
+                        + cfg.latency_slack.as_micros() as f64)
+                        as u64;
                     self.latency_bound_us = Some(tau);
                     let n: u64 = tick.latency.iter().sum();
                     let x = tick.above_micros(tau);
@@ -388,9 +389,7 @@ impl StepStats {
                 "running"
             }
         };
-        let tally = |t: Tally| {
-            serde_json::json!({"requests": t.requests, "failures": t.failures, "ratio": t.ratio()})
-        };
+        let tally = |t: Tally| serde_json::json!({"requests": t.requests, "failures": t.failures, "ratio": t.ratio()});
         let finite = |x: f64| x.is_finite().then(|| x.exp());
         vec![
             RuleReport {
@@ -403,7 +402,10 @@ impl StepStats {
             },
             RuleReport {
                 name: "latency",
-                verdict: state("latency", self.latency_samples >= LATENCY_MIN_SAMPLES.min(cfg.min_requests)),
+                verdict: state(
+                    "latency",
+                    self.latency_samples >= LATENCY_MIN_SAMPLES.min(cfg.min_requests),
+                ),
                 canary: serde_json::json!({
                     "p99_ms": self.canary_p99_us.map(|u| u as f64 / 1000.0),
                     "samples": self.latency_samples,
@@ -538,7 +540,16 @@ mod tests {
         let v = s.verdict(&cfg, tally(1000, 100), tally(1000, 100));
         assert!(matches!(v, Verdict::BaselineUnhealthy { .. }), "{v:?}");
         let v = s.verdict(&cfg, tally(1000, 200), tally(10_000, 10));
-        assert!(matches!(v, Verdict::Fail { rule: "error_abs", .. }), "{v:?}");
+        assert!(
+            matches!(
+                v,
+                Verdict::Fail {
+                    rule: "error_abs",
+                    ..
+                }
+            ),
+            "{v:?}"
+        );
         // 2 failures in 20 is not significant against 5 %.
         let v = s.verdict(&cfg, tally(20, 2), tally(10_000, 10));
         assert_eq!(v, Verdict::Pass);

@@ -205,7 +205,13 @@ fn pct(bp: u16) -> f64 {
 
 impl Rollout {
     /// A new rollout at its first step.
-    pub(crate) fn start(id: String, service: String, plan: Plan, canary: Color, at: &str) -> Rollout {
+    pub(crate) fn start(
+        id: String,
+        service: String,
+        plan: Plan,
+        canary: Color,
+        at: &str,
+    ) -> Rollout {
         let mut r = Rollout {
             id,
             service,
@@ -229,7 +235,11 @@ impl Rollout {
             ended_at: None,
             failed_rule: None,
         };
-        r.event(at, "started", format!("canary {}, baseline {}", r.canary, r.baseline));
+        r.event(
+            at,
+            "started",
+            format!("canary {}, baseline {}", r.canary, r.baseline),
+        );
         r.enter_step(0, at);
         r
     }
@@ -325,7 +335,9 @@ impl Rollout {
             return;
         };
         match step {
-            Step::Weight { weight_bp, pause, .. } => {
+            Step::Weight {
+                weight_bp, pause, ..
+            } => {
                 self.weight_bp = weight_bp;
                 self.state = State::Progressing;
                 self.reason = format!(
@@ -335,7 +347,10 @@ impl Rollout {
                     if pause.is_zero() {
                         String::new()
                     } else {
-                        format!(" for {}", crate::control_plane::rollout::plan::fmt_duration(pause))
+                        format!(
+                            " for {}",
+                            crate::control_plane::rollout::plan::fmt_duration(pause)
+                        )
                     }
                 );
                 self.event(at, "step", format!("weight {} %", pct(weight_bp)));
@@ -418,7 +433,9 @@ impl Rollout {
         }
         self.step_elapsed_ms = self.step_elapsed_ms.saturating_add(dt_ms);
         let passed = match self.plan.steps.get(self.step) {
-            Some(Step::Weight { pause, weight_bp, .. }) => {
+            Some(Step::Weight {
+                pause, weight_bp, ..
+            }) => {
                 self.step_elapsed_ms >= pause.as_millis() as u64
                     && (*weight_bp == 10_000
                         || self.stats.canary.requests >= self.plan.min_requests(self.step))
@@ -487,7 +504,10 @@ impl Rollout {
                 self.event(at, "resumed", who.to_string());
                 Ok(())
             }
-            _ => Err(VerbError(format!("the rollout is {}, not paused", self.state.as_str()))),
+            _ => Err(VerbError(format!(
+                "the rollout is {}, not paused",
+                self.state.as_str()
+            ))),
         }
     }
 
@@ -614,8 +634,14 @@ mod tests {
         let cfg = r.plan.analysis.clone();
         r.stats.observe(
             &cfg,
-            Tally { requests: canary, failures: 0 },
-            Tally { requests: canary * 10, failures: 0 },
+            Tally {
+                requests: canary,
+                failures: 0,
+            },
+            Tally {
+                requests: canary * 10,
+                failures: 0,
+            },
             None,
             None,
             None,
@@ -625,7 +651,10 @@ mod tests {
     #[test]
     fn a_plan_runs_through_mirror_gate_and_steps() {
         let mut r = Rollout::start("r1".into(), "web".into(), plan(), Color::Green, "t0");
-        assert_eq!((r.state, r.weight_bp, r.mirror_wish()), (State::Mirroring, 0, Some(50.0)));
+        assert_eq!(
+            (r.state, r.weight_bp, r.mirror_wish()),
+            (State::Mirroring, 0, Some(50.0))
+        );
         assert!(r.tick(1000, &Verdict::Pass, "t1"));
         assert_eq!((r.state, r.step, r.weight_bp), (State::Progressing, 1, 100));
         assert_eq!(r.mirror_wish(), None);
@@ -633,11 +662,17 @@ mod tests {
         assert!(!r.tick(5000, &Verdict::Pass, "t2"));
         feed(&mut r, 10);
         assert!(r.tick(250, &Verdict::Pass, "t3"));
-        assert_eq!((r.state, r.pause, r.step), (State::Paused, Some(PauseKind::Gate), 2));
+        assert_eq!(
+            (r.state, r.pause, r.step),
+            (State::Paused, Some(PauseKind::Gate), 2)
+        );
         assert!(r.resume("ops", "t4").is_err());
         assert!(!r.tick(10_000, &Verdict::Pass, "t5"), "a gate waits");
         r.promote(false, "ops", "t6").expect("promote");
-        assert_eq!((r.state, r.step, r.weight_bp), (State::Progressing, 3, 5000));
+        assert_eq!(
+            (r.state, r.step, r.weight_bp),
+            (State::Progressing, 3, 5000)
+        );
         // Paused: time stops; resume continues the timer.
         r.pause("ops", "t7").expect("pause");
         assert!(!r.tick(10_000, &Verdict::Pass, "t8"));
@@ -655,20 +690,34 @@ mod tests {
     fn failures_roll_back_even_while_paused_and_ties_pause() {
         let mut r = Rollout::start("r1".into(), "web".into(), plan(), Color::Blue, "t0");
         r.promote(false, "ops", "t1").expect("promote");
-        assert_eq!(weights_for(Color::Blue, r.weight_bp).percent(Color::Blue), 1.0);
-        let tie = Verdict::BaselineUnhealthy { reason: "both".into() };
+        assert_eq!(
+            weights_for(Color::Blue, r.weight_bp).percent(Color::Blue),
+            1.0
+        );
+        let tie = Verdict::BaselineUnhealthy {
+            reason: "both".into(),
+        };
         assert!(r.tick(250, &tie, "t2"));
-        assert_eq!((r.state, r.pause), (State::Paused, Some(PauseKind::BaselineUnhealthy)));
+        assert_eq!(
+            (r.state, r.pause),
+            (State::Paused, Some(PauseKind::BaselineUnhealthy))
+        );
         assert!(r.tick(250, &Verdict::Pass, "t3"));
         assert_eq!(r.state, State::Progressing);
         r.pause("ops", "t4").expect("pause");
-        let fail = Verdict::Fail { rule: "error_ratio", reason: "bad".into() };
+        let fail = Verdict::Fail {
+            rule: "error_ratio",
+            reason: "bad".into(),
+        };
         assert!(r.tick(250, &fail, "t5"));
         assert_eq!((r.state, r.weight_bp), (State::RolledBack, 0));
         assert!(r.reason.contains("bad"));
         let mut r = Rollout::start("r2".into(), "web".into(), plan(), Color::Green, "t0");
         r.promote(true, "ops", "t1").expect("full");
-        assert_eq!((r.state, r.weight_bp, r.forced), (State::Succeeded, 10_000, true));
+        assert_eq!(
+            (r.state, r.weight_bp, r.forced),
+            (State::Succeeded, 10_000, true)
+        );
         let mut r = Rollout::start("r3".into(), "web".into(), plan(), Color::Green, "t0");
         r.abort("ops", "bad build", "t1").expect("abort");
         assert_eq!((r.state, r.weight_bp), (State::Aborted, 0));

@@ -59,7 +59,10 @@ pub(crate) fn set_mirror(service: &str, pool: Color, percent: f64) {
 
 /// MIRROR HOOK: stops the copy [`set_mirror`] started. A no-op for now.
 pub(crate) fn clear_mirror(service: &str) {
-    tracing::info!(service, "rollout: mirror step over (mirroring not wired yet)");
+    tracing::info!(
+        service,
+        "rollout: mirror step over (mirroring not wired yet)"
+    );
 }
 
 // ===== errors =====
@@ -153,7 +156,13 @@ pub(crate) struct Drivers {
 }
 
 impl Drivers {
-    fn handle(&self, service: &str) -> Option<(mpsc::Sender<(Verb, ChangeMeta, VerbReply)>, watch::Receiver<Arc<Rollout>>)> {
+    fn handle(
+        &self,
+        service: &str,
+    ) -> Option<(
+        mpsc::Sender<(Verb, ChangeMeta, VerbReply)>,
+        watch::Receiver<Arc<Rollout>>,
+    )> {
         let map = self.running.lock().unwrap_or_else(|e| e.into_inner());
         map.get(service)
             .map(|h| (h.verbs.clone(), h.latest.clone()))
@@ -212,13 +221,26 @@ pub(crate) async fn start(
     let at = now_text();
     let record = Rollout::start(id, service.to_string(), plan, canary, &at);
     tracing::info!(service, id = %record.id, %canary, started_by = %meta.actor, "rollout started");
-    let meta = rollout_meta(&record, meta.reason.as_deref(), &format!("started by {}", meta.actor));
+    let meta = rollout_meta(
+        &record,
+        meta.reason.as_deref(),
+        &format!("started by {}", meta.actor),
+    );
     control
-        .commit_rollout(service, record.clone(), Some(weights_for(canary, record.weight_bp)), &meta)
+        .commit_rollout(
+            service,
+            record.clone(),
+            Some(weights_for(canary, record.weight_bp)),
+            &meta,
+        )
         .await?;
-    control.metrics().rollout_set(service, record.state.as_str(), record.step);
+    control
+        .metrics()
+        .rollout_set(service, record.state.as_str(), record.step);
     if record.state.is_terminal() {
-        control.metrics().rollout_ended(service, record.state.as_str());
+        control
+            .metrics()
+            .rollout_ended(service, record.state.as_str());
         return Ok(record.view(false));
     }
     let view = record.view(false);
@@ -232,7 +254,9 @@ pub(crate) async fn resume_all(control: &Arc<Control>) {
     for record in control.active_rollouts().await {
         tracing::info!(service = %record.service, id = %record.id, step = record.step,
             remaining_s = record.step_remaining_s().unwrap_or(0.0), "rollout resumed after restart");
-        control.metrics().rollout_set(&record.service, record.state.as_str(), record.step);
+        control
+            .metrics()
+            .rollout_set(&record.service, record.state.as_str(), record.step);
         spawn(control, record);
     }
 }
@@ -323,7 +347,9 @@ pub(crate) async fn history(control: &Control, service: &str) -> Result<Value, R
             *slot = (*r).clone();
         }
     }
-    Ok(Value::Array(list.iter().rev().map(|r| r.view(true)).collect()))
+    Ok(Value::Array(
+        list.iter().rev().map(|r| r.view(true)).collect(),
+    ))
 }
 
 fn rollout_meta(r: &Rollout, reason: Option<&str>, what: &str) -> ChangeMeta {
@@ -343,12 +369,16 @@ fn rollout_meta(r: &Rollout, reason: Option<&str>, what: &str) -> ChangeMeta {
 fn spawn(control: &Arc<Control>, record: Rollout) {
     let (verbs, rx) = mpsc::channel(16);
     let (latest_tx, latest) = watch::channel(Arc::new(record.clone()));
-    control.drivers().insert(&record.service, Handle { verbs, latest });
+    control
+        .drivers()
+        .insert(&record.service, Handle { verbs, latest });
     let control = Arc::clone(control);
     tokio::spawn(async move {
         let service = record.service.clone();
         let id = record.id.clone();
-        Driver::new(Arc::clone(&control), record, latest_tx).run(rx).await;
+        Driver::new(Arc::clone(&control), record, latest_tx)
+            .run(rx)
+            .await;
         control.drivers().remove(&service, &id);
     });
 }
@@ -374,7 +404,10 @@ struct Driver {
 impl Driver {
     fn new(control: Arc<Control>, r: Rollout, latest: watch::Sender<Arc<Rollout>>) -> Driver {
         let outcomes = control.metrics().outcomes(&r.service);
-        let last = [outcomes.pool(Color::Blue).read(), outcomes.pool(Color::Green).read()];
+        let last = [
+            outcomes.pool(Color::Blue).read(),
+            outcomes.pool(Color::Green).read(),
+        ];
         let applied_bp = r.weight_bp;
         Driver {
             control,
@@ -430,7 +463,10 @@ impl Driver {
     /// Reads the counters, updates impact and statistics, ticks the machine.
     async fn tick(&mut self, dt: Duration) {
         let outcomes = self.control.metrics().outcomes(&self.r.service);
-        let now = [outcomes.pool(Color::Blue).read(), outcomes.pool(Color::Green).read()];
+        let now = [
+            outcomes.pool(Color::Blue).read(),
+            outcomes.pool(Color::Green).read(),
+        ];
         let delta = [now[0].since(&self.last[0]), now[1].since(&self.last[1])];
         self.last = now;
         let (ci, bi) = (self.r.canary.index(), self.r.baseline.index());
@@ -441,7 +477,9 @@ impl Driver {
         self.r.impact.canary_requests += c.requests;
         self.r.impact.canary_failures += c.failures;
         self.r.impact.user_failures += user_failures;
-        self.control.metrics().rollout_user_failures(&self.r.service, user_failures);
+        self.control
+            .metrics()
+            .rollout_user_failures(&self.r.service, user_failures);
         if !self.r.is_active() {
             // Lingering: counts only.
             self.publish();
@@ -472,7 +510,9 @@ impl Driver {
         self.verdict = self.r.stats.verdict(&cfg, wc, wb);
         let step = self.r.step;
         let state = self.r.state;
-        let changed = self.r.tick(dt.as_millis() as u64, &self.verdict, &now_text());
+        let changed = self
+            .r
+            .tick(dt.as_millis() as u64, &self.verdict, &now_text());
         if let Verdict::Fail { rule, .. } = &self.verdict {
             if self.r.state == State::RolledBack && state != State::RolledBack {
                 self.r.failed_rule = Some((*rule).to_string());
@@ -552,7 +592,8 @@ impl Driver {
 
     /// Persists the record, with the weight change it wants (if any).
     async fn apply(&mut self, what: &str, reason: Option<&str>) -> Result<(), RolloutError> {
-        let weights = (self.r.weight_bp != self.applied_bp).then(|| weights_for(self.r.canary, self.r.weight_bp));
+        let weights = (self.r.weight_bp != self.applied_bp)
+            .then(|| weights_for(self.r.canary, self.r.weight_bp));
         let meta = rollout_meta(&self.r, reason, what);
         self.control
             .commit_rollout(&self.r.service, self.r.clone(), weights, &meta)

@@ -204,13 +204,14 @@ fn number(v: &Value) -> Option<f64> {
 
 fn duration(v: &Value, path: &str, zero_ok: bool) -> Result<Duration, PlanError> {
     let Some(s) = v.as_str() else {
-        return Err(err(path, format!("expected a duration string like \"2m\", got {v}")));
+        return Err(err(
+            path,
+            format!("expected a duration string like \"2m\", got {v}"),
+        ));
     };
     match humantime::parse_duration(s) {
         Ok(d) if d.is_zero() && !zero_ok => Err(err(path, "must be greater than 0")),
-        Ok(d) if d > Duration::from_secs(7 * 24 * 3600) => {
-            Err(err(path, "longer than 7 days"))
-        }
+        Ok(d) if d > Duration::from_secs(7 * 24 * 3600) => Err(err(path, "longer than 7 days")),
         Ok(d) => Ok(d),
         Err(_) => Err(err(
             path,
@@ -222,14 +223,23 @@ fn duration(v: &Value, path: &str, zero_ok: bool) -> Result<Duration, PlanError>
 /// Percent (0, 100] with at most two decimals → basis points.
 fn percent_bp(v: &Value, path: &str) -> Result<u16, PlanError> {
     let Some(p) = number(v) else {
-        return Err(err(path, format!("expected a number from 0.01 to 100, got {v}")));
+        return Err(err(
+            path,
+            format!("expected a number from 0.01 to 100, got {v}"),
+        ));
     };
     if p <= 0.0 || p > 100.0 {
-        return Err(err(path, format!("must be more than 0 and at most 100, got {p}")));
+        return Err(err(
+            path,
+            format!("must be more than 0 and at most 100, got {p}"),
+        ));
     }
     let bp = (p * 100.0).round();
     if (bp - p * 100.0).abs() > 1e-6 {
-        return Err(err(path, format!("at most two decimals (0.01 % steps), got {p}")));
+        return Err(err(
+            path,
+            format!("at most two decimals (0.01 % steps), got {p}"),
+        ));
     }
     // In 1..=10000 by the checks above.
     Ok(bp as u16)
@@ -354,16 +364,32 @@ fn parse_analysis(a: &Map<String, Value>, errors: &mut Vec<PlanError>) -> Analys
             }
         }
     };
-    if let Some(f) = num("max_error_ratio", &|f| (1.0..=1000.0).contains(&f), "a number from 1 to 1000") {
+    if let Some(f) = num(
+        "max_error_ratio",
+        &|f| (1.0..=1000.0).contains(&f),
+        "a number from 1 to 1000",
+    ) {
         c.max_error_ratio = f;
     }
-    if let Some(f) = num("max_error_abs", &|f| f > 0.0 && f <= 1.0, "a ratio above 0 and at most 1") {
+    if let Some(f) = num(
+        "max_error_abs",
+        &|f| f > 0.0 && f <= 1.0,
+        "a ratio above 0 and at most 1",
+    ) {
         c.max_error_abs = f;
     }
-    if let Some(f) = num("max_latency_ratio", &|f| (1.0..=1000.0).contains(&f), "a number from 1 to 1000") {
+    if let Some(f) = num(
+        "max_latency_ratio",
+        &|f| (1.0..=1000.0).contains(&f),
+        "a number from 1 to 1000",
+    ) {
         c.max_latency_ratio = f;
     }
-    if let Some(f) = num("alpha", &|f| f > 0.0 && f < 0.5, "a probability above 0 and below 0.5") {
+    if let Some(f) = num(
+        "alpha",
+        &|f| f > 0.0 && f < 0.5,
+        "a probability above 0 and below 0.5",
+    ) {
         c.alpha = f;
     }
     if let Some(v) = a.get("min_requests") {
@@ -435,7 +461,10 @@ fn parse_steps(items: &[Value], errors: &mut Vec<PlanError>) -> Vec<Step> {
     for (i, item) in items.iter().enumerate() {
         let path = format!("steps[{i}]");
         let Some(m) = item.as_object() else {
-            errors.push(err(path, format!("expected a table like {{ weight = 10, pause = \"1m\" }}, got {item}")));
+            errors.push(err(
+                path,
+                format!("expected a table like {{ weight = 10, pause = \"1m\" }}, got {item}"),
+            ));
             continue;
         };
         let kinds: Vec<&str> = ["weight", "gate", "mirror"]
@@ -452,12 +481,16 @@ fn parse_steps(items: &[Value], errors: &mut Vec<PlanError>) -> Vec<Step> {
                     .transpose();
                 let min_requests = match m.get("min_requests") {
                     None => Ok(None),
-                    Some(v) => v.as_u64().filter(|n| *n <= 100_000_000).map(Some).ok_or_else(|| {
-                        err(
-                            format!("{path}.min_requests"),
-                            format!("expected an integer from 0 to 100000000, got {v}"),
-                        )
-                    }),
+                    Some(v) => v
+                        .as_u64()
+                        .filter(|n| *n <= 100_000_000)
+                        .map(Some)
+                        .ok_or_else(|| {
+                            err(
+                                format!("{path}.min_requests"),
+                                format!("expected an integer from 0 to 100000000, got {v}"),
+                            )
+                        }),
                 };
                 match (w, pause, min_requests) {
                     (Ok(weight_bp), Ok(pause), Ok(min_requests)) => {
@@ -491,13 +524,18 @@ fn parse_steps(items: &[Value], errors: &mut Vec<PlanError>) -> Vec<Step> {
             ["gate"] => {
                 unknown_keys(m, &["gate"], &path, errors);
                 match m["gate"].as_str().map(|s| (s, check_name(s))) {
-                    Some((s, Ok(()))) => Some(Step::Gate { name: s.to_string() }),
+                    Some((s, Ok(()))) => Some(Step::Gate {
+                        name: s.to_string(),
+                    }),
                     Some((_, Err(e))) => {
                         errors.push(err(format!("{path}.gate"), e));
                         None
                     }
                     None => {
-                        errors.push(err(format!("{path}.gate"), format!("expected a name, got {}", m["gate"])));
+                        errors.push(err(
+                            format!("{path}.gate"),
+                            format!("expected a name, got {}", m["gate"]),
+                        ));
                         None
                     }
                 }
@@ -512,7 +550,10 @@ fn parse_steps(items: &[Value], errors: &mut Vec<PlanError>) -> Vec<Step> {
                 }
                 let p = percent_bp(&m["mirror"], &format!("{path}.mirror"));
                 let d = match m.get("duration") {
-                    None => Err(err(format!("{path}.duration"), "missing (required for a mirror step)")),
+                    None => Err(err(
+                        format!("{path}.duration"),
+                        "missing (required for a mirror step)",
+                    )),
                     Some(v) => duration(v, &format!("{path}.duration"), false),
                 };
                 match (p, d) {
@@ -528,13 +569,19 @@ fn parse_steps(items: &[Value], errors: &mut Vec<PlanError>) -> Vec<Step> {
                 }
             }
             [] => {
-                errors.push(err(path, "a step needs one of `weight`, `gate` or `mirror`"));
+                errors.push(err(
+                    path,
+                    "a step needs one of `weight`, `gate` or `mirror`",
+                ));
                 None
             }
             _ => {
                 errors.push(err(
                     path,
-                    format!("a step has one of `weight`, `gate` or `mirror`, not {}", kinds.join(" and ")),
+                    format!(
+                        "a step has one of `weight`, `gate` or `mirror`, not {}",
+                        kinds.join(" and ")
+                    ),
                 ));
                 None
             }
@@ -597,7 +644,8 @@ mod tests {
         assert_eq!(p.min_requests(4), 1000);
         assert_eq!(p.min_requests(1), 100);
         assert_eq!(p, plan(p.to_json()).expect("round trip"));
-        let back: Plan = serde_json::from_str(&serde_json::to_string(&p).expect("json")).expect("de");
+        let back: Plan =
+            serde_json::from_str(&serde_json::to_string(&p).expect("json")).expect("de");
         assert_eq!(back, p);
     }
 
