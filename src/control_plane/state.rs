@@ -329,6 +329,9 @@ impl HealthView for AllHealthy {
 
 /// The result of an accepted command.
 #[derive(Debug, Clone, PartialEq)]
+// Returned once per accepted change and unpacked at once, never stored:
+// boxing it would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Outcome {
     /// The service state changed (new generation, history appended).
     Changed(ServiceState),

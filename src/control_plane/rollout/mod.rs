@@ -143,9 +143,10 @@ impl Verb {
 }
 
 type VerbReply = oneshot::Sender<Result<Value, RolloutError>>;
+type VerbSender = mpsc::Sender<(Verb, ChangeMeta, VerbReply)>;
 
 struct Handle {
-    verbs: mpsc::Sender<(Verb, ChangeMeta, VerbReply)>,
+    verbs: VerbSender,
     latest: watch::Receiver<Arc<Rollout>>,
 }
 
@@ -156,13 +157,7 @@ pub(crate) struct Drivers {
 }
 
 impl Drivers {
-    fn handle(
-        &self,
-        service: &str,
-    ) -> Option<(
-        mpsc::Sender<(Verb, ChangeMeta, VerbReply)>,
-        watch::Receiver<Arc<Rollout>>,
-    )> {
+    fn handle(&self, service: &str) -> Option<(VerbSender, watch::Receiver<Arc<Rollout>>)> {
         let map = self.running.lock().unwrap_or_else(|e| e.into_inner());
         map.get(service)
             .map(|h| (h.verbs.clone(), h.latest.clone()))
