@@ -483,9 +483,11 @@ impl Control {
             .get(service)
             .ok_or_else(|| CommandError::UnknownService(service.to_string()))?;
         let mut next = current.clone();
-        match next.rollouts.back_mut() {
-            Some(last) if last.id == record.id => *last = record,
-            _ => {
+        // By id: a driver that ended may still save its final counts after
+        // the next rollout started; its record stays where it is.
+        match next.rollouts.iter_mut().rev().find(|r| r.id == record.id) {
+            Some(slot) => *slot = record,
+            None => {
                 next.rollouts.push_back(record);
                 while next.rollouts.len() > rollout::ROLLOUTS_LIMIT {
                     next.rollouts.pop_front();

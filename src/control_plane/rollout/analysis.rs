@@ -14,7 +14,11 @@
 //! their exponentials. Under the null, Λ is a non-negative supermartingale,
 //! so by Ville's inequality P(Λ ever ≥ 1/α) ≤ α: checking after every batch
 //! costs nothing in false alarms. The rule fails at Λ ≥ 1/α with at least
-//! [`MIN_FAILURES`] canary failures in the step.
+//! [`MIN_FAILURES`] canary failures in the step. The same test also runs
+//! over the whole rollout, never reset (a supermartingale too, whatever π
+//! does from batch to batch): at low traffic the failures seen at 1 % and
+//! at 5 % add up, where each step alone has too few (a second test, so the
+//! bound is α per rule and step plus α for the rollout).
 //!
 //! **Absolute guard.** Over the trailing window the driver passes in: if the
 //! baseline's failure ratio is above `max_error_abs` (with ≥ 20 requests),
@@ -111,6 +115,12 @@ pub(crate) struct StepStats {
     pending_baseline: Tally,
     /// Log-likelihood ratios of the error test, one per alternative.
     error_llr: Vec<f64>,
+    /// The same test over the whole rollout (carried across steps).
+    #[serde(default)]
+    carried_llr: Vec<f64>,
+    /// Canary failures over the whole rollout.
+    #[serde(default)]
+    carried_failures: u64,
     /// Log-likelihood ratios of the latency test, one per alternative.
     latency_llr: Vec<f64>,
     /// Canary samples the latency test has judged.
@@ -161,6 +171,9 @@ pub(crate) struct RuleReport {
     /// 1/α.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) threshold: Option<f64>,
+    /// Λ of the error test over the whole rollout.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) rollout_evidence: Option<f64>,
 }
 
 /// log of the mean of exp(x) over `xs` (−∞ for none).
@@ -204,6 +217,26 @@ impl StepStats {
         log_mean_exp(&self.error_llr)
     }
 
+    /// ln Λ of the error test over the whole rollout.
+    pub(crate) fn rollout_error_evidence(&self) -> f64 {
+        if self.carried_llr.is_empty() {
+            return f64::NEG_INFINITY;
+        }
+        log_mean_exp(&self.carried_llr)
+    }
+
+    /// The statistics for the next step: everything restarts except the
+    /// error test over the whole rollout.
+    pub(crate) fn next_step(&mut self) {
+        let carried_llr = std::mem::take(&mut self.carried_llr);
+        let carried_failures = self.carried_failures;
+        *self = StepStats {
+            carried_llr,
+            carried_failures,
+            ..StepStats::default()
+        };
+    }
+
     /// ln Λ of the latency test.
     pub(crate) fn latency_evidence(&self) -> f64 {
         if self.latency_llr.is_empty() {
@@ -229,6 +262,7 @@ impl StepStats {
         self.baseline.add(baseline);
         self.pending_canary.add(canary);
         self.pending_baseline.add(baseline);
+        self.carried_failures += canary.failures;
         if self.pending_canary.requests + self.pending_baseline.requests >= BATCH {
             self.error_batch(cfg);
         }
@@ -262,16 +296,26 @@ impl StepStats {
         if self.error_llr.len() != ks.len() {
             self.error_llr = vec![0.0; ks.len()];
         }
+        if self.carried_llr.len() != ks.len() {
+            self.carried_llr = vec![0.0; ks.len()];
+        }
         if c.requests == 0 || b.requests == 0 || c.failures + b.failures == 0 {
             return;
         }
         let pi = c.requests as f64 / (c.requests + b.requests) as f64;
         let share = |k: f64| k * pi / (k * pi + 1.0 - pi);
         let p0 = share(cfg.max_error_ratio);
-        for (llr, k) in self.error_llr.iter_mut().zip(ks) {
+        for ((llr, carried), k) in self
+            .error_llr
+            .iter_mut()
+            .zip(self.carried_llr.iter_mut())
+            .zip(ks)
+        {
             let pk = share(k);
-            *llr += c.failures as f64 * (pk / p0).ln()
+            let add = c.failures as f64 * (pk / p0).ln()
                 + b.failures as f64 * ((1.0 - pk) / (1.0 - p0)).ln();
+            *llr += add;
+            *carried += add;
         }
     }
 
@@ -300,8 +344,11 @@ impl StepStats {
         window_baseline: Tally,
     ) -> Verdict {
         let threshold = (1.0 / cfg.alpha).ln();
-        let lambda = self.error_evidence();
-        if lambda >= threshold && self.canary.failures >= MIN_FAILURES {
+        let step = self.error_evidence();
+        let whole = self.rollout_error_evidence();
+        let step_fails = step >= threshold && self.canary.failures >= MIN_FAILURES;
+        if step_fails || (whole >= threshold && self.carried_failures >= MIN_FAILURES) {
+            let lambda = if step_fails { step } else { whole };
             return Verdict::Fail {
                 rule: "error_ratio",
                 reason: format!(
@@ -315,7 +362,7 @@ impl StepStats {
                     lambda.exp(),
                     1.0 / cfg.alpha,
                     cfg.max_error_ratio
-                ),
+                ) + if step_fails { "" } else { " over the whole rollout" },
             };
         }
         let lat = self.latency_evidence();
@@ -399,6 +446,7 @@ impl StepStats {
                 baseline: tally(self.baseline),
                 evidence: finite(self.error_evidence()),
                 threshold: Some(1.0 / cfg.alpha),
+                rollout_evidence: finite(self.rollout_error_evidence()),
             },
             RuleReport {
                 name: "latency",
@@ -417,6 +465,7 @@ impl StepStats {
                 }),
                 evidence: finite(self.latency_evidence()),
                 threshold: Some(1.0 / cfg.alpha),
+                rollout_evidence: None,
             },
         ]
     }
@@ -462,37 +511,42 @@ mod tests {
         }
     }
 
-    /// One step at canary share `pi`: batches of `BATCH` requests until
-    /// `canary_budget` canary requests; returns the canary requests seen
-    /// when a rule failed, if one did.
-    fn run_step(
+    /// A plan of steps `(canary share, requests the step lasts, canary
+    /// requests it needs)` in batches of `BATCH` requests, with the guard
+    /// window `window` batches long; returns the step and the canary
+    /// requests seen in it when a rule failed, if one did.
+    fn run_plan(
         rng: &mut fastrand::Rng,
         cfg: &AnalysisConfig,
-        pi: f64,
+        steps: &[(f64, u64, u64)],
+        window: usize,
         rate_c: f64,
         rate_b: f64,
-        canary_budget: u64,
-    ) -> Option<u64> {
+    ) -> Option<(usize, u64)> {
         let mut s = StepStats::default();
-        // The trailing guard window: the last 50 batches.
-        let mut window: std::collections::VecDeque<(Tally, Tally)> = Default::default();
-        while s.canary.requests < canary_budget {
-            let nc = binomial(rng, BATCH, pi);
-            let nb = BATCH - nc;
-            let c = tally(nc, binomial(rng, nc, rate_c));
-            let b = tally(nb, binomial(rng, nb, rate_b));
-            s.observe(cfg, c, b, None, None, None);
-            window.push_back((c, b));
-            if window.len() > 50 {
-                window.pop_front();
-            }
-            let (mut wc, mut wb) = (Tally::default(), Tally::default());
-            for (c, b) in &window {
-                wc.add(*c);
-                wb.add(*b);
-            }
-            if let Verdict::Fail { .. } = s.verdict(cfg, wc, wb) {
-                return Some(s.canary.requests);
+        for (i, &(pi, requests, canary_min)) in steps.iter().enumerate() {
+            s.next_step();
+            let mut recent: std::collections::VecDeque<(Tally, Tally)> = Default::default();
+            let mut total = 0;
+            while total < requests || s.canary.requests < canary_min {
+                let nc = binomial(rng, BATCH, pi);
+                let nb = BATCH - nc;
+                let c = tally(nc, binomial(rng, nc, rate_c));
+                let b = tally(nb, binomial(rng, nb, rate_b));
+                s.observe(cfg, c, b, None, None, None);
+                total += BATCH;
+                recent.push_back((c, b));
+                if recent.len() > window {
+                    recent.pop_front();
+                }
+                let (mut wc, mut wb) = (Tally::default(), Tally::default());
+                for (c, b) in &recent {
+                    wc.add(*c);
+                    wb.add(*b);
+                }
+                if let Verdict::Fail { .. } = s.verdict(cfg, wc, wb) {
+                    return Some((i, s.canary.requests));
+                }
             }
         }
         None
@@ -504,16 +558,15 @@ mod tests {
         // step (e.g. 200 rps for 100 s), both pools at 0.5 % failures.
         let cfg = AnalysisConfig::default();
         let mut rng = fastrand::Rng::with_seed(11);
-        let mut false_rollbacks = 0;
-        for _ in 0..10_000 {
-            for pi in [0.01, 0.10, 0.50] {
-                let budget = (20_000.0 * pi) as u64;
-                if run_step(&mut rng, &cfg, pi, 0.005, 0.005, budget).is_some() {
-                    false_rollbacks += 1;
-                    break;
-                }
-            }
-        }
+        let steps = [
+            (0.01, 20_000, 100),
+            (0.10, 20_000, 100),
+            (0.50, 20_000, 100),
+        ];
+        let false_rollbacks = (0..10_000)
+            .filter(|_| run_plan(&mut rng, &cfg, &steps, 10, 0.005, 0.005).is_some())
+            .count();
+        eprintln!("equal pools: {false_rollbacks} of 10000 rolled back");
         assert!(
             false_rollbacks <= 200,
             "{false_rollbacks} of 10000 equal rollouts rolled back (> 2 %)"
@@ -525,11 +578,48 @@ mod tests {
         let cfg = AnalysisConfig::default();
         let mut rng = fastrand::Rng::with_seed(5);
         let detected = (0..10_000)
-            .filter(|_| run_step(&mut rng, &cfg, 0.01, 0.05, 0.001, 200).is_some())
+            .filter(|_| {
+                run_plan(&mut rng, &cfg, &[(0.01, 0, 200)], 10, 0.05, 0.001)
+                    .is_some_and(|(_, n)| n <= 200)
+            })
             .count();
+        eprintln!("5 % vs 0.1 % at 1 %: {detected} of 10000 caught within 200 canary requests");
         assert!(
             detected >= 9_500,
             "only {detected} of 10000 bad canaries caught within 200 canary requests"
+        );
+    }
+
+    #[test]
+    fn at_twenty_requests_per_second_a_bad_canary_stops_before_passing_five_percent() {
+        // Issue 11 item 2: 20 requests/s, canary at 5 % 5xx, baseline at
+        // 0.1 %; steps at 1 % and 5 % each hold 60 s (1 200 requests) and
+        // until their canary minimum. Batches of 200 requests (10 s); the
+        // guard window (10 s) is one batch. Counted: rolled back at 1 % or
+        // 5 %, not let through to the next step (2 000 seeded runs each).
+        let cfg = AnalysisConfig::default();
+        let let_through = |steps: &[(f64, u64, u64)], seed: u64| {
+            let mut rng = fastrand::Rng::with_seed(seed);
+            (0..2_000)
+                .filter(|_| run_plan(&mut rng, &cfg, steps, 1, 0.05, 0.001).is_none())
+                .count()
+        };
+        // The default min_requests (100 canary requests a step, about 10
+        // expected canary failures in all): ≥ 94 % caught (the misses
+        // are runs with ≤ 5 failures in 200 requests, too few for α 0.001).
+        let default = let_through(&[(0.01, 1_200, 100), (0.05, 1_200, 100)], 20);
+        assert!(
+            default <= 120,
+            "{default} of 2000 bad canaries passed the 5 % step"
+        );
+        // 200 canary requests at the 5 % step: ≥ 99 % caught.
+        let longer = let_through(&[(0.01, 1_200, 100), (0.05, 1_200, 200)], 21);
+        eprintln!(
+            "20 rps: let through {default} of 2000 (min 100), {longer} of 2000 (min 200 at 5 %)"
+        );
+        assert!(
+            longer <= 20,
+            "{longer} of 2000 bad canaries passed the 5 % step (min 200)"
         );
     }
 

@@ -320,7 +320,7 @@ impl Rollout {
     fn enter_step(&mut self, i: usize, at: &str) {
         self.step = i;
         self.step_elapsed_ms = 0;
-        self.stats = StepStats::default();
+        self.stats.next_step();
         self.pause = None;
         self.resume_to = None;
         let Some(step) = self.plan.steps.get(i).cloned() else {
