@@ -488,6 +488,11 @@ impl Control {
         match next.rollouts.iter_mut().rev().find(|r| r.id == record.id) {
             Some(slot) => *slot = record,
             None => {
+                // Two starts racing: the second finds the first here (the
+                // lock serialises them) and is refused.
+                if let Some(active) = next.active_rollout() {
+                    return Err(CommandError::RolloutActive(active.id.clone()).into());
+                }
                 next.rollouts.push_back(record);
                 while next.rollouts.len() > rollout::ROLLOUTS_LIMIT {
                     next.rollouts.pop_front();
