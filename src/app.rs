@@ -272,6 +272,8 @@ pub async fn start(config: Config, opts: StartOptions) -> Result<Running, StartE
     })
     .await
     .map_err(StartError::Other)?;
+    // Rollouts that were running when the state was saved go on where they were.
+    crate::control_plane::rollout::resume_all(&control).await;
 
     // 4. Serve.
     let drain = Drain::new();

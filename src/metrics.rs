@@ -10,7 +10,11 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+use std::collections::HashMap;
+use std::sync::Arc;
+
 use crate::color::Color;
+use crate::data_plane::outcomes::{Outcome, ServiceOutcomes};
 
 /// Upper bounds of the request duration histogram, in seconds.
 const DURATION_BUCKETS: &[f64] = &[
@@ -119,6 +123,17 @@ pub struct Metrics {
     mirror_duration: HistogramVec,
     /// `switchyard_mirror_mismatches_total{service}`.
     mirror_mismatches: IntCounterVec,
+    /// `switchyard_rollout_state{service,state}` (SPEC §10).
+    rollout_state: IntGaugeVec,
+    /// `switchyard_rollout_step{service}`.
+    rollout_step: IntGaugeVec,
+    /// `switchyard_rollouts_total{service,result}`.
+    rollouts: IntCounterVec,
+    /// `switchyard_rollout_user_failures_total{service}`.
+    rollout_user_failures: IntCounterVec,
+    /// Outcome counters of the rollout analysis, one per service name for
+    /// the life of the process (a rebuilt service keeps its counters).
+    outcomes: std::sync::Mutex<HashMap<String, Arc<ServiceOutcomes>>>,
 }
 
 fn must<T>(r: prometheus::Result<T>) -> T {
@@ -259,6 +274,26 @@ impl Metrics {
             "Mirrored requests whose copy's status class differed from the live answer's.",
             &["service"],
         );
+        let rollout_state = gauge(
+            "switchyard_rollout_state",
+            "1 for the state the service's current (or last) rollout is in, else 0.",
+            &["service", "state"],
+        );
+        let rollout_step = gauge(
+            "switchyard_rollout_step",
+            "Index of the step the service's rollout is at.",
+            &["service"],
+        );
+        let rollouts = counter(
+            "switchyard_rollouts_total",
+            "Rollouts ended, by result: succeeded, rolled_back, aborted.",
+            &["service", "result"],
+        );
+        let rollout_user_failures = counter(
+            "switchyard_rollout_user_failures_total",
+            "User requests whose final answer was a failure from a rollout's canary.",
+            &["service"],
+        );
         let unmatched = CODES.map(|class| requests.with_label_values(&["", "", class]));
         Metrics {
             registry,
@@ -283,6 +318,50 @@ impl Metrics {
             mirror_dropped,
             mirror_duration,
             mirror_mismatches,
+            rollout_state,
+            rollout_step,
+            rollouts,
+            rollout_user_failures,
+            outcomes: std::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The outcome counters of `service` (made on first use).
+    pub(crate) fn outcomes(&self, service: &str) -> Arc<ServiceOutcomes> {
+        let mut map = self.outcomes.lock().unwrap_or_else(|e| e.into_inner());
+        Arc::clone(
+            map.entry(service.to_string())
+                .or_insert_with(|| Arc::new(ServiceOutcomes::new())),
+        )
+    }
+
+    /// Sets the rollout state and step series of `service`.
+    pub(crate) fn rollout_set(&self, service: &str, state: &str, step: usize) {
+        for s in crate::control_plane::rollout::machine::State::ALL {
+            self.rollout_state
+                .with_label_values(&[service, s.as_str()])
+                .set(i64::from(s.as_str() == state));
+        }
+        self.rollout_step
+            .with_label_values(&[service])
+            .set(i64::try_from(step).unwrap_or(i64::MAX));
+        for result in ["succeeded", "rolled_back", "aborted"] {
+            self.rollouts.with_label_values(&[service, result]);
+        }
+        self.rollout_user_failures.with_label_values(&[service]);
+    }
+
+    /// Counts a rollout that ended with `result`.
+    pub(crate) fn rollout_ended(&self, service: &str, result: &str) {
+        self.rollouts.with_label_values(&[service, result]).inc();
+    }
+
+    /// Adds user failures from a rollout's canary.
+    pub(crate) fn rollout_user_failures(&self, service: &str, n: u64) {
+        if n > 0 {
+            self.rollout_user_failures
+                .with_label_values(&[service])
+                .inc_by(n);
         }
     }
 
@@ -324,6 +403,8 @@ impl Metrics {
                     .with_label_values(&[service, pool, k.as_str()])
             }),
             failovers_from: self.failovers.with_label_values(&[service, pool]),
+            outcomes: self.outcomes(service),
+            color,
             retries: self.retries.with_label_values(&[service, pool]),
             ejections: self.ejections.with_label_values(&[service, pool]),
         }
@@ -441,6 +522,10 @@ pub struct PoolMetrics {
     pub(crate) retries: IntCounter,
     /// Ejections of this pool's backends.
     pub(crate) ejections: IntCounter,
+    /// The service's outcome counters (rollout analysis).
+    outcomes: Arc<ServiceOutcomes>,
+    /// Which pool these handles are for.
+    color: Color,
 }
 
 impl PoolMetrics {
@@ -449,6 +534,13 @@ impl PoolMetrics {
     pub(crate) fn observe(&self, status: u16, seconds: f64) {
         self.requests[code_index(status)].inc();
         self.duration.observe(seconds);
+    }
+
+    /// Counts one request's outcome for the rollout analysis: relaxed
+    /// atomic adds, no lock, no allocation.
+    #[inline]
+    pub(crate) fn outcome(&self, outcome: Outcome, elapsed: std::time::Duration) {
+        self.outcomes.pool(self.color).record(outcome, elapsed);
     }
 
     /// Requests answered so far and how many of them were 5xx: read once

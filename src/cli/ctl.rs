@@ -10,6 +10,8 @@
 //! | 1 | refused by the server (its message printed), or `wait-healthy` timed out |
 //! | 2 | usage error: bad arguments, bad `--admin` URL, unreadable token file |
 //! | 3 | cannot reach the admin API (refused, reset, timed out, not HTTP) |
+//! | 4 | `rollout status --wait`: the rollout was rolled back or aborted |
+//! | 5 | `rollout status --wait`: still running at `--timeout` |
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -149,6 +151,13 @@ pub(crate) enum CtlCommand {
     },
     /// Re-read the config file.
     Reload,
+    /// Progressive rollouts (SPEC §10): start, status, pause, resume,
+    /// promote, abort, history.
+    Rollout {
+        /// What to do.
+        #[command(subcommand)]
+        command: RolloutCommand,
+    },
     /// Wait until every backend of a pool is healthy (the step after
     /// deploying to the idle pool); exit 1 if it does not happen in time.
     WaitHealthy {
@@ -162,6 +171,68 @@ pub(crate) enum CtlCommand {
         /// How often to look.
         #[arg(long, default_value = "500ms", value_parser = parse_duration)]
         interval: Duration,
+    },
+}
+
+/// `switchyard ctl rollout …`.
+#[derive(Debug, Subcommand)]
+pub(crate) enum RolloutCommand {
+    /// Start a rollout of the idle pool with a plan.
+    Start {
+        /// Service name.
+        service: String,
+        /// A `[[rollout_plan]]` name from the server's config.
+        #[arg(
+            long,
+            value_name = "NAME",
+            required_unless_present = "plan_file",
+            conflicts_with = "plan_file"
+        )]
+        plan: Option<String>,
+        /// An inline plan: a JSON file `{"steps":[…],"analysis":{…}}`.
+        #[arg(long, value_name = "FILE.json")]
+        plan_file: Option<PathBuf>,
+    },
+    /// Show the current (or last) rollout; with `--wait`, wait for it to
+    /// end: exit 0 succeeded, 4 rolled back or aborted, 5 still running at
+    /// `--timeout`.
+    Status {
+        /// Service name.
+        service: String,
+        /// Wait until the rollout ends.
+        #[arg(long)]
+        wait: bool,
+        /// How long `--wait` waits (`30m`, `600s`, ...).
+        #[arg(long, default_value = "10m", value_parser = parse_duration)]
+        timeout: Duration,
+    },
+    /// Stop progress (the analysis keeps running).
+    Pause {
+        /// Service name.
+        service: String,
+    },
+    /// Continue after a pause.
+    Resume {
+        /// Service name.
+        service: String,
+    },
+    /// Skip to the next step (past a pause or a gate); `--full`: 100 % now.
+    Promote {
+        /// Service name.
+        service: String,
+        /// Straight to 100 % (the analysis is skipped).
+        #[arg(long)]
+        full: bool,
+    },
+    /// Stop the rollout: the canary back to 0 %.
+    Abort {
+        /// Service name.
+        service: String,
+    },
+    /// Past rollouts, newest first.
+    History {
+        /// Service name.
+        service: String,
     },
 }
 
@@ -180,6 +251,9 @@ enum Failure {
     Usage(String),
     /// No usable answer from the admin API (exit 3).
     Unreachable(String),
+    /// `rollout status --wait` ended with this exit status (4, 5); the
+    /// output is printed as on success.
+    Rollout { code: i32, output: String },
 }
 
 impl Failure {
@@ -188,6 +262,7 @@ impl Failure {
             Failure::Refused { .. } | Failure::TimedOut(_) => 1,
             Failure::Usage(_) => 2,
             Failure::Unreachable(_) => 3,
+            Failure::Rollout { code, .. } => *code,
         }
     }
 }
@@ -212,6 +287,7 @@ pub(crate) async fn run(args: CtlArgs, config: Option<&std::path::Path>) -> i32 
                 Failure::TimedOut(m) | Failure::Usage(m) | Failure::Unreachable(m) => {
                     eprintln!("switchyard ctl: {m}")
                 }
+                Failure::Rollout { output, .. } => print!("{output}"),
             }
             failure.exit_code()
         }
@@ -320,6 +396,7 @@ async fn run_inner(args: &CtlArgs, config: Option<&std::path::Path>) -> Result<S
             (Method::GET, service_path(service) + "/mirror", None)
         }
         CtlCommand::Reload => (Method::POST, "/api/v1/reload".to_string(), None),
+        CtlCommand::Rollout { command } => return rollout(&admin, args, command).await,
         CtlCommand::WaitHealthy {
             service,
             color,
@@ -349,6 +426,172 @@ async fn run_inner(args: &CtlArgs, config: Option<&std::path::Path>) -> Result<S
         ),
         _ => service_table(&value),
     })
+}
+
+/// `ctl rollout …`.
+async fn rollout(
+    admin: &Admin,
+    args: &CtlArgs,
+    command: &RolloutCommand,
+) -> Result<String, Failure> {
+    let path = |s: &str, rest: &str| format!("/api/v1/services/{}/{rest}", segment(s));
+    let with_reason = |mut body: Value| {
+        if let (Some(r), Some(m)) = (&args.reason, body.as_object_mut()) {
+            m.insert("reason".into(), Value::from(r.clone()));
+        }
+        body
+    };
+    let (method, p, body) = match command {
+        RolloutCommand::Start {
+            service,
+            plan,
+            plan_file,
+        } => {
+            let plan = match (plan, plan_file) {
+                (Some(name), _) => Value::from(name.clone()),
+                (None, Some(file)) => {
+                    let text = std::fs::read_to_string(file).map_err(|e| {
+                        Failure::Usage(format!("--plan-file {}: {e}", file.display()))
+                    })?;
+                    serde_json::from_str(&text).map_err(|e| {
+                        Failure::Usage(format!("--plan-file {}: invalid JSON: {e}", file.display()))
+                    })?
+                }
+                (None, None) => {
+                    return Err(Failure::Usage("--plan NAME or --plan-file FILE".into()))
+                }
+            };
+            (
+                Method::POST,
+                path(service, "rollout"),
+                Some(with_reason(json!({ "plan": plan }))),
+            )
+        }
+        RolloutCommand::Status {
+            service,
+            wait: true,
+            timeout,
+        } => return rollout_wait(admin, args.json, service, *timeout).await,
+        RolloutCommand::Status { service, .. } => (Method::GET, path(service, "rollout"), None),
+        RolloutCommand::Pause { service } => (
+            Method::POST,
+            path(service, "rollout/pause"),
+            Some(with_reason(json!({}))),
+        ),
+        RolloutCommand::Resume { service } => (
+            Method::POST,
+            path(service, "rollout/resume"),
+            Some(with_reason(json!({}))),
+        ),
+        RolloutCommand::Promote { service, full } => (
+            Method::POST,
+            path(service, "rollout/promote"),
+            Some(with_reason(json!({ "full": full }))),
+        ),
+        RolloutCommand::Abort { service } => (
+            Method::POST,
+            path(service, "rollout/abort"),
+            Some(with_reason(json!({}))),
+        ),
+        RolloutCommand::History { service } => (Method::GET, path(service, "rollouts"), None),
+    };
+    let value = admin.call(method, &p, body, args.if_generation).await?;
+    if args.json {
+        return Ok(format!("{}\n", pretty(&value)));
+    }
+    Ok(match command {
+        RolloutCommand::History { .. } => value
+            .as_array()
+            .map(|list| list.iter().map(rollout_line).collect::<String>())
+            .unwrap_or_default(),
+        _ => rollout_table(&value),
+    })
+}
+
+/// `rollout status --wait`: long-polls (in calls shorter than the call
+/// timeout) until the rollout ends or `timeout` passes.
+async fn rollout_wait(
+    admin: &Admin,
+    json: bool,
+    service: &str,
+    timeout: Duration,
+) -> Result<String, Failure> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let chunk = left.min(CALL_TIMEOUT.saturating_sub(Duration::from_secs(2)));
+        let p = format!(
+            "/api/v1/services/{}/rollout?wait=done&timeout={}ms",
+            segment(service),
+            chunk.as_millis()
+        );
+        let value = admin.call(Method::GET, &p, None, None).await?;
+        let state = value["state"].as_str().unwrap_or("");
+        let output = if json {
+            format!("{}\n", pretty(&value))
+        } else {
+            rollout_table(&value)
+        };
+        match state {
+            "succeeded" => return Ok(output),
+            "rolled_back" | "aborted" => return Err(Failure::Rollout { code: 4, output }),
+            _ if Instant::now() >= deadline => return Err(Failure::Rollout { code: 5, output }),
+            _ => {}
+        }
+    }
+}
+
+/// One line per rollout.
+fn rollout_line(r: &Value) -> String {
+    format!(
+        "{}  {}  {} → {}  started {}  {}\n",
+        r["id"].as_str().unwrap_or("?"),
+        r["state"].as_str().unwrap_or("?"),
+        r["baseline"].as_str().unwrap_or("?"),
+        r["canary"].as_str().unwrap_or("?"),
+        r["started_at"].as_str().unwrap_or("?"),
+        r["reason"].as_str().unwrap_or(""),
+    )
+}
+
+/// The rollout object as text.
+fn rollout_table(r: &Value) -> String {
+    let mut out = rollout_line(r);
+    let step = r["step"].as_u64().unwrap_or(0);
+    let steps = r["steps"].as_array().map_or(0, Vec::len);
+    let _ = writeln!(
+        out,
+        "  step {}/{}  weights blue {} green {}  left {}",
+        step,
+        steps,
+        r["weights"]["blue"],
+        r["weights"]["green"],
+        r["step_remaining_s"]
+            .as_f64()
+            .map_or_else(|| "-".to_string(), |s| format!("{s:.0}s"))
+    );
+    for rule in r["analysis"]["rules"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+    {
+        let _ = writeln!(
+            out,
+            "  {:<12} {:<8} canary {}  baseline {}",
+            rule["name"].as_str().unwrap_or("?"),
+            rule["verdict"].as_str().unwrap_or("?"),
+            rule["canary"],
+            rule["baseline"]
+        );
+    }
+    let _ = writeln!(
+        out,
+        "  impact: {} canary requests, {} failures, {} user failures",
+        r["impact"]["canary_requests"],
+        r["impact"]["canary_failures"],
+        r["impact"]["user_failures"]
+    );
+    out
 }
 
 /// Polls the service until every backend of `color` is healthy.
@@ -434,7 +677,9 @@ async fn watch(admin: &Admin, json: bool, service: Option<&str>) -> Result<Strin
     loop {
         let mut body = match admin.events().await {
             Ok(b) => b,
-            Err(f @ (Failure::Refused { .. } | Failure::Usage(_))) => return Err(f),
+            Err(f @ (Failure::Refused { .. } | Failure::Usage(_) | Failure::Rollout { .. })) => {
+                return Err(f)
+            }
             Err(Failure::Unreachable(m) | Failure::TimedOut(m)) => {
                 eprintln!("switchyard ctl: {m}; retrying in 2s");
                 tokio::time::sleep(Duration::from_secs(2)).await;

@@ -29,6 +29,8 @@ pub(crate) mod rules;
 
 use rules::RuleSpec;
 
+use crate::control_plane::rollout::plan::Plan;
+
 /// A validated configuration. Built only by [`parse`] (or `Config::demo`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -40,6 +42,8 @@ pub struct Config {
     pub(crate) state: StateConfig,
     /// `[[service]]` entries, in file order.
     pub services: Vec<ServiceConfig>,
+    /// `[[rollout_plan]]` entries (SPEC §10), each with its `name`.
+    pub(crate) rollout_plans: Vec<Plan>,
 }
 
 /// `[proxy]`.
@@ -574,6 +578,7 @@ impl Config {
                 path: PathBuf::from("var/switchyard-demo-state.json"),
             },
             services: vec![service],
+            rollout_plans: Vec::new(),
         }
     }
 }
@@ -581,7 +586,7 @@ impl Config {
 // ---------------------------------------------------------------------------
 // The parser.
 
-const ROOT_KEYS: &str = "proxy admin state service";
+const ROOT_KEYS: &str = "proxy admin state service rollout_plan";
 const PROXY_KEYS: &str = "listen tls_listen tls workers connect_timeout request_timeout \
     upstream_read_timeout max_response_headers idle_timeout header_read_timeout \
     max_request_header_bytes max_connections max_connections_per_client drain_timeout \
@@ -895,11 +900,114 @@ fn parse_root(cx: &Cx, table: &DeTable) -> Config {
         }
         Some(_) => {}
     }
+    let rollout_plans = parse_rollout_plans(&root);
     Config {
         proxy,
         admin,
         state,
         services,
+        rollout_plans,
+    }
+}
+
+/// `[[rollout_plan]]`: each table goes through the one plan parser (the
+/// API's too), and each problem's path is mapped back to its line.
+fn parse_rollout_plans(root: &Section) -> Vec<Plan> {
+    let mut plans: Vec<(Plan, usize)> = Vec::new();
+    for (i, table, span) in root.tables("rollout_plan") {
+        let line = root.cx.line(&span);
+        let json = table_json(table);
+        let name_span = table
+            .get("name")
+            .map_or_else(|| span.clone(), Spanned::span);
+        let who = match table.get("name").and_then(|v| v.get_ref().as_str()) {
+            Some(n) => format!("rollout_plan {n:?}"),
+            None => format!("rollout_plan[{i}]"),
+        };
+        if table.get("name").is_none() {
+            root.cx
+                .error(&span, format!("{who}: name: missing (required)"));
+        }
+        match Plan::from_json(&json) {
+            Ok(plan) => {
+                let name = plan.name.clone().unwrap_or_default();
+                if let Some((_, first)) = plans.iter().find(|(p, _)| p.name == plan.name) {
+                    root.cx.error(
+                        &name_span,
+                        format!("{who}: duplicate name {name:?} (first defined at line {first})"),
+                    );
+                }
+                plans.push((plan, line));
+            }
+            Err(errors) => {
+                for e in errors {
+                    let at = plan_error_span(table, &e.path).unwrap_or_else(|| span.clone());
+                    root.cx.error(&at, format!("{who}: {e}"));
+                }
+            }
+        }
+    }
+    plans.into_iter().map(|(p, _)| p).collect()
+}
+
+/// The span of the value at a plan error's path (`steps[2].weight`,
+/// `analysis.alpha`), as near as it can be found.
+fn plan_error_span(table: &DeTable, path: &str) -> Option<Range<usize>> {
+    let mut parts = path.split('.');
+    let first = parts.next()?;
+    let (key, index) = match first.split_once('[') {
+        Some((k, rest)) => (k, rest.trim_end_matches(']').parse::<usize>().ok()),
+        None => (first, None),
+    };
+    let mut v = table.get(key)?;
+    if let Some(i) = index {
+        v = v.get_ref().as_array()?.get(i)?;
+    }
+    for part in parts {
+        let (key, index) = match part.split_once('[') {
+            Some((k, rest)) => (k, rest.trim_end_matches(']').parse::<usize>().ok()),
+            None => (part, None),
+        };
+        let Some(next) = v.get_ref().as_table().and_then(|t| t.get(key)) else {
+            return Some(v.span());
+        };
+        v = next;
+        if let Some(i) = index {
+            match v.get_ref().as_array().and_then(|a| a.get(i)) {
+                Some(x) => v = x,
+                None => return Some(v.span()),
+            }
+        }
+    }
+    Some(v.span())
+}
+
+/// A TOML table as JSON (numbers as numbers, datetimes as strings).
+fn table_json(table: &DeTable) -> serde_json::Value {
+    let mut m = serde_json::Map::new();
+    for (k, v) in table.iter() {
+        m.insert(k.get_ref().to_string(), value_json(v.get_ref()));
+    }
+    serde_json::Value::Object(m)
+}
+
+fn value_json(v: &DeValue) -> serde_json::Value {
+    use serde_json::Value as J;
+    match v {
+        DeValue::String(s) => J::from(s.to_string()),
+        DeValue::Integer(i) => i64::from_str_radix(i.as_str(), i.radix())
+            .map_or_else(|_| J::from(i.as_str().to_string()), J::from),
+        DeValue::Float(f) => f
+            .as_str()
+            .replace('_', "")
+            .parse::<f64>()
+            .ok()
+            .and_then(serde_json::Number::from_f64)
+            .map_or_else(|| J::from(f.as_str().to_string()), J::Number),
+        DeValue::Boolean(b) => J::from(*b),
+        DeValue::Datetime(d) => J::from(d.to_string()),
+        DeValue::Array(a) => J::Array(a.iter().map(|x| value_json(x.get_ref())).collect()),
+        DeValue::Table(t) => table_json(t),
     }
 }
 

@@ -36,6 +36,7 @@ use crate::config::rules::RuleSpec;
 use crate::config::{BackendAddr, Config, ConfigErrors, FileError, FileErrors, ServiceConfig};
 use crate::control_plane::admin::auth::Tokens;
 use crate::control_plane::files::{upstream_ca_error, LoadedFiles};
+use crate::control_plane::rollout::{self, machine::Rollout, plan::Plan};
 use crate::control_plane::state::{
     self, ChangeMeta, Command, CommandError, HealthView, HistoryEntry, Outcome, RoutingState,
 };
@@ -207,6 +208,8 @@ pub(crate) struct Control {
     tls: Option<Arc<ServerTls>>,
     tokens: Arc<ArcSwap<Tokens>>,
     conn_limits: Arc<ConnLimiter>,
+    /// The running rollout drivers (SPEC §10).
+    drivers: rollout::Drivers,
 }
 
 impl HealthView for Snapshot {
@@ -277,6 +280,7 @@ impl Control {
             tls,
             tokens,
             conn_limits,
+            drivers: rollout::Drivers::default(),
         };
         {
             let inner = control.inner.lock().await;
@@ -427,6 +431,169 @@ impl Control {
         );
         self.view(service)
             .ok_or_else(|| CommandError::UnknownService(service.to_string()).into())
+    }
+
+    /// The metrics.
+    pub(crate) fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// The running rollout drivers.
+    pub(crate) fn drivers(&self) -> &rollout::Drivers {
+        &self.drivers
+    }
+
+    /// Does `service` exist (in the running state)?
+    pub(crate) async fn has_service(&self, service: &str) -> bool {
+        self.inner.lock().await.state.services.contains_key(service)
+    }
+
+    /// The generation of `service`.
+    pub(crate) async fn generation(&self, service: &str) -> Option<u64> {
+        let inner = self.inner.lock().await;
+        inner.state.services.get(service).map(|s| s.generation)
+    }
+
+    /// Does `color` of `service` have a backend that takes traffic now?
+    pub(crate) fn pool_has_healthy(&self, service: &str, color: Color) -> bool {
+        self.table.load().pool_has_healthy(service, color)
+    }
+
+    /// Weights, generation and last rollout of `service`.
+    pub(crate) async fn rollout_facts(
+        &self,
+        service: &str,
+    ) -> Option<(Weights, u64, Option<Rollout>)> {
+        let inner = self.inner.lock().await;
+        let s = inner.state.services.get(service)?;
+        Some((s.weights, s.generation, s.rollouts.back().cloned()))
+    }
+
+    /// Every rollout of `service`, oldest first.
+    pub(crate) async fn rollouts(&self, service: &str) -> Option<Vec<Rollout>> {
+        let inner = self.inner.lock().await;
+        let s = inner.state.services.get(service)?;
+        Some(s.rollouts.iter().cloned().collect())
+    }
+
+    /// The rollouts that were running when the state was saved.
+    pub(crate) async fn active_rollouts(&self) -> Vec<Rollout> {
+        let inner = self.inner.lock().await;
+        inner
+            .state
+            .services
+            .values()
+            .filter_map(|s| s.active_rollout().cloned())
+            .collect()
+    }
+
+    /// The `[[rollout_plan]]` called `name`.
+    pub(crate) async fn rollout_plan(&self, name: &str) -> Option<Plan> {
+        let inner = self.inner.lock().await;
+        inner
+            .config
+            .rollout_plans
+            .iter()
+            .find(|p| p.name.as_deref() == Some(name))
+            .cloned()
+    }
+
+    /// Persists a rollout record of `service` (its driver is the only
+    /// caller), with the weights it wants if they differ from the current
+    /// ones: then a new generation, recorded in history as a `split` by
+    /// `meta.actor` (`rollout:<id>`), and published like any change.
+    pub(crate) async fn commit_rollout(
+        &self,
+        service: &str,
+        record: Rollout,
+        weights: Option<Weights>,
+        meta: &ChangeMeta,
+    ) -> Result<(), ControlError> {
+        let mut inner = self.inner.lock().await;
+        let current = inner
+            .state
+            .services
+            .get(service)
+            .ok_or_else(|| CommandError::UnknownService(service.to_string()))?;
+        let mut next = current.clone();
+        // By id: a driver that ended may still save its final counts after
+        // the next rollout started; its record stays where it is.
+        match next.rollouts.iter_mut().rev().find(|r| r.id == record.id) {
+            Some(slot) => *slot = record,
+            None => {
+                // Two starts racing: the second finds the first here (the
+                // lock serialises them) and is refused.
+                if let Some(active) = next.active_rollout() {
+                    return Err(CommandError::RolloutActive(active.id.clone()).into());
+                }
+                next.rollouts.push_back(record);
+                while next.rollouts.len() > rollout::ROLLOUTS_LIMIT {
+                    next.rollouts.pop_front();
+                }
+            }
+        }
+        let new_weights = weights.filter(|w| *w != current.weights);
+        if let Some(w) = new_weights {
+            if let crate::weights::Live::Full(c) = current.weights.live() {
+                next.previous = Some(c);
+            }
+            next.weights = w;
+            next.generation = current.generation + 1;
+            let entry = HistoryEntry {
+                generation: next.generation,
+                at: humantime::format_rfc3339_seconds(meta.at).to_string(),
+                action: state::Action::Split,
+                from: current.weights,
+                to: w,
+                reason: meta.reason.clone(),
+                actor: meta.actor.clone(),
+                pool: None,
+                rules: None,
+                mirror: None,
+            };
+            state::push_history(&mut next, entry);
+        }
+        let generation = next.generation;
+        let mut new_state = RoutingState {
+            services: inner
+                .state
+                .services
+                .iter()
+                .filter(|(name, _)| name.as_str() != service)
+                .map(|(name, s)| (name.clone(), s.clone()))
+                .collect(),
+        };
+        new_state.services.insert(service.to_string(), next);
+        let Some(w) = new_weights else {
+            let new_state = save(&self.store, new_state).await?;
+            inner.state = new_state;
+            return Ok(());
+        };
+        let prepared = prepare(
+            &inner.config,
+            &self.config_file(),
+            &new_state,
+            &inner.runtimes,
+        )
+        .map_err(|errors| ControlError::Build(FileErrors(errors).to_string()))?;
+        let new_state = save(&self.store, new_state).await?;
+        let config = Arc::clone(&inner.config);
+        let snapshot = prepared.commit(&config, &new_state, &mut inner, &self.metrics);
+        inner.state = new_state;
+        self.publish(snapshot);
+        drop(inner);
+        self.metrics.set_weights(service, w);
+        self.metrics.routing_change(service, "split");
+        tracing::info!(
+            service,
+            action = "split",
+            generation,
+            weights = %w,
+            actor = %meta.actor,
+            reason = meta.reason.as_deref().unwrap_or(""),
+            "routing changed"
+        );
+        Ok(())
     }
 
     /// Re-reads the config file (and certificate and token files). A bad

@@ -6,5 +6,6 @@
 pub(crate) mod admin;
 pub(crate) mod control;
 pub(crate) mod files;
+pub(crate) mod rollout;
 pub(crate) mod state;
 pub(crate) mod store;

@@ -19,6 +19,7 @@ use crate::color::Color;
 use crate::config::mirror::MirrorSpec;
 use crate::config::rules::{check_rules, RuleError, RuleSpec};
 use crate::config::{BackendAddr, Config, ServiceConfig};
+use crate::control_plane::rollout::machine::Rollout;
 use crate::weights::{Live, Weights};
 
 /// How many history entries a service keeps (oldest dropped first).
@@ -174,6 +175,17 @@ pub(crate) struct ServiceState {
     /// (API, rollouts), never by the config file, so a reload keeps it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) mirror: Option<Box<MirrorSpec>>,
+    /// Rollouts (SPEC §10), oldest first; the last one may be running.
+    /// Written only by the service's rollout driver.
+    #[serde(default, skip_serializing_if = "VecDeque::is_empty")]
+    pub(crate) rollouts: VecDeque<Rollout>,
+}
+
+impl ServiceState {
+    /// The running rollout, if one is.
+    pub(crate) fn active_rollout(&self) -> Option<&Rollout> {
+        self.rollouts.back().filter(|r| r.is_active())
+    }
 }
 
 /// The two pools of a service.
@@ -320,6 +332,9 @@ pub(crate) enum CommandError {
     /// Nothing to roll back to.
     #[error("nothing to roll back to: no earlier state had one pool live at 100%")]
     NothingToRollBack,
+    /// A manual switch, split or rollback while a rollout runs (SPEC §10).
+    #[error("rollout {0} is running; pause, promote or abort it (or send \"force\": true, which aborts it first)")]
+    RolloutActive(String),
 }
 
 /// Read-only facts `apply` needs about the running backends.
@@ -341,6 +356,9 @@ impl HealthView for AllHealthy {
 
 /// The result of an accepted command.
 #[derive(Debug, Clone, PartialEq)]
+// Returned once per accepted change and unpacked at once, never stored:
+// boxing it would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Outcome {
     /// The service state changed (new generation, history appended).
     Changed(ServiceState),
@@ -367,6 +385,14 @@ pub(crate) fn apply(
                 expected,
                 current: current.generation,
             });
+        }
+    }
+    if matches!(
+        cmd,
+        Command::Switch { .. } | Command::Split { .. } | Command::Rollback { .. }
+    ) {
+        if let Some(r) = current.active_rollout() {
+            return Err(CommandError::RolloutActive(r.id.clone()));
         }
     }
     let gate = |weights: Weights, force: bool| -> Result<(), CommandError> {
@@ -524,7 +550,7 @@ pub(crate) fn apply(
     Ok(Outcome::Changed(next))
 }
 
-fn push_history(state: &mut ServiceState, entry: HistoryEntry) {
+pub(crate) fn push_history(state: &mut ServiceState, entry: HistoryEntry) {
     state.history.push_back(entry);
     while state.history.len() > HISTORY_LIMIT {
         state.history.pop_front();
@@ -568,6 +594,7 @@ fn initial_state(svc: &ServiceConfig, at: SystemTime) -> ServiceState {
             config: svc.rules.clone(),
         },
         mirror: None,
+        rollouts: VecDeque::new(),
     };
     push_history(
         &mut state,
@@ -689,6 +716,7 @@ mod tests {
             history: VecDeque::new(),
             rules: RulesState::default(),
             mirror: None,
+            rollouts: VecDeque::new(),
         };
         s.services.insert("web".into(), svc);
         s

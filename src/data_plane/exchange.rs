@@ -21,6 +21,7 @@ use hyper::body::Incoming;
 use crate::color::Color;
 use crate::data_plane::backend::{Backend, InFlight, UpstreamConn};
 use crate::data_plane::conn::ActiveRequest;
+use crate::data_plane::outcomes::Outcome;
 use crate::data_plane::routing::{Decision, PoolChoice, Route, Service, Snapshot};
 
 /// The error a response body ends with (hyper closes an HTTP/1 connection
@@ -88,6 +89,10 @@ pub(crate) struct Exchange {
     /// Set when the upstream's body is streamed to the client.
     pub(crate) streamed: Option<Streamed>,
     unmatched: Option<Arc<crate::metrics::Metrics>>,
+    /// The backend answered (the status is its own, not the proxy's).
+    pub(crate) answered: bool,
+    /// The upstream body broke off after the head.
+    broke: bool,
     bytes: u64,
     eos: bool,
     _active: ActiveRequest,
@@ -107,6 +112,8 @@ impl Exchange {
             log: None,
             streamed: None,
             unmatched: None,
+            answered: false,
+            broke: false,
             bytes: 0,
             eos: false,
             _active: active,
@@ -115,6 +122,7 @@ impl Exchange {
 
     /// The upstream body failed: count it, blame the backend once, log it.
     fn body_failed(&mut self, failure: BodyFailure) -> BodyError {
+        self.broke = true;
         let (Some(streamed), Some(choice), Some(flight)) =
             (self.streamed.take(), &self.choice, &self.in_flight)
         else {
@@ -139,8 +147,20 @@ impl Drop for Exchange {
         let elapsed = self.start.elapsed();
         match (&self.service, &self.choice) {
             (Some(svc), Some(choice)) => {
-                svc.pool_metrics(choice.color)
-                    .observe(self.status, elapsed.as_secs_f64());
+                let pool = svc.pool_metrics(choice.color);
+                pool.observe(self.status, elapsed.as_secs_f64());
+                // Rollout analysis: the final answer the client got from
+                // this pool (testers' preview requests left out).
+                if choice.decision != Decision::Preview {
+                    let outcome = if self.broke || (!self.answered && self.status >= 500) {
+                        Outcome::Transport
+                    } else if self.status >= 500 {
+                        Outcome::Status5xx
+                    } else {
+                        Outcome::Ok
+                    };
+                    pool.outcome(outcome, elapsed);
+                }
             }
             _ => {
                 if let Some(m) = &self.unmatched {

@@ -15,6 +15,7 @@ pub(crate) mod h1guard;
 pub(crate) mod headers;
 pub(crate) mod health;
 pub(crate) mod mirror;
+pub(crate) mod outcomes;
 pub(crate) mod proxy;
 pub(crate) mod routing;
 pub(crate) mod server;

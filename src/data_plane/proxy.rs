@@ -181,6 +181,7 @@ impl Proxy {
         let (mut resp, conn, backend) =
             upstream::send(route, settings, &mut choice, req, replay, ex).await?;
         route.service.retry_budget.earn();
+        ex.answered = true;
 
         // 6. The response head for the client.
         let status = resp.status();

@@ -31,6 +31,7 @@ use crate::config::mirror::MirrorSpec;
 use crate::config::rules::{check_rules, RuleSpec, MAX_RULES};
 use crate::config::BackendAddr;
 use crate::control_plane::control::{Control, ControlError, ReloadError};
+use crate::control_plane::rollout::{self, plan::Plan, RolloutError, Verb};
 use crate::control_plane::state::{ChangeMeta, Command, CommandError};
 use crate::metrics::Metrics;
 use crate::weights::Weights;
@@ -100,6 +101,18 @@ pub(crate) enum AdminError {
     /// A reload refused; the old config keeps running.
     #[error(transparent)]
     Reload(#[from] ReloadError),
+    /// A rollout call refused (SPEC §10).
+    #[error(transparent)]
+    Rollout(RolloutError),
+}
+
+impl From<RolloutError> for AdminError {
+    fn from(e: RolloutError) -> AdminError {
+        match e {
+            RolloutError::Control(c) => AdminError::Control(c),
+            other => AdminError::Rollout(other),
+        }
+    }
 }
 
 impl AdminError {
@@ -129,7 +142,8 @@ impl AdminError {
                 CommandError::BadField { .. } | CommandError::BadRule(_) => StatusCode::BAD_REQUEST,
                 CommandError::NoHealthyBackend(_)
                 | CommandError::PoolTakesTraffic { .. }
-                | CommandError::NothingToRollBack => StatusCode::CONFLICT,
+                | CommandError::NothingToRollBack
+                | CommandError::RolloutActive(_) => StatusCode::CONFLICT,
                 CommandError::StaleGeneration { .. } => StatusCode::PRECONDITION_FAILED,
             },
             AdminError::Control(ControlError::Build(_) | ControlError::Persist(_)) => {
@@ -139,6 +153,20 @@ impl AdminError {
                 ReloadError::NoFile => StatusCode::CONFLICT,
                 ReloadError::Config(_) | ReloadError::Files(_) => StatusCode::BAD_REQUEST,
                 ReloadError::Persist(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            },
+            AdminError::Rollout(r) => match r {
+                RolloutError::UnknownService(_) | RolloutError::NoRollout(_) => {
+                    StatusCode::NOT_FOUND
+                }
+                RolloutError::Active(_)
+                | RolloutError::Verb(_)
+                | RolloutError::NoHealthyBackend(_)
+                | RolloutError::Split(_) => StatusCode::CONFLICT,
+                RolloutError::UnknownPlan(_) | RolloutError::BadPlan(_) => StatusCode::BAD_REQUEST,
+                RolloutError::Stale { .. } => StatusCode::PRECONDITION_FAILED,
+                RolloutError::Control(_) | RolloutError::DriverGone(_) => {
+                    StatusCode::INTERNAL_SERVER_ERROR
+                }
             },
         }
     }
@@ -165,6 +193,7 @@ impl AdminError {
                 CommandError::PoolTakesTraffic { .. } => "pool_takes_traffic",
                 CommandError::StaleGeneration { .. } => "stale_generation",
                 CommandError::NothingToRollBack => "nothing_to_roll_back",
+                CommandError::RolloutActive(_) => "rollout_active",
             },
             AdminError::Control(ControlError::Build(_)) => "build_failed",
             AdminError::Control(ControlError::Persist(_)) => "persist_failed",
@@ -172,6 +201,19 @@ impl AdminError {
                 ReloadError::NoFile => "no_config_file",
                 ReloadError::Config(_) | ReloadError::Files(_) => "invalid_config",
                 ReloadError::Persist(_) => "persist_failed",
+            },
+            AdminError::Rollout(r) => match r {
+                RolloutError::UnknownService(_) => "unknown_service",
+                RolloutError::NoRollout(_) => "no_rollout",
+                RolloutError::Active(_) => "rollout_active",
+                RolloutError::Verb(_) => "rollout_state",
+                RolloutError::NoHealthyBackend(_) => "no_healthy_backend",
+                RolloutError::Split(_) => "split_in_effect",
+                RolloutError::UnknownPlan(_) => "invalid_field",
+                RolloutError::BadPlan(_) => "invalid_plan",
+                RolloutError::Stale { .. } => "stale_generation",
+                RolloutError::Control(_) => "persist_failed",
+                RolloutError::DriverGone(_) => "rollout_driver_stopped",
             },
         }
     }
@@ -184,6 +226,9 @@ impl AdminError {
                 field, ..
             })) => Some(field),
             AdminError::Control(ControlError::Command(CommandError::BadRule(_))) => Some("rules"),
+            AdminError::Rollout(RolloutError::UnknownPlan(_) | RolloutError::BadPlan(_)) => {
+                Some("plan")
+            }
             _ => None,
         }
     }
@@ -362,6 +407,31 @@ impl Admin {
                     .await
             }
             (["services", _, "pools", _], _) => Err(AdminError::MethodNotAllowed("PUT")),
+            (["services", name, "rollout"], &Method::POST) => {
+                let name = name.to_string();
+                self.start_rollout(req, &name, actor).await
+            }
+            (["services", name, "rollout"], &Method::GET) => {
+                let wait = parse_wait(req.uri().query().unwrap_or(""))?;
+                let v = rollout::current(&self.control, name, wait).await?;
+                Ok(json_response(StatusCode::OK, &v))
+            }
+            (["services", _, "rollout"], _) => Err(AdminError::MethodNotAllowed("GET, POST")),
+            (
+                ["services", name, "rollout", verb @ ("pause" | "resume" | "promote" | "abort")],
+                &Method::POST,
+            ) => {
+                let (name, verb) = (name.to_string(), *verb);
+                self.rollout_verb(req, &name, verb, actor).await
+            }
+            (["services", _, "rollout", "pause" | "resume" | "promote" | "abort"], _) => {
+                Err(AdminError::MethodNotAllowed("POST"))
+            }
+            (["services", name, "rollouts"], &Method::GET) => {
+                let v = rollout::history(&self.control, name).await?;
+                Ok(json_response(StatusCode::OK, &v))
+            }
+            (["services", _, "rollouts"], _) => Err(AdminError::MethodNotAllowed("GET")),
             (["reload"], &Method::POST) => {
                 self.control.reload().await?;
                 Ok(json_response(
@@ -402,15 +472,171 @@ impl Admin {
                 return Err(AdminError::field("reason", "longer than 1024 characters"));
             }
         }
+        let manual = matches!(
+            cmd,
+            Command::Switch { .. } | Command::Split { .. } | Command::Rollback { .. }
+        );
+        let mut aborted = false;
+        if manual && get_bool(&body, "force")? {
+            // SPEC §10: `force` aborts a running rollout first.
+            if rollout::active_id(&self.control, service).await.is_some() {
+                let meta = ChangeMeta {
+                    actor: actor.clone(),
+                    reason: reason.clone(),
+                    at: SystemTime::now(),
+                    if_match,
+                };
+                let why = "manual_override".to_string();
+                match rollout::verb(&self.control, service, Verb::Abort { why }, meta).await {
+                    Ok(_) => aborted = true,
+                    Err(RolloutError::Verb(_)) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
         let meta = ChangeMeta {
             actor,
             reason,
             at: SystemTime::now(),
-            if_match,
+            // The abort made a generation of its own, after the check.
+            if_match: if aborted { None } else { if_match },
         };
         let view = self.control.execute(service, cmd, meta).await?;
         Ok(json_response(StatusCode::OK, &view))
     }
+}
+
+impl Admin {
+    /// `POST …/rollout`: `{"plan": "NAME" | {steps, analysis}, "reason"?}`.
+    async fn start_rollout(
+        &self,
+        req: Request<Incoming>,
+        service: &str,
+        actor: String,
+    ) -> Result<AdminResponse, AdminError> {
+        if self.control.view(service).is_none() {
+            return Err(unknown_service(service));
+        }
+        let (if_match, header_reason) = change_headers(&req)?;
+        let body = read_json(req.into_body()).await?;
+        only(&body, "plan, reason")?;
+        let plan = match body.get("plan") {
+            None => {
+                return Err(AdminError::field(
+                    "plan",
+                    "missing (a [[rollout_plan]] name, or a plan object)",
+                ))
+            }
+            Some(Value::String(name)) => self
+                .control
+                .rollout_plan(name)
+                .await
+                .ok_or_else(|| RolloutError::UnknownPlan(name.clone()))?,
+            Some(v @ Value::Object(_)) => Plan::from_json(v).map_err(RolloutError::BadPlan)?,
+            Some(v) => {
+                return Err(AdminError::field(
+                    "plan",
+                    format!("expected a plan name or object, got {v}"),
+                ))
+            }
+        };
+        let meta = ChangeMeta {
+            actor,
+            reason: get_reason(&body)?.or(header_reason),
+            at: SystemTime::now(),
+            if_match,
+        };
+        let v = rollout::start(&self.control, service, plan, meta).await?;
+        Ok(json_response(StatusCode::CREATED, &v))
+    }
+
+    /// `POST …/rollout/{pause,resume,promote,abort}`.
+    async fn rollout_verb(
+        &self,
+        req: Request<Incoming>,
+        service: &str,
+        verb: &str,
+        actor: String,
+    ) -> Result<AdminResponse, AdminError> {
+        if self.control.view(service).is_none() {
+            return Err(unknown_service(service));
+        }
+        let (if_match, header_reason) = change_headers(&req)?;
+        let body = read_json(req.into_body()).await?;
+        let verb = match verb {
+            "promote" => {
+                only(&body, "full, reason")?;
+                Verb::Promote {
+                    full: get_bool(&body, "full")?,
+                }
+            }
+            "pause" => {
+                only(&body, "reason")?;
+                Verb::Pause
+            }
+            "resume" => {
+                only(&body, "reason")?;
+                Verb::Resume
+            }
+            _ => {
+                only(&body, "reason")?;
+                Verb::Abort { why: String::new() }
+            }
+        };
+        let meta = ChangeMeta {
+            actor,
+            reason: get_reason(&body)?.or(header_reason),
+            at: SystemTime::now(),
+            if_match,
+        };
+        let v = rollout::verb(&self.control, service, verb, meta).await?;
+        Ok(json_response(StatusCode::OK, &v))
+    }
+}
+
+/// `If-Match` and `X-Change-Reason` of a mutation.
+fn change_headers(req: &Request<Incoming>) -> Result<(Option<u64>, Option<String>), AdminError> {
+    let if_match = match req.headers().get(IF_MATCH) {
+        None => None,
+        Some(v) => parse_if_match(v)?,
+    };
+    let reason = req
+        .headers()
+        .get("x-change-reason")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    Ok((if_match, reason))
+}
+
+/// `?wait=done&timeout=600s` → how long to wait (None: answer now).
+fn parse_wait(query: &str) -> Result<Option<std::time::Duration>, AdminError> {
+    let mut wait = false;
+    let mut timeout = std::time::Duration::from_secs(600);
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        match k {
+            "wait" if v == "done" => wait = true,
+            "wait" => {
+                return Err(AdminError::field(
+                    "wait",
+                    format!("expected \"done\", got {v:?}"),
+                ))
+            }
+            "timeout" => {
+                timeout = humantime::parse_duration(v)
+                    .ok()
+                    .filter(|d| *d <= std::time::Duration::from_secs(24 * 3600))
+                    .ok_or_else(|| {
+                        AdminError::field(
+                            "timeout",
+                            format!("expected a duration up to 24h like \"600s\", got {v:?}"),
+                        )
+                    })?;
+            }
+            _ => {}
+        }
+    }
+    Ok(wait.then_some(timeout))
 }
 
 fn unknown_service(name: &str) -> AdminError {
@@ -605,7 +831,8 @@ fn decode_split(body: &Map<String, Value>) -> Result<(Command, Option<String>), 
 }
 
 fn decode_rollback(body: &Map<String, Value>) -> Result<(Command, Option<String>), AdminError> {
-    only(body, "to_generation, reason")?;
+    only(body, "to_generation, force, reason")?;
+    get_bool(body, "force")?;
     let to_generation = match body.get("to_generation") {
         None | Some(Value::Null) => None,
         Some(Value::Number(n)) => Some(n.as_u64().filter(|g| *g > 0).ok_or_else(|| {
