@@ -937,3 +937,51 @@ async fn a_mirror_step_copies_live_traffic_to_the_canary_then_stops() {
     };
     assert!(ok, "the mirror stops after its step: {m}");
 }
+
+/// Item 8: a canary that fails only under mirrored traffic is rolled back
+/// during the mirror step, before any user reaches it, and the report says
+/// no user request was served by it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_failing_its_mirrored_copies_is_rolled_back_in_the_mirror_step() {
+    let blue = Faulty::start("blue").await;
+    let green = Faulty::start("green").await;
+    green.fail_every(4);
+    let p = TestProxy::start(&[Svc::addrs("web", &[blue.addr], &[green.addr])]).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let driver = tokio::spawn(load(
+        p.addr,
+        8,
+        20,
+        40_000,
+        Duration::from_secs(90),
+        Arc::clone(&stop),
+    ));
+    start(
+        &p.admin,
+        r#"{"steps":[{"mirror":100,"duration":"10m"},{"weight":10,"pause":"1m"},{"weight":100}]}"#,
+    )
+    .await;
+    let done = until_state(&p.admin, &["rolled_back"], Duration::from_secs(80)).await;
+    stop.store(true, Ordering::SeqCst);
+    let seen = driver.await.unwrap();
+    assert_eq!(done["step"], 0, "rolled back in the mirror step: {done:#}");
+    assert_eq!(seen.green, 0, "no user reached the canary: {seen:?}");
+    assert_eq!(seen.other_errors + seen.blue_5xx, 0, "{seen:?}");
+    assert_eq!(done["impact"]["user_failures"], 0, "{done:#}");
+    assert_eq!(done["impact"]["canary_requests"], 0, "{done:#}");
+    let reason = done["reason"].as_str().unwrap();
+    eprintln!("{reason}; clients saw {seen:?}");
+    assert!(reason.contains("0 user requests"), "{reason}");
+    // The mirror is removed with the rollback.
+    let (ok, m) = {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let (_, m) = p.admin.get("/api/v1/services/web/mirror").await;
+            if m["mirror"].is_null() || tokio::time::Instant::now() >= deadline {
+                break (m["mirror"].is_null(), m);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    assert!(ok, "{m}");
+}

@@ -344,6 +344,17 @@ impl Control {
         })
     }
 
+    /// The outcome counters of mirrored copies sent to `pool` of a service
+    /// (for a rollout's mirror step), if the service exists.
+    pub(crate) fn mirror_outcomes(
+        &self,
+        name: &str,
+        pool: crate::color::Color,
+    ) -> Option<crate::data_plane::mirror::OutcomeCounts> {
+        let snap = self.table.load();
+        Some(snap.route(name)?.service.mirror.outcomes(pool))
+    }
+
     /// History of a service, newest first.
     pub(crate) async fn history(&self, name: &str) -> Option<Vec<HistoryEntry>> {
         let inner = self.inner.lock().await;

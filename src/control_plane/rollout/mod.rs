@@ -29,6 +29,7 @@ use crate::color::Color;
 use crate::config::mirror::MirrorSpec;
 use crate::control_plane::control::{Control, ControlError};
 use crate::control_plane::state::{ChangeMeta, Command};
+use crate::data_plane::mirror::OutcomeCounts;
 use crate::data_plane::outcomes::PoolCounts;
 use crate::weights::Live;
 
@@ -400,6 +401,8 @@ struct Driver {
     /// The canary weight last applied (basis points).
     applied_bp: u16,
     mirror_on: bool,
+    /// The canary's mirror counters at the last tick (mirror steps).
+    last_mirror: Option<OutcomeCounts>,
     last_persist: tokio::time::Instant,
     verdict: Verdict,
 }
@@ -421,6 +424,7 @@ impl Driver {
             window: VecDeque::new(),
             applied_bp,
             mirror_on: false,
+            last_mirror: None,
             last_persist: tokio::time::Instant::now(),
             verdict: Verdict::Pass,
         }
@@ -475,6 +479,10 @@ impl Driver {
         let cfg = self.r.plan.analysis.clone();
         let c = Tally::of(&delta[ci], &cfg);
         let b = Tally::of(&delta[bi], &cfg);
+        // During a mirror step the canary serves no user: it is judged by
+        // the copies of live requests it answered (their failures count
+        // against it like user failures would; the impact stays 0).
+        let mirrored = self.mirror_tally();
         let user_failures = delta[ci].status_5xx + delta[ci].transport;
         self.r.impact.canary_requests += c.requests;
         self.r.impact.canary_failures += c.failures;
@@ -489,14 +497,23 @@ impl Driver {
         }
         self.step_lat[ci].add(&delta[ci]);
         self.step_lat[bi].add(&delta[bi]);
-        self.r.stats.observe(
-            &cfg,
-            c,
-            b,
-            Some(&delta[ci]),
-            Some(&self.step_lat[bi]),
-            Some(&self.step_lat[ci]),
-        );
+        let c = match mirrored {
+            Some(m) => {
+                self.r.stats.observe(&cfg, m, b, None, None, None);
+                m
+            }
+            None => {
+                self.r.stats.observe(
+                    &cfg,
+                    c,
+                    b,
+                    Some(&delta[ci]),
+                    Some(&self.step_lat[bi]),
+                    Some(&self.step_lat[ci]),
+                );
+                c
+            }
+        };
         self.window.push_back((c, b));
         let keep = (GUARD_WINDOW_S * 1000 / TICK.as_millis() as u64) as usize;
         while self.window.len() > keep {
@@ -608,6 +625,26 @@ impl Driver {
         if let Err(e) = self.apply(what, None).await {
             tracing::error!(service = %self.r.service, id = %self.r.id, error = %e, "rollout: could not persist");
         }
+    }
+
+    /// The canary's mirrored copies since the last tick, while a mirror
+    /// step runs (None otherwise). Counters only grow, but a reload that
+    /// rebuilds the service starts them again: a smaller read counts as 0.
+    fn mirror_tally(&mut self) -> Option<Tally> {
+        if self.r.mirror_wish().is_none() {
+            self.last_mirror = None;
+            return None;
+        }
+        let now = self
+            .control
+            .mirror_outcomes(&self.r.service, self.r.canary)?;
+        // The first read of a step is the starting point: copies sent
+        // before it (a manual mirror, an earlier rollout) are not judged.
+        let last = self.last_mirror.replace(now).unwrap_or(now);
+        Some(Tally {
+            requests: now.requests.saturating_sub(last.requests),
+            failures: now.failures.saturating_sub(last.failures),
+        })
     }
 
     /// Starts or stops the mirror as the current step wants (after every
