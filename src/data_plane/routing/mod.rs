@@ -639,12 +639,8 @@ mod tests {
     }
 
     fn facts(h: &HeaderMap) -> RequestFacts<'_> {
-        RequestFacts {
-            headers: h,
-            path: "/",
-            query: None,
-            client: std::net::IpAddr::from([127, 0, 0, 1]),
-        }
+        let uri = Box::leak(Box::new(http::Uri::from_static("/")));
+        RequestFacts::new(h, uri, std::net::IpAddr::from([127, 0, 0, 1]))
     }
 
     fn route(name: &str, m: &Metrics, green_pct: f64) -> Route {

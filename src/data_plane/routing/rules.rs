@@ -5,6 +5,7 @@
 //! Matching a request borrows from it and never allocates. A service with
 //! no rules pays one empty-slice check.
 
+use std::cell::Cell;
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -14,8 +15,18 @@ use prometheus::IntCounter;
 use crate::color::Color;
 use crate::config::rules::{Condition, RuleSpec};
 
-/// What a rule may look at in a request.
+/// The request's Cookie header(s), looked up once, when the first cookie
+/// condition asks (HTTP/2 clients may split cookies into several fields).
 #[derive(Clone, Copy)]
+enum Cookies<'a> {
+    Unknown,
+    Absent,
+    One(&'a [u8]),
+    Many,
+}
+
+/// What a rule may look at in a request.
+#[derive(Clone)]
 pub struct RequestFacts<'a> {
     /// Request headers.
     pub headers: &'a HeaderMap,
@@ -25,6 +36,7 @@ pub struct RequestFacts<'a> {
     pub query: Option<&'a str>,
     /// The TCP peer's address.
     pub client: IpAddr,
+    cookies: Cell<Cookies<'a>>,
 }
 
 impl<'a> RequestFacts<'a> {
@@ -35,7 +47,23 @@ impl<'a> RequestFacts<'a> {
             path: uri.path(),
             query: uri.query(),
             client,
+            cookies: Cell::new(Cookies::Unknown),
         }
+    }
+
+    /// The Cookie header, found on first use and remembered: ten cookie
+    /// conditions cost one header-map lookup, not ten.
+    fn cookies(&self) -> Cookies<'a> {
+        if let Cookies::Unknown = self.cookies.get() {
+            let mut all = self.headers.get_all(COOKIE).iter();
+            let found = match (all.next(), all.next()) {
+                (None, _) => Cookies::Absent,
+                (Some(v), None) => Cookies::One(v.as_bytes()),
+                (Some(_), Some(_)) => Cookies::Many,
+            };
+            self.cookies.set(found);
+        }
+        self.cookies.get()
     }
 }
 
@@ -128,13 +156,21 @@ fn holds(t: &Test, req: &RequestFacts<'_>) -> bool {
     let c = match t {
         Test::Cookie(finder, value) => {
             let name = finder.needle();
-            return req.headers.get_all(COOKIE).iter().any(|h| {
-                let h = h.as_bytes();
+            let has = |h: &[u8]| {
                 finder.find(h).is_some()
                     && pairs(h, b';').any(|(n, v)| {
                         n == name && value.as_deref().is_none_or(|want| v == Some(want))
                     })
-            });
+            };
+            return match req.cookies() {
+                Cookies::Absent | Cookies::Unknown => false,
+                Cookies::One(h) => has(h),
+                Cookies::Many => req
+                    .headers
+                    .get_all(COOKIE)
+                    .iter()
+                    .any(|h| has(h.as_bytes())),
+            };
         }
         Test::Other(c) => c,
     };
