@@ -428,12 +428,8 @@ proptest! {
                 h.append(http::header::COOKIE, v);
             }
         }
-        let facts = RequestFacts {
-            headers: &h,
-            path: "/",
-            query: None,
-            client: std::net::IpAddr::from([127, 0, 0, 1]),
-        };
+        let uri = http::Uri::from_static("/");
+        let facts = RequestFacts::new(&h, &uri, std::net::IpAddr::from([127, 0, 0, 1]));
         let mut choice = choose_pool(&r, &facts);
         if let Some(b) = choice.bucket {
             prop_assert!(b < 10_000);
