@@ -23,12 +23,13 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
 use serde::Serialize;
-use tokio::sync::{watch, Mutex};
+use tokio::sync::{mpsc, watch, Mutex};
 
 use crate::color::Color;
 use crate::config::rules::RuleSpec;
@@ -38,7 +39,8 @@ use crate::control_plane::files::{upstream_ca_error, LoadedFiles};
 use crate::control_plane::state::{
     self, ChangeMeta, Command, CommandError, HealthView, HistoryEntry, Outcome, RoutingState,
 };
-use crate::control_plane::store::{StateStore, StoreError};
+use crate::control_plane::store::etcd::{EtcdStore, Presence, StoreEvent};
+use crate::control_plane::store::{Change, FileStore, Incoming, Rev, StateStore, StoreError};
 use crate::data_plane::backend::{now_ms, Backend, Health};
 use crate::data_plane::conn_limit::ConnLimiter;
 use crate::data_plane::routing::{Pool, Route, Rule, Service, Settings, Snapshot};
@@ -174,6 +176,52 @@ struct Inner {
     config: Arc<Config>,
     state: RoutingState,
     runtimes: HashMap<String, ServiceRuntime>,
+    /// Fleet mode: the store's revision of each service's state as
+    /// `state` has it (the base of the next compare-and-swap); absent: the
+    /// store does not have it.
+    revs: HashMap<String, Rev>,
+}
+
+impl Inner {
+    fn changes(&self, services: impl IntoIterator<Item = String>) -> Vec<Change> {
+        services
+            .into_iter()
+            .map(|service| Change {
+                base: self.revs.get(&service).copied().unwrap_or(0),
+                service,
+            })
+            .collect()
+    }
+
+    fn stored(&mut self, changes: &[Change], revs: &[Rev]) {
+        for (c, rev) in changes.iter().zip(revs) {
+            self.revs.insert(c.service.clone(), *rev);
+        }
+    }
+}
+
+/// Fleet mode (`[state] backend = "etcd"`): the shared store, the
+/// last-known-good cache file, and this replica's presence.
+pub(crate) struct Fleet {
+    /// The etcd store (also `Control::store`).
+    pub(crate) store: Arc<EtcdStore>,
+    /// `[state] path`: written after every change served.
+    pub(crate) cache: FileStore,
+    /// What this replica announces.
+    pub(crate) presence: watch::Sender<Presence>,
+}
+
+/// `/readyz` (SPEC §7, §11).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum Readiness {
+    /// Single replica: the table is loaded.
+    Ready,
+    /// Fleet mode, no table yet (no cache, etcd not reached).
+    Starting,
+    /// Fleet mode, in touch with etcd.
+    Synced,
+    /// Fleet mode, serving the last table; silent for this long.
+    Stale(std::time::Duration),
 }
 
 /// The control plane. See the module docs.
@@ -187,7 +235,14 @@ pub(crate) struct Control {
     tls: Option<Arc<ServerTls>>,
     tokens: Arc<ArcSwap<Tokens>>,
     conn_limits: Arc<ConnLimiter>,
+    fleet: Option<Fleet>,
+    /// Fleet mode: the table serves every configured service.
+    has_table: AtomicBool,
 }
+
+/// How often a change that lost a compare-and-swap to another replica is
+/// tried again on the winner's state before the caller is told.
+const CONFLICT_RETRIES: usize = 8;
 
 impl HealthView for Snapshot {
     fn pool_has_healthy(&self, service: &str, color: Color) -> bool {
@@ -214,6 +269,8 @@ pub(crate) struct ControlParts {
     pub(crate) tokens: Arc<ArcSwap<Tokens>>,
     /// Client connection limits (changed on reload).
     pub(crate) conn_limits: Arc<ConnLimiter>,
+    /// Fleet mode, with the receiver of the store's events.
+    pub(crate) fleet: Option<(Fleet, mpsc::Receiver<StoreEvent>)>,
 }
 
 impl Control {
@@ -230,20 +287,37 @@ impl Control {
             tls,
             tokens,
             conn_limits,
+            fleet,
         } = parts;
-        let state = state::reconcile(&stored.unwrap_or_default(), &config, SystemTime::now());
+        let (fleet, events) = match fleet {
+            Some((f, rx)) => (Some(f), Some(rx)),
+            None => (None, None),
+        };
+        // Fleet mode without a cache file: no table until etcd answers
+        // (never route from `initial` while etcd may hold a state).
+        let has_table = fleet.is_none() || stored.is_some();
+        let state = match (&stored, &fleet) {
+            (None, Some(_)) => RoutingState::default(),
+            _ => state::reconcile(&stored.unwrap_or_default(), &config, SystemTime::now()),
+        };
         let config = Arc::new(config);
         let mut inner = Inner {
             config: Arc::clone(&config),
             state: RoutingState::default(),
             runtimes: HashMap::new(),
+            revs: HashMap::new(),
         };
         let config_file = config_path
             .clone()
             .unwrap_or_else(|| PathBuf::from("(config)"));
         let prepared = prepare(&config, &config_file, &state, &inner.runtimes)
             .map_err(|e| FileErrors(e).to_string())?;
-        let state = save(&store, state).await.map_err(|e| e.to_string())?;
+        if fleet.is_none() {
+            let all = inner.changes(state.services.keys().cloned());
+            store.save(&state, &all).await.map_err(|e| e.to_string())?;
+        }
+        // Fleet mode: the cache is served as it is, stale, until etcd
+        // answers; nothing is written before that.
         let snapshot = prepared.commit(&config, &state, &mut inner, &metrics);
         inner.state = state;
         let (changes, _) = watch::channel(());
@@ -257,14 +331,259 @@ impl Control {
             tls,
             tokens,
             conn_limits,
+            fleet,
+            has_table: AtomicBool::new(has_table),
         };
         {
             let inner = control.inner.lock().await;
             for (name, s) in &inner.state.services {
                 control.metrics.set_weights(name, s.weights);
             }
+            control.announce(&inner);
         }
-        Ok(Arc::new(control))
+        let control = Arc::new(control);
+        if let Some(rx) = events {
+            tokio::spawn(Arc::clone(&control).follow(rx));
+        }
+        Ok(control)
+    }
+
+    /// `/readyz`.
+    pub(crate) fn readiness(&self) -> Readiness {
+        let Some(fleet) = &self.fleet else {
+            return Readiness::Ready;
+        };
+        if !self.has_table.load(Ordering::Relaxed) {
+            return Readiness::Starting;
+        }
+        let health = fleet.store.health();
+        if health.stale() {
+            Readiness::Stale(health.silence())
+        } else {
+            Readiness::Synced
+        }
+    }
+
+    /// Fleet mode: the etcd store.
+    pub(crate) fn fleet(&self) -> Option<&Arc<EtcdStore>> {
+        self.fleet.as_ref().map(|f| &f.store)
+    }
+
+    /// Fleet mode: after a change is served, the cache file and the
+    /// presence key follow it (both best effort; the cache is written off
+    /// the lock, the presence by its own task).
+    fn announce(&self, inner: &Inner) {
+        let Some(fleet) = &self.fleet else {
+            return;
+        };
+        let services = inner
+            .state
+            .services
+            .iter()
+            .map(|(n, s)| (n.clone(), s.generation))
+            .collect();
+        fleet.presence.send_modify(|p| p.services = services);
+        if inner.state.services.is_empty() {
+            return;
+        }
+        let cache = fleet.cache.clone();
+        let state = inner.state.clone();
+        tokio::spawn(async move {
+            if let Err(e) = cache.save_async(&state).await {
+                tracing::warn!(error = %e, "cannot write the state cache file");
+            }
+        });
+    }
+
+    /// Fleet mode: applies what the store delivers, for as long as it runs.
+    async fn follow(self: Arc<Self>, mut events: mpsc::Receiver<StoreEvent>) {
+        while let Some(ev) = events.recv().await {
+            match ev {
+                StoreEvent::Snapshot { reason, services } => {
+                    let present: Vec<String> = services.iter().map(|i| i.service.clone()).collect();
+                    {
+                        let mut inner = self.inner.lock().await;
+                        // Keys gone from etcd (wiped, restored) are written
+                        // again from what this replica serves: traffic is
+                        // never routed from nothing.
+                        inner.revs.retain(|k, _| present.contains(k));
+                    }
+                    self.adopt(services).await;
+                    if reason.is_some() {
+                        tracing::info!(reason, "state re-read from etcd");
+                    }
+                    self.sync_config().await;
+                }
+                StoreEvent::Changes(changes) => {
+                    let deleted = changes.iter().any(|c| c.value.is_none());
+                    self.adopt(changes).await;
+                    if deleted {
+                        self.sync_config().await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Adopts values read from the store through [`state::apply`]
+    /// (`Command::Adopt`), then publishes once. A value older than the one
+    /// held is skipped; an invalid one is refused, counted and logged, and
+    /// the service keeps its state (its revision is taken, so the next
+    /// change here overwrites the bad value).
+    async fn adopt(&self, incoming: Vec<Incoming>) {
+        let mut inner = self.inner.lock().await;
+        let now = SystemTime::now();
+        let meta = ChangeMeta {
+            actor: "store".into(),
+            reason: None,
+            at: now,
+            if_match: None,
+        };
+        let mut next = inner.state.clone();
+        let mut changed = Vec::new();
+        for inc in incoming {
+            let held = inner.revs.get(&inc.service).copied().unwrap_or(0);
+            if inc.rev <= held {
+                continue;
+            }
+            if !inner.config.services.iter().any(|s| s.name == inc.service) {
+                tracing::debug!(service = %inc.service, "state in etcd for a service this replica's config does not have");
+                continue;
+            }
+            let value = match inc.value {
+                None => {
+                    inner.revs.remove(&inc.service);
+                    continue;
+                }
+                Some(v) => v,
+            };
+            let result = value.map_err(|e| e.to_string()).and_then(|st| {
+                let cmd = Command::Adopt {
+                    state: Box::new(st),
+                };
+                let snap = self.table.load();
+                state::apply(&next, &inc.service, &cmd, &meta, &**snap).map_err(|e| e.to_string())
+            });
+            inner.revs.insert(inc.service.clone(), inc.rev);
+            match result {
+                Ok(Outcome::Changed(st)) => {
+                    next.services.insert(inc.service.clone(), st);
+                    changed.push(inc.service);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    if let Some(f) = &self.fleet {
+                        f.store.rejected(&inc.service);
+                    }
+                    tracing::error!(service = %inc.service, revision = inc.rev, error = %e, "invalid state in etcd refused; keeping the state served");
+                }
+            }
+        }
+        if changed.is_empty() {
+            return;
+        }
+        let config = Arc::clone(&inner.config);
+        let prepared = match prepare(&config, &self.config_file(), &next, &inner.runtimes) {
+            Ok(p) => p,
+            Err(errors) => {
+                tracing::error!(error = %FileErrors(errors), "cannot build the routing table for the state from etcd");
+                return;
+            }
+        };
+        let snapshot = prepared.commit(&config, &next, &mut inner, &self.metrics);
+        inner.state = next;
+        self.publish(snapshot);
+        self.settle(&inner);
+        for name in &changed {
+            if let Some(st) = inner.state.services.get(name) {
+                self.metrics.set_weights(name, st.weights);
+                tracing::info!(service = %name, generation = st.generation, weights = %st.weights, "routing adopted from etcd");
+            }
+        }
+    }
+
+    /// Fleet mode, after a publish: ready once every configured service is
+    /// served; cache and presence follow.
+    fn settle(&self, inner: &Inner) {
+        if self.fleet.is_none() {
+            return;
+        }
+        let all = inner
+            .config
+            .services
+            .iter()
+            .all(|s| inner.state.services.contains_key(&s.name));
+        if all {
+            self.has_table.store(true, Ordering::Relaxed);
+        }
+        self.announce(inner);
+    }
+
+    /// Fleet mode: brings the shared state in line with this replica's
+    /// config (`Command::Reload` through `apply`): services etcd does not
+    /// have are written (create-only: the first replica wins, keeping the
+    /// generation this one serves), and pool or rules lists changed in the
+    /// file are written by compare-and-swap. A lost race leaves the
+    /// winner's value, which the watch delivers.
+    async fn sync_config(&self) {
+        for _ in 0..CONFLICT_RETRIES {
+            let mut inner = self.inner.lock().await;
+            let config = Arc::clone(&inner.config);
+            let next = state::reconcile(&inner.state, &config, SystemTime::now());
+            let names: Vec<String> = next
+                .services
+                .iter()
+                .filter(|(n, s)| {
+                    !inner.revs.contains_key(*n) || inner.state.services.get(*n) != Some(*s)
+                })
+                .map(|(n, _)| n.clone())
+                .collect();
+            if names.is_empty() {
+                return;
+            }
+            let changes = inner.changes(names);
+            let prepared = match prepare(&config, &self.config_file(), &next, &inner.runtimes) {
+                Ok(p) => p,
+                Err(errors) => {
+                    tracing::error!(error = %FileErrors(errors), "cannot build the routing table");
+                    return;
+                }
+            };
+            match self.store.save(&next, &changes).await {
+                Ok(revs) => {
+                    inner.stored(&changes, &revs);
+                    let snapshot = prepared.commit(&config, &next, &mut inner, &self.metrics);
+                    inner.state = next;
+                    self.publish(snapshot);
+                    for (name, s) in &inner.state.services {
+                        self.metrics.set_weights(name, s.weights);
+                    }
+                    self.settle(&inner);
+                    return;
+                }
+                Err(StoreError::Conflict { .. }) => {
+                    drop(inner);
+                    self.refresh(&changes).await;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot write the config's services to etcd; retried on the next event");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Re-reads services that lost a compare-and-swap and adopts them.
+    async fn refresh(&self, changes: &[Change]) {
+        let mut got = Vec::new();
+        for c in changes {
+            match self.store.fetch(&c.service).await {
+                Ok(Some(i)) => got.push(i),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(service = %c.service, error = %e, "cannot re-read a service"),
+            }
+        }
+        self.adopt(got).await;
     }
 
     /// The routing table the data plane reads.
@@ -318,19 +637,47 @@ impl Control {
     }
 
     /// Applies a command: decide, persist, publish. Returns the new view.
+    /// In fleet mode a change that lost a compare-and-swap to another
+    /// replica is decided again on the winner's state (so `If-Match` then
+    /// answers 412).
     pub(crate) async fn execute(
         &self,
         service: &str,
         cmd: Command,
         meta: ChangeMeta,
     ) -> Result<ServiceView, ControlError> {
+        let mut attempt = 0;
+        loop {
+            match self.execute_once(service, &cmd, &meta).await {
+                Err(ControlError::Persist(StoreError::Conflict { .. }))
+                    if attempt < CONFLICT_RETRIES =>
+                {
+                    attempt += 1;
+                    let changes = [Change {
+                        service: service.to_string(),
+                        base: 0,
+                    }];
+                    self.refresh(&changes).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn execute_once(
+        &self,
+        service: &str,
+        cmd: &Command,
+        meta: &ChangeMeta,
+    ) -> Result<ServiceView, ControlError> {
+        let cmd = cmd.clone();
         let mut inner = self.inner.lock().await;
         let outcome = {
             let snap = self.table.load();
-            state::apply(&inner.state, service, &cmd, &meta, &**snap)?
+            state::apply(&inner.state, service, &cmd, meta, &**snap)?
         };
         let next = match outcome {
-            Outcome::Unchanged => {
+            Outcome::Unchanged | Outcome::Removed => {
                 drop(inner);
                 return self
                     .view(service)
@@ -372,11 +719,14 @@ impl Control {
             &inner.runtimes,
         )
         .map_err(|errors| ControlError::Build(FileErrors(errors).to_string()))?;
-        let new_state = save(&self.store, new_state).await?;
+        let changes = inner.changes([service.to_string()]);
+        let revs = self.store.save(&new_state, &changes).await?;
+        inner.stored(&changes, &revs);
         let config = Arc::clone(&inner.config);
         let snapshot = prepared.commit(&config, &new_state, &mut inner, &self.metrics);
         inner.state = new_state;
         self.publish(snapshot);
+        self.settle(&inner);
         drop(inner);
         self.metrics.set_weights(service, weights);
         self.metrics.routing_change(service, cmd.action().as_str());
@@ -444,7 +794,11 @@ impl Control {
         warn_restart_only(&inner.config, &config);
         let new_state = state::reconcile(&inner.state, &config, SystemTime::now());
         let prepared = prepare(&config, path, &new_state, &inner.runtimes).map_err(files_error)?;
-        let new_state = save(&self.store, new_state).await?;
+        let changes = inner.changes(changed_services(&inner.state, &new_state));
+        if !changes.is_empty() || self.fleet.is_none() {
+            let revs = self.store.save(&new_state, &changes).await?;
+            inner.stored(&changes, &revs);
+        }
         let snapshot = prepared.commit(&config, &new_state, &mut inner, &self.metrics);
         let (max_connections, max_per_client) = (
             config.proxy.max_connections,
@@ -472,8 +826,12 @@ impl Control {
                     .map(move |r| (name.clone(), r.name.clone()))
             })
             .collect();
+        for name in &removed {
+            inner.revs.remove(name);
+        }
         inner.state = new_state;
         self.publish(snapshot);
+        self.settle(&inner);
         for (name, rule) in &gone_rules {
             self.metrics.forget_rule(name, rule);
         }
@@ -537,21 +895,21 @@ fn warn_restart_only(old: &Config, new: &Config) {
     }
 }
 
-/// Persists `state` off the runtime threads; hands it back once it is
-/// durable (moved there and back: the state, with every service's history,
-/// is not copied for it).
-async fn save(
-    store: &Arc<dyn StateStore>,
-    state: RoutingState,
-) -> Result<RoutingState, StoreError> {
-    let store = Arc::clone(store);
-    match tokio::task::spawn_blocking(move || store.save(&state).map(|()| state)).await {
-        Ok(r) => r,
-        Err(e) => Err(StoreError::Write {
-            path: PathBuf::from("state"),
-            source: std::io::Error::other(e.to_string()),
-        }),
-    }
+/// The services that differ between two states (added, changed, removed).
+fn changed_services(old: &RoutingState, new: &RoutingState) -> Vec<String> {
+    let mut names: Vec<String> = new
+        .services
+        .iter()
+        .filter(|(n, s)| old.services.get(*n) != Some(*s))
+        .map(|(n, _)| n.clone())
+        .collect();
+    names.extend(
+        old.services
+            .keys()
+            .filter(|n| !new.services.contains_key(*n))
+            .cloned(),
+    );
+    names
 }
 
 /// Does a service config differ in anything but its backend lists and
