@@ -118,8 +118,9 @@ pub(super) async fn replicas(control: &Control) -> Result<AdminResponse, AdminEr
 }
 
 /// `POST /api/v1/state/import`: a single-replica state file (the body)
-/// into etcd, service by service, create-only: generations and history are
-/// kept, and a service etcd already has is left alone and reported.
+/// into etcd, service by service: generations and history are kept; a
+/// service etcd holds at the same or a newer generation is left alone and
+/// reported.
 pub(super) async fn import(control: &Control, body: &Bytes) -> Result<AdminResponse, AdminError> {
     let store = control.fleet().ok_or(AdminError::NotFleet)?;
     let state = decode_file(body).map_err(|m| AdminError::InvalidField {
@@ -130,7 +131,7 @@ pub(super) async fn import(control: &Control, body: &Bytes) -> Result<AdminRespo
     let mut skipped = Vec::new();
     for (name, svc) in &state.services {
         let created = store
-            .create(name, svc)
+            .import(name, svc)
             .await
             .map_err(|e: StoreError| AdminError::Control(ControlError::Persist(e)))?;
         let entry = json!({"service": name, "generation": svc.generation});

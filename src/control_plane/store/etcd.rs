@@ -241,15 +241,30 @@ impl EtcdStore {
             .collect())
     }
 
-    /// Writes `service` only if etcd does not have it (`ctl state import`).
-    pub(crate) async fn create(
+    /// `ctl state import`: writes `service` unless etcd holds it at the
+    /// same or a newer generation (compare-and-swap on what was read, so a
+    /// concurrent change wins). Returns whether it was written.
+    pub(crate) async fn import(
         &self,
         service: &str,
         state: &ServiceState,
     ) -> Result<bool, StoreError> {
         let key = self.key(service);
+        let mut kv = self.client.kv_client();
+        let resp = self.timed(kv.get(key.as_str(), None)).await?;
+        let compare = match resp.kvs().first() {
+            Some(kv) => {
+                if let Ok(held) = decode(kv.value()) {
+                    if held.generation >= state.generation {
+                        return Ok(false);
+                    }
+                }
+                Compare::mod_revision(key.as_str(), CompareOp::Equal, kv.mod_revision())
+            }
+            None => Compare::create_revision(key.as_str(), CompareOp::Equal, 0),
+        };
         let txn = Txn::new()
-            .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
+            .when([compare])
             .and_then([TxnOp::put(key.as_str(), encode(state)?, None)]);
         let mut kv = self.client.kv_client();
         Ok(self.timed(kv.txn(txn)).await?.succeeded())
