@@ -37,9 +37,9 @@ fn free_port() -> u16 {
 
 /// `etcd` and `etcdctl`, or why the test skips (or fails in CI).
 fn etcd_installed(test: &str) -> bool {
-    let ok = ["etcd", "etcdctl"].iter().all(|b| {
+    let ok = [("etcd", "--version"), ("etcdctl", "version")].iter().all(|(b, arg)| {
         Command::new(b)
-            .arg("--version")
+            .arg(arg)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status()
@@ -239,7 +239,7 @@ async fn switches_through_any_replica_converge_on_all() {
     let _serial = SERIAL.lock().await;
     let f = fleet(3).await;
     let mut took = Vec::new();
-    for i in 0..100usize {
+    for i in 0..200usize {
         let to = if i % 2 == 0 { "green" } else { "blue" };
         let via = &f.replicas[i % 3];
         let sent = Instant::now();
@@ -462,12 +462,13 @@ async fn startup_with_etcd_down() {
         .await
     );
     let text = std::fs::read_to_string(dir_path.join("switchyard.toml")).unwrap();
+    // (The replica's directory goes with it: keep the cache.)
+    let keep = TempDir::new("replica-restart");
+    std::fs::copy(&cache, keep.join("state.json")).unwrap();
     r.shutdown().await;
     etcd.kill();
 
     // With the cache: serves it at once.
-    let keep = TempDir::new("replica-restart");
-    std::fs::copy(&cache, keep.join("state.json")).unwrap();
     let text2 = text.replace(&dir_path.display().to_string(), &keep.0.display().to_string());
     let r = TestProxy::start_text(keep, &text2).await;
     assert_eq!(generation(&r).await, g, "the cached generation is served");
