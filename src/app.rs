@@ -16,14 +16,14 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::mpsc;
 
+use crate::config::EtcdConfig;
 use crate::config::{Config, FileErrors};
 use crate::control_plane::admin::guard::GuardLayer;
 use crate::control_plane::admin::ui::Ui;
 use crate::control_plane::admin::{stats, Admin};
-use crate::config::EtcdConfig;
 use crate::control_plane::control::{Control, ControlParts, Fleet};
-use crate::control_plane::store::etcd::{EtcdStore, Presence, StoreEvent};
 use crate::control_plane::files::LoadedFiles;
+use crate::control_plane::store::etcd::{EtcdStore, Presence, StoreEvent};
 use crate::control_plane::store::{FileStore, StateStore};
 use crate::data_plane::conn::Limits;
 use crate::data_plane::conn_limit::ConnLimiter;

@@ -37,14 +37,16 @@ fn free_port() -> u16 {
 
 /// `etcd` and `etcdctl`, or why the test skips (or fails in CI).
 fn etcd_installed(test: &str) -> bool {
-    let ok = [("etcd", "--version"), ("etcdctl", "version")].iter().all(|(b, arg)| {
-        Command::new(b)
-            .arg(arg)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    });
+    let ok = [("etcd", "--version"), ("etcdctl", "version")]
+        .iter()
+        .all(|(b, arg)| {
+            Command::new(b)
+                .arg(arg)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        });
     if !ok {
         assert!(
             std::env::var("SWITCHYARD_REQUIRE_ALL_TESTS").as_deref() != Ok("1"),
@@ -204,7 +206,13 @@ async fn fleet(n: usize) -> Fleet {
     let svc = [Svc::new("web", &[&blue], &[&green])];
     let mut replicas = Vec::new();
     for i in 0..n {
-        let r = start_replica(TempDir::new("replica"), &etcd.endpoint(), &format!("r{i}"), &svc).await;
+        let r = start_replica(
+            TempDir::new("replica"),
+            &etcd.endpoint(),
+            &format!("r{i}"),
+            &svc,
+        )
+        .await;
         replicas.push(r);
     }
     for r in &replicas {
@@ -245,10 +253,16 @@ async fn switches_through_any_replica_converge_on_all() {
         let sent = Instant::now();
         let v = via
             .admin
-            .ok("/api/v1/services/web/switch", &json!({ "to": to }).to_string())
+            .ok(
+                "/api/v1/services/web/switch",
+                &json!({ "to": to }).to_string(),
+            )
             .await;
         let g = v["generation"].as_u64().unwrap();
-        assert!(converged(&f.replicas, g).await, "switch {i} to {to} (generation {g}) did not reach every replica");
+        assert!(
+            converged(&f.replicas, g).await,
+            "switch {i} to {to} (generation {g}) did not reach every replica"
+        );
         took.push(sent.elapsed());
         for r in &f.replicas {
             let s = r.admin.service("web").await;
@@ -282,9 +296,14 @@ async fn switches_through_any_replica_converge_on_all() {
             })
     })
     .await;
-    assert!(ok, "{:?}", f.replicas[1].admin.get("/api/v1/replicas").await);
+    assert!(
+        ok,
+        "{:?}",
+        f.replicas[1].admin.get("/api/v1/replicas").await
+    );
     // The key is in etcd in the documented format.
-    let stored: Value = serde_json::from_str(&f.etcd.get("/switchyard-test/c/services/web")).unwrap();
+    let stored: Value =
+        serde_json::from_str(&f.etcd.get("/switchyard-test/c/services/web")).unwrap();
     assert_eq!(stored["schema"], 1);
     assert_eq!(stored["generation"].as_u64(), Some(top));
 }
@@ -312,7 +331,8 @@ async fn compare_and_swap_holds_across_replicas() {
             while won.load(Ordering::SeqCst) < WINS {
                 assert!(Instant::now() < deadline, "CAS loop did not finish");
                 let g = generation(&f.replicas[c % 3]).await;
-                let body = json!({"green": 1 + (g % 98), "force": true, "reason": format!("client {c}")});
+                let body =
+                    json!({"green": 1 + (g % 98), "force": true, "reason": format!("client {c}")});
                 let (s, v) = admin
                     .call(
                         "POST",
@@ -340,9 +360,16 @@ async fn compare_and_swap_holds_across_replicas() {
     assert!(wins >= WINS as u64);
     assert!(converged(&f.replicas, g0 + wins).await);
     for r in &f.replicas {
-        assert_eq!(generation(r).await, g0 + wins, "every won change is one generation, none lost");
+        assert_eq!(
+            generation(r).await,
+            g0 + wins,
+            "every won change is one generation, none lost"
+        );
     }
-    let (_, history) = f.replicas[2].admin.get("/api/v1/services/web/history").await;
+    let (_, history) = f.replicas[2]
+        .admin
+        .get("/api/v1/services/web/history")
+        .await;
     let gens: Vec<u64> = history
         .as_array()
         .unwrap()
@@ -352,7 +379,10 @@ async fn compare_and_swap_holds_across_replicas() {
         .collect();
     let expected: Vec<u64> = (g0 + 1..=g0 + wins).rev().collect();
     assert_eq!(gens, expected, "history is contiguous");
-    eprintln!("CAS: {wins} won, {} lost with 412", lost.load(Ordering::SeqCst));
+    eprintln!(
+        "CAS: {wins} won, {} lost with 412",
+        lost.load(Ordering::SeqCst)
+    );
 }
 
 /// Issue 13 item 3: etcd killed under load: no proxied request fails,
@@ -371,7 +401,11 @@ async fn etcd_outage_keeps_traffic_and_refuses_writes() {
     let served = Arc::new(AtomicUsize::new(0));
     let urls: Vec<String> = f.replicas.iter().map(|r| r.url("/")).collect();
     let load = {
-        let (stop, failures, served) = (Arc::clone(&stop), Arc::clone(&failures), Arc::clone(&served));
+        let (stop, failures, served) = (
+            Arc::clone(&stop),
+            Arc::clone(&failures),
+            Arc::clone(&served),
+        );
         tokio::spawn(async move {
             let client = http1_client();
             let deadline = Instant::now() + Duration::from_secs(120);
@@ -424,8 +458,15 @@ async fn etcd_outage_keeps_traffic_and_refuses_writes() {
     assert!(converged(&f.replicas, g).await);
     stop.store(true, Ordering::SeqCst);
     load.await.unwrap();
-    assert!(during > 0 && served.load(Ordering::SeqCst) > during, "load ran");
-    assert_eq!(failures.load(Ordering::SeqCst), 0, "proxied requests failed");
+    assert!(
+        during > 0 && served.load(Ordering::SeqCst) > during,
+        "load ran"
+    );
+    assert_eq!(
+        failures.load(Ordering::SeqCst),
+        0,
+        "proxied requests failed"
+    );
     for r in &f.replicas {
         let (_, _, body) = r.get("/").await;
         assert_eq!(body, "green");
@@ -448,7 +489,10 @@ async fn startup_with_etcd_down() {
     let dir_path = dir.0.clone();
     let r = start_replica(dir, &etcd.endpoint(), "a", &svc).await;
     assert!(eventually(CONVERGE, || async { readyz(&r).await.0 == StatusCode::OK }).await);
-    let v = r.admin.ok("/api/v1/services/web/switch", r#"{"to":"green"}"#).await;
+    let v = r
+        .admin
+        .ok("/api/v1/services/web/switch", r#"{"to":"green"}"#)
+        .await;
     let g = v["generation"].as_u64().unwrap();
     // The cache file follows what is served.
     let cache = dir_path.join("state.json");
@@ -469,7 +513,10 @@ async fn startup_with_etcd_down() {
     etcd.kill();
 
     // With the cache: serves it at once.
-    let text2 = text.replace(&dir_path.display().to_string(), &keep.0.display().to_string());
+    let text2 = text.replace(
+        &dir_path.display().to_string(),
+        &keep.0.display().to_string(),
+    );
     let r = TestProxy::start_text(keep, &text2).await;
     assert_eq!(generation(&r).await, g, "the cached generation is served");
     let (_, _, body) = r.get("/").await;
@@ -520,7 +567,10 @@ async fn values_written_with_etcdctl() {
     v["weights"] = json!({"blue": 75, "green": 25});
     v.as_object_mut().unwrap().remove("history");
     f.etcd.put(key, &v.to_string());
-    assert!(converged(&f.replicas, g + 1).await, "etcdctl put reached every replica");
+    assert!(
+        converged(&f.replicas, g + 1).await,
+        "etcdctl put reached every replica"
+    );
     for r in &f.replicas {
         let s = r.admin.service("web").await;
         assert_eq!(s["weights"]["green"], 25.0);
@@ -536,8 +586,10 @@ async fn values_written_with_etcdctl() {
     f.etcd.put(key, "not json");
     for r in &f.replicas {
         let ok = eventually(CONVERGE, || async {
-            metric(&r.admin.metrics().await, "switchyard_state_rejected_values_total{service=\"web\"}")
-                == Some(2.0)
+            metric(
+                &r.admin.metrics().await,
+                "switchyard_state_rejected_values_total{service=\"web\"}",
+            ) == Some(2.0)
         })
         .await;
         assert!(ok, "rejections counted: {}", r.admin.metrics().await);
@@ -590,7 +642,10 @@ async fn state_import_keeps_generations_and_history() {
     for to in ["green", "blue", "green"] {
         single
             .admin
-            .ok("/api/v1/services/web/switch", &json!({ "to": to }).to_string())
+            .ok(
+                "/api/v1/services/web/switch",
+                &json!({ "to": to }).to_string(),
+            )
             .await;
     }
     let g = generation(&single).await;
@@ -604,12 +659,22 @@ async fn state_import_keeps_generations_and_history() {
     assert!(eventually(CONVERGE, || async { readyz(&r).await.0 == StatusCode::OK }).await);
     assert!(generation(&r).await < g);
     let import = |path: &std::path::Path| {
-        ctl_bin(&["--admin", &r.admin.base, "state", "import", "--from", path.to_str().unwrap()])
+        ctl_bin(&[
+            "--admin",
+            &r.admin.base,
+            "state",
+            "import",
+            "--from",
+            path.to_str().unwrap(),
+        ])
     };
     let out = import(&saved);
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(out.status.success(), "{out:?}");
-    assert!(stdout.contains(&format!("web generation {g}: imported")), "{stdout}");
+    assert!(
+        stdout.contains(&format!("web generation {g}: imported")),
+        "{stdout}"
+    );
     assert!(converged(std::slice::from_ref(&r), g).await);
     let (_, mine) = single.admin.get("/api/v1/services/web/history").await;
     let (_, theirs) = r.admin.get("/api/v1/services/web/history").await;
@@ -626,13 +691,25 @@ async fn state_import_keeps_generations_and_history() {
     assert!(out.status.success(), "{out:?}");
     assert!(stdout.contains("replicas (this one: a)"), "{stdout}");
     assert!(
-        stdout.lines().any(|l| l.contains(" SYNCED ") && l.contains("web") && l.contains(&g.to_string())),
+        stdout
+            .lines()
+            .any(|l| l.contains(" SYNCED ") && l.contains("web") && l.contains(&g.to_string())),
         "{stdout}"
     );
     // A single replica has no replicas to show and refuses an import.
-    let out = ctl_bin(&["--admin", &single.admin.base, "state", "import", "--from", saved.to_str().unwrap()]);
+    let out = ctl_bin(&[
+        "--admin",
+        &single.admin.base,
+        "state",
+        "import",
+        "--from",
+        saved.to_str().unwrap(),
+    ]);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not_fleet_mode"), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not_fleet_mode"),
+        "{out:?}"
+    );
 }
 
 fn ctl_bin(args: &[&str]) -> Output {

@@ -273,6 +273,11 @@ proptest! {
                             prop_assert!(!r.conditions.is_empty());
                         }
                     }
+                    // Internal commands (config reload, state from etcd)
+                    // never come out of a request body.
+                    Command::Reload { .. } | Command::Adopt { .. } => {
+                        prop_assert!(false, "decoded an internal command from {action}");
+                    }
                 }
             }
             Err((status, code, message)) => {

@@ -296,7 +296,11 @@ async fn run_inner(args: &CtlArgs, config: Option<&std::path::Path>) -> Result<S
                 .map_err(|e| Failure::Usage(format!("{}: {e}", from.display())))?;
             let value: Value = serde_json::from_slice(&text)
                 .map_err(|e| Failure::Usage(format!("{}: not JSON: {e}", from.display())))?;
-            (Method::POST, "/api/v1/state/import".to_string(), Some(value))
+            (
+                Method::POST,
+                "/api/v1/state/import".to_string(),
+                Some(value),
+            )
         }
         CtlCommand::WaitHealthy {
             service,
@@ -316,7 +320,10 @@ async fn run_inner(args: &CtlArgs, config: Option<&std::path::Path>) -> Result<S
     };
     if args.json {
         if let Some(r) = replicas {
-            return Ok(format!("{}\n", pretty(&json!({"services": value, "fleet": r}))));
+            return Ok(format!(
+                "{}\n",
+                pretty(&json!({"services": value, "fleet": r}))
+            ));
         }
         return Ok(format!("{}\n", pretty(&value)));
     }
@@ -913,7 +920,11 @@ fn replicas_table(v: &Value) -> String {
         "GENERATION".to_string(),
         "ADMIN".to_string(),
     ]];
-    for r in v["replicas"].as_array().map(Vec::as_slice).unwrap_or_default() {
+    for r in v["replicas"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+    {
         let services = r["services"].as_object().cloned().unwrap_or_default();
         for (name, s) in &services {
             rows.push(vec![
@@ -927,13 +938,23 @@ fn replicas_table(v: &Value) -> String {
             ]);
         }
     }
-    format!("\nreplicas (this one: {}):\n{}", text(&v["replica"], "?"), columns(&rows, "  "))
+    format!(
+        "\nreplicas (this one: {}):\n{}",
+        text(&v["replica"], "?"),
+        columns(&rows, "  ")
+    )
 }
 
 /// `ctl state import`: what was written and what etcd already had.
 fn import_table(v: &Value) -> String {
     let mut out = String::new();
-    for (key, what) in [("imported", "imported"), ("already_in_etcd", "left alone (etcd has it at the same or a newer generation)")] {
+    for (key, what) in [
+        ("imported", "imported"),
+        (
+            "already_in_etcd",
+            "left alone (etcd has it at the same or a newer generation)",
+        ),
+    ] {
         for s in v[key].as_array().map(Vec::as_slice).unwrap_or_default() {
             out.push_str(&format!(
                 "{} generation {}: {what}\n",

@@ -944,9 +944,12 @@ fn parse_state_backend(s: &Section) -> Option<EtcdConfig> {
     let backend = s.get_with("backend", |b| match b {
         "file" => Ok(false),
         "etcd" => Ok(true),
-        other => Err(format!("unknown backend {other:?} (expected \"file\" or \"etcd\")")),
+        other => Err(format!(
+            "unknown backend {other:?} (expected \"file\" or \"etcd\")"
+        )),
     });
-    let keys = "endpoints prefix cluster replica_id dial_timeout request_timeout stale_after lease_ttl";
+    let keys =
+        "endpoints prefix cluster replica_id dial_timeout request_timeout stale_after lease_ttl";
     let sub = s.sub("etcd", "[state.etcd]", keys);
     if backend != Some(true) {
         if let (Some(sub), Some(false) | None) = (&sub, backend) {
@@ -994,7 +997,10 @@ fn parse_state_backend(s: &Section) -> Option<EtcdConfig> {
             }
         }
     };
-    set(&mut e.cluster, sub.get_with("cluster", name("cluster name")));
+    set(
+        &mut e.cluster,
+        sub.get_with("cluster", name("cluster name")),
+    );
     e.replica_id = sub.get_with("replica_id", name("replica id"));
     set(&mut e.dial_timeout, sub.get_duration("dial_timeout"));
     set(&mut e.request_timeout, sub.get_duration("request_timeout"));

@@ -450,12 +450,9 @@ impl Control {
                 tracing::debug!(service = %inc.service, "state in etcd for a service this replica's config does not have");
                 continue;
             }
-            let value = match inc.value {
-                None => {
-                    inner.revs.remove(&inc.service);
-                    continue;
-                }
-                Some(v) => v,
+            let Some(value) = inc.value else {
+                inner.revs.remove(&inc.service);
+                continue;
             };
             let result = value.map_err(|e| e.to_string()).and_then(|st| {
                 let cmd = Command::Adopt {
@@ -580,7 +577,9 @@ impl Control {
             match self.store.fetch(&c.service).await {
                 Ok(Some(i)) => got.push(i),
                 Ok(None) => {}
-                Err(e) => tracing::warn!(service = %c.service, error = %e, "cannot re-read a service"),
+                Err(e) => {
+                    tracing::warn!(service = %c.service, error = %e, "cannot re-read a service")
+                }
             }
         }
         self.adopt(got).await;
@@ -1195,4 +1194,85 @@ fn needs_tls(svc: &ServiceConfig, st: &state::ServiceState) -> bool {
                 .iter()
                 .any(|b| b.scheme == crate::config::Scheme::Https)
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control_plane::store::memory::MemoryStore;
+
+    fn meta(if_match: Option<u64>) -> ChangeMeta {
+        ChangeMeta {
+            actor: "test".into(),
+            reason: None,
+            at: SystemTime::UNIX_EPOCH,
+            if_match,
+        }
+    }
+
+    /// The fleet write path on the in-memory store: a change based on a
+    /// state another writer has replaced loses the compare-and-swap, is
+    /// decided again on the winner's state (adopted through `apply`), and
+    /// `If-Match` on the old generation then answers 412.
+    #[tokio::test]
+    async fn a_lost_compare_and_swap_is_decided_again_on_the_winner() {
+        let store = Arc::new(MemoryStore::default());
+        let config = Config::demo(
+            "127.0.0.1:1".parse().expect("addr"),
+            "127.0.0.1:2".parse().expect("addr"),
+        );
+        let control = Control::start(ControlParts {
+            config,
+            config_path: None,
+            stored: None,
+            store: Arc::clone(&store) as Arc<dyn StateStore>,
+            metrics: Arc::new(Metrics::new()),
+            tls: None,
+            tokens: Arc::new(ArcSwap::from_pointee(Tokens::none())),
+            conn_limits: ConnLimiter::new(100, 0),
+            fleet: None,
+        })
+        .await
+        .expect("start");
+        let (first, _) = store.get("demo").expect("stored at start");
+        assert_eq!(first.generation, 1);
+        // Another replica splits 30 % (generation 2) behind our back.
+        let mut theirs = first.clone();
+        theirs.generation = 2;
+        theirs.weights = Weights::from_green_percent(30.0).expect("weights");
+        store.put("demo", theirs);
+        // Ours, guarded by the generation we saw: 412, nothing written.
+        let switch = Command::Switch {
+            to: Color::Green,
+            force: true,
+        };
+        let err = control
+            .execute("demo", switch.clone(), meta(Some(1)))
+            .await
+            .expect_err("stale");
+        assert!(matches!(
+            err,
+            ControlError::Command(CommandError::StaleGeneration {
+                expected: 1,
+                current: 2
+            })
+        ));
+        let view = control.view("demo").expect("view");
+        assert_eq!((view.generation, view.weights.green_bp()), (2, 3000));
+        // Unguarded: applied on top of theirs.
+        let view = control
+            .execute("demo", switch, meta(None))
+            .await
+            .expect("switch");
+        assert_eq!(view.generation, 3);
+        let (stored, _) = store.get("demo").expect("stored");
+        assert_eq!(stored.generation, 3);
+        assert_eq!(stored.weights, Weights::full(Color::Green));
+        let gens: Vec<u64> = stored.history.iter().map(|h| h.generation).collect();
+        assert_eq!(
+            gens,
+            vec![1, 3],
+            "the history the other writer stored, then ours"
+        );
+    }
 }

@@ -354,7 +354,11 @@ pub(crate) fn apply(
 ) -> Result<Outcome, CommandError> {
     match cmd {
         Command::Reload { service } => {
-            return Ok(reload(state.services.get(name), service.as_deref(), meta.at))
+            return Ok(reload(
+                state.services.get(name),
+                service.as_deref(),
+                meta.at,
+            ))
         }
         Command::Adopt { state: incoming } => {
             return adopt(state.services.get(name), incoming, meta.at)

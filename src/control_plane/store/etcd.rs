@@ -200,7 +200,11 @@ impl EtcdStore {
                 let Some(me) = me.upgrade() else { return };
                 let stale = me.health.stale();
                 me.metrics.connected.set(if stale { 0.0 } else { 1.0 });
-                let s = if stale { me.health.silence().as_secs_f64() } else { 0.0 };
+                let s = if stale {
+                    me.health.silence().as_secs_f64()
+                } else {
+                    0.0
+                };
                 me.metrics.staleness.set(s);
             }
         });
@@ -263,9 +267,10 @@ impl EtcdStore {
             }
             None => Compare::create_revision(key.as_str(), CompareOp::Equal, 0),
         };
-        let txn = Txn::new()
-            .when([compare])
-            .and_then([TxnOp::put(key.as_str(), encode(state)?, None)]);
+        let txn =
+            Txn::new()
+                .when([compare])
+                .and_then([TxnOp::put(key.as_str(), encode(state)?, None)]);
         let mut kv = self.client.kv_client();
         Ok(self.timed(kv.txn(txn)).await?.succeeded())
     }
@@ -303,7 +308,10 @@ impl StateStore for EtcdStore {
             let resp = self.timed(kv.txn(txn)).await?;
             if !resp.succeeded() {
                 return Err(StoreError::Conflict {
-                    service: changes.first().map(|c| c.service.clone()).unwrap_or_default(),
+                    service: changes
+                        .first()
+                        .map(|c| c.service.clone())
+                        .unwrap_or_default(),
                 });
             }
             let rev = resp.header().map_or(0, |h| h.revision());
@@ -530,7 +538,9 @@ async fn watch_once(
 /// of what it serves and on every keep-alive.
 async fn announce(store: Arc<EtcdStore>, mut presence: watch::Receiver<Presence>) {
     let key = format!("{}{}", store.replicas_prefix, store.replica_id);
-    let ttl = i64::try_from(store.lease_ttl.as_secs()).unwrap_or(10).max(2);
+    let ttl = i64::try_from(store.lease_ttl.as_secs())
+        .unwrap_or(10)
+        .max(2);
     let mut backoff = Backoff::new();
     loop {
         let mut lease = store.client.lease_client();
@@ -541,12 +551,9 @@ async fn announce(store: Arc<EtcdStore>, mut presence: watch::Receiver<Presence>
                 continue;
             }
         };
-        let (mut keeper, mut replies) = match store.timed(lease.keep_alive(id)).await {
-            Ok(k) => k,
-            Err(_) => {
-                backoff.wait().await;
-                continue;
-            }
+        let Ok((mut keeper, mut replies)) = store.timed(lease.keep_alive(id)).await else {
+            backoff.wait().await;
+            continue;
         };
         let mut tick = tokio::time::interval(store.lease_ttl / 3);
         loop {

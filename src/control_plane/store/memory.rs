@@ -7,11 +7,14 @@ use std::sync::Mutex;
 use super::{Change, Incoming, Rev, StateStore, StoreError, StoreFuture};
 use crate::control_plane::state::{RoutingState, ServiceState};
 
+/// The last revision given, and each service with its revision.
+type Held = (Rev, HashMap<String, (ServiceState, Rev)>);
+
 /// Services by name with their revision; one global revision counter, as
 /// etcd has.
 #[derive(Default)]
 pub(crate) struct MemoryStore {
-    inner: Mutex<(Rev, HashMap<String, (ServiceState, Rev)>)>,
+    inner: Mutex<Held>,
 }
 
 impl MemoryStore {

@@ -103,8 +103,11 @@ pub(crate) trait StateStore: Send + Sync + 'static {
     /// nothing; a named service absent from `state` is deleted. Returns the
     /// new revision of each, in order. A shared store refuses with
     /// [`StoreError::Conflict`] if one was changed since its `base`.
-    fn save<'a>(&'a self, state: &'a RoutingState, changes: &'a [Change])
-        -> StoreFuture<'a, Vec<Rev>>;
+    fn save<'a>(
+        &'a self,
+        state: &'a RoutingState,
+        changes: &'a [Change],
+    ) -> StoreFuture<'a, Vec<Rev>>;
 
     /// The stored value of one service, to retry a change that lost a
     /// conflict. A store nobody else writes has nothing newer: `None`.
