@@ -9,7 +9,7 @@
 //!   revision with the one the change was made from, so two replicas cannot
 //!   both win; what other replicas write arrives as [`etcd::StoreEvent`]s,
 //!   which the control plane adopts through the same pure `apply`.
-//! - [`memory::MemoryStore`] (unit tests): the etcd semantics (revisions,
+//! - `memory::MemoryStore` (unit tests only): the etcd semantics (revisions,
 //!   compare-and-swap) in a map.
 
 use std::future::Future;
