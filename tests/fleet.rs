@@ -179,6 +179,11 @@ async fn readyz(p: &TestProxy) -> (StatusCode, Value) {
     p.admin.get("/readyz").await
 }
 
+async fn synced(p: &TestProxy) -> bool {
+    let (s, v) = readyz(p).await;
+    s == StatusCode::OK && v["state"] == "synced"
+}
+
 /// Waits until every replica serves `web` at generation `g` or newer.
 async fn converged(replicas: &[TestProxy], g: u64) -> bool {
     eventually(CONVERGE, || async {
@@ -619,6 +624,154 @@ async fn values_written_with_etcdctl() {
         let (_, _, body) = r.get("/").await;
         assert_eq!(body, "green", "traffic unchanged");
     }
+}
+
+/// A TCP relay between one replica and etcd: `cut()` drops its open
+/// connections and closes new ones at once (a partition, without root);
+/// `heal()` lets them through again.
+struct Relay {
+    port: u16,
+    open: Arc<AtomicBool>,
+    conns: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    async fn start(target: u16) -> Relay {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let open = Arc::new(AtomicBool::new(true));
+        let conns: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
+        let accept = {
+            let (open, conns) = (Arc::clone(&open), Arc::clone(&conns));
+            tokio::spawn(async move {
+                while let Ok((mut down, _)) = listener.accept().await {
+                    if !open.load(Ordering::SeqCst) {
+                        continue;
+                    }
+                    let task = tokio::spawn(async move {
+                        if let Ok(mut up) =
+                            tokio::net::TcpStream::connect(("127.0.0.1", target)).await
+                        {
+                            let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                        }
+                    });
+                    conns.lock().unwrap().push(task);
+                }
+            })
+        };
+        Relay {
+            port,
+            open,
+            conns,
+            accept,
+        }
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn cut(&self) {
+        self.open.store(false, Ordering::SeqCst);
+        for t in self.conns.lock().unwrap().drain(..) {
+            t.abort();
+        }
+    }
+
+    fn heal(&self) {
+        self.open.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.cut();
+    }
+}
+
+/// Issue 13 item 4: one replica cut off from etcd while the others switch
+/// 20 times and etcd compacts its history: it keeps serving its last table
+/// and refuses writes; healed, it catches up (its watch cannot resume from
+/// a compacted revision, so it re-reads, and counts it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_replica_catches_up_after_compaction() {
+    if !etcd_installed("partition") {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let f = fleet(2).await;
+    let relay = Relay::start(f.etcd.client_port).await;
+    let blue = Upstream::start("blue").await;
+    let green = Upstream::start("green").await;
+    // Same service name and pools as the fleet's: the state in etcd names
+    // the fleet's backends, so this replica's config must too.
+    let (_, svc0) = f.replicas[0].admin.get("/api/v1/services/web").await;
+    let addr = |c: &str| {
+        svc0["pools"][c]["backends"][0]["addr"]
+            .as_str()
+            .unwrap()
+            .parse::<std::net::SocketAddr>()
+            .unwrap()
+    };
+    let svc = [Svc::addrs("web", &[addr("blue")], &[addr("green")])];
+    drop((blue, green));
+    let cut_off = start_replica(TempDir::new("replica"), &relay.endpoint(), "cut", &svc).await;
+    assert!(eventually(CONVERGE, || synced(&cut_off)).await);
+    let g0 = generation(&f.replicas[0]).await;
+    assert!(converged(std::slice::from_ref(&cut_off), g0).await);
+    let (_, _, before) = cut_off.get("/").await;
+
+    relay.cut();
+    assert!(
+        eventually(CONVERGE, || async {
+            readyz(&cut_off).await.1["state"] == "stale"
+        })
+        .await,
+        "{:?}",
+        readyz(&cut_off).await
+    );
+    let mut last = g0;
+    for i in 0..20 {
+        let to = if i % 2 == 0 { "green" } else { "blue" };
+        let v = f.replicas[i % 2]
+            .admin
+            .ok(
+                "/api/v1/services/web/switch",
+                &json!({ "to": to }).to_string(),
+            )
+            .await;
+        last = v["generation"].as_u64().unwrap();
+    }
+    let status: Value =
+        serde_json::from_slice(&f.etcd.ctl(&["endpoint", "status", "-w", "json"]).stdout).unwrap();
+    let rev = status[0]["Status"]["header"]["revision"].as_i64().unwrap();
+    let out = f.etcd.ctl(&["compaction", &rev.to_string()]);
+    assert!(out.status.success(), "{out:?}");
+    // Cut off: the last table, and writes refused.
+    assert_eq!(generation(&cut_off).await, g0);
+    let (_, _, body) = cut_off.get("/").await;
+    assert_eq!(body, before, "keeps serving its last table");
+    let (s, v) = cut_off
+        .admin
+        .post("/api/v1/services/web/switch", r#"{"to":"green"}"#)
+        .await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+
+    relay.heal();
+    assert!(
+        converged(std::slice::from_ref(&cut_off), last).await,
+        "caught up"
+    );
+    assert_eq!(generation(&cut_off).await, last);
+    let m = cut_off.admin.metrics().await;
+    assert_eq!(
+        metric(&m, "switchyard_state_resyncs_total{reason=\"compacted\"}"),
+        Some(1.0),
+        "{m}"
+    );
+    assert!(eventually(CONVERGE, || synced(&cut_off)).await);
 }
 
 /// Issue 13 item 8: a rollout survives the death of the replica driving it.
