@@ -251,11 +251,17 @@ pub async fn start(config: Config, opts: StartOptions) -> Result<Running, StartE
         // Fleet mode: the file is only a cache; etcd has the state.
         Err(e) if opts.ignore_state || fleet_mode => {
             let aside = store.set_aside().ok();
-            tracing::warn!(
-                error = %e,
-                moved_to = %aside.as_deref().map(|p| p.display().to_string()).unwrap_or_default(),
-                "ignoring the state file (--ignore-state): starting from `initial`"
-            );
+            let moved_to = aside.as_deref().map(|p| p.display().to_string());
+            let moved_to = moved_to.unwrap_or_default();
+            if fleet_mode {
+                tracing::warn!(error = %e, %moved_to, "ignoring the unreadable cache file: waiting for etcd");
+            } else {
+                tracing::warn!(
+                    error = %e,
+                    %moved_to,
+                    "ignoring the state file (--ignore-state): starting from `initial`"
+                );
+            }
             None
         }
         Err(e) => return Err(StartError::State(e)),

@@ -83,8 +83,7 @@ fn a_good_config_passes() {
     let (code, stdout, stderr) = run_binary(&["check", "--config", "docker/switchyard.toml"]);
     assert_eq!(code, 0, "stdout: {stdout}\nstderr: {stderr}");
     // And docker/compose-fleet.yml's, in fleet mode (checking needs no etcd).
-    let (code, stdout, stderr) =
-        run_binary(&["check", "--config", "docker/switchyard-fleet.toml"]);
+    let (code, stdout, stderr) = run_binary(&["check", "--config", "docker/switchyard-fleet.toml"]);
     assert_eq!(code, 0, "stdout: {stdout}\nstderr: {stderr}");
 }
 
@@ -99,7 +98,11 @@ fn fleet_settings_are_checked() {
             "endpoints",
             "expected http://host:port",
         ),
-        ("backend = \"consul\"\n", "backend", "unknown backend \"consul\""),
+        (
+            "backend = \"consul\"\n",
+            "backend",
+            "unknown backend \"consul\"",
+        ),
         (
             "[state.etcd]\nprefix = \"/s\"\n",
             "[state.etcd]",

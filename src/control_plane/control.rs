@@ -236,6 +236,9 @@ pub(crate) struct Control {
     tokens: Arc<ArcSwap<Tokens>>,
     conn_limits: Arc<ConnLimiter>,
     fleet: Option<Fleet>,
+    /// Fleet mode: the state to write to the cache file, by one task, in
+    /// order (a burst of changes writes the last one).
+    cache: Option<watch::Sender<RoutingState>>,
     /// Fleet mode: the table serves every configured service.
     has_table: AtomicBool,
 }
@@ -331,6 +334,7 @@ impl Control {
             tls,
             tokens,
             conn_limits,
+            cache: fleet.as_ref().map(|f| cache_writer(f.cache.clone())),
             fleet,
             has_table: AtomicBool::new(has_table),
         };
@@ -383,16 +387,9 @@ impl Control {
             .map(|(n, s)| (n.clone(), s.generation))
             .collect();
         fleet.presence.send_modify(|p| p.services = services);
-        if inner.state.services.is_empty() {
-            return;
+        if let (Some(cache), false) = (&self.cache, inner.state.services.is_empty()) {
+            cache.send_replace(inner.state.clone());
         }
-        let cache = fleet.cache.clone();
-        let state = inner.state.clone();
-        tokio::spawn(async move {
-            if let Err(e) = cache.save_async(&state).await {
-                tracing::warn!(error = %e, "cannot write the state cache file");
-            }
-        });
     }
 
     /// Fleet mode: applies what the store delivers, for as long as it runs.
@@ -400,13 +397,13 @@ impl Control {
         while let Some(ev) = events.recv().await {
             match ev {
                 StoreEvent::Snapshot { reason, services } => {
-                    let present: Vec<String> = services.iter().map(|i| i.service.clone()).collect();
                     {
-                        let mut inner = self.inner.lock().await;
-                        // Keys gone from etcd (wiped, restored) are written
-                        // again from what this replica serves: traffic is
-                        // never routed from nothing.
-                        inner.revs.retain(|k, _| present.contains(k));
+                        // The snapshot's revisions are the compare-and-swap
+                        // bases from now on, also when they went back (etcd
+                        // restored). Keys gone from etcd (wiped, restored)
+                        // are written again from what this replica serves:
+                        // traffic is never routed from nothing.
+                        self.inner.lock().await.revs.clear();
                     }
                     self.adopt(services).await;
                     if reason.is_some() {
@@ -892,6 +889,21 @@ fn warn_restart_only(old: &Config, new: &Config) {
     if !changed.is_empty() {
         tracing::warn!(keys = %changed.join(", "), "changed in the config file but take effect only after a restart");
     }
+}
+
+/// Fleet mode: one task writes the cache file, the newest state each time
+/// (writes never overlap, and a burst of changes is written once).
+fn cache_writer(cache: FileStore) -> watch::Sender<RoutingState> {
+    let (tx, mut rx) = watch::channel(RoutingState::default());
+    tokio::spawn(async move {
+        while rx.changed().await.is_ok() {
+            let state = rx.borrow_and_update().clone();
+            if let Err(e) = cache.save_async(&state).await {
+                tracing::warn!(error = %e, "cannot write the state cache file");
+            }
+        }
+    });
+    tx
 }
 
 /// The services that differ between two states (added, changed, removed).

@@ -493,6 +493,15 @@ async fn watch_once(
                 };
                 heard = Instant::now();
                 store.health.contact();
+                tracing::debug!(
+                    created = resp.created(),
+                    canceled = resp.canceled(),
+                    compact_revision = resp.compact_revision(),
+                    revision = resp.header().map_or(0, |h| h.revision()),
+                    events = resp.events().len(),
+                    from = *last_rev + 1,
+                    "etcd watch response"
+                );
                 if resp.canceled() {
                     if resp.compact_revision() > 0 {
                         return WatchEnd::Compacted;
