@@ -774,13 +774,18 @@ async fn a_partitioned_replica_catches_up_after_compaction() {
         "caught up"
     );
     assert_eq!(generation(&cut_off).await, last);
-    // The resync it needed is counted. (Not asserted: in about one run in
-    // four the replica caught up with the counter still at 0; see the
-    // issue's closing note. Printed so the run shows it.)
+    assert_eq!(last, g0 + 20, "20 changes while it was cut off");
+    // Its watch could not resume from a compacted revision: it re-read
+    // everything, and counted it.
     let m = cut_off.admin.metrics().await;
-    eprintln!(
-        "partition: resyncs_total{{reason=\"compacted\"}} = {:?}",
-        metric(&m, "switchyard_state_resyncs_total{reason=\"compacted\"}")
+    assert_eq!(
+        metric(&m, "switchyard_state_resyncs_total{reason=\"compacted\"}"),
+        Some(1.0),
+        "compacted at {rev}; {}",
+        m.lines()
+            .filter(|l| l.starts_with("switchyard_state"))
+            .collect::<Vec<_>>()
+            .join("\n")
     );
     assert!(eventually(CONVERGE, || synced(&cut_off)).await);
 }

@@ -633,9 +633,10 @@ impl Control {
     }
 
     /// Applies a command: decide, persist, publish. Returns the new view.
-    /// In fleet mode a change that lost a compare-and-swap to another
-    /// replica is decided again on the winner's state (so `If-Match` then
-    /// answers 412).
+    /// In fleet mode the service is first read from etcd (this replica's
+    /// view may lag its watch), and a change that lost a compare-and-swap
+    /// to another replica is decided again on the winner's state (so
+    /// `If-Match` then answers 412).
     pub(crate) async fn execute(
         &self,
         service: &str,
@@ -644,6 +645,22 @@ impl Control {
     ) -> Result<ServiceView, ControlError> {
         let mut attempt = 0;
         loop {
+            // Fleet mode: decide on etcd's latest value, not on a view that
+            // may lag the watch by a few milliseconds (a switch judged
+            // "already so", or a 412, against a stale view would be wrong).
+            if let Some(f) = &self.fleet {
+                if f.store.health().stale() {
+                    return Err(ControlError::Persist(StoreError::Unavailable(format!(
+                        "no answer from etcd for {:.1}s",
+                        f.store.health().silence().as_secs_f64()
+                    ))));
+                }
+                match self.store.fetch(service).await {
+                    Ok(Some(latest)) => self.adopt(vec![latest]).await,
+                    Ok(None) => {}
+                    Err(e) => return Err(ControlError::Persist(e)),
+                }
+            }
             match self.execute_once(service, &cmd, &meta).await {
                 Err(ControlError::Persist(StoreError::Conflict { .. }))
                     if attempt < CONFLICT_RETRIES =>
