@@ -14,13 +14,16 @@ use arc_swap::ArcSwap;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpSocket};
+use tokio::sync::mpsc;
 
+use crate::config::EtcdConfig;
 use crate::config::{Config, FileErrors};
 use crate::control_plane::admin::guard::GuardLayer;
 use crate::control_plane::admin::ui::Ui;
 use crate::control_plane::admin::{stats, Admin};
-use crate::control_plane::control::{Control, ControlParts};
+use crate::control_plane::control::{Control, ControlParts, Fleet};
 use crate::control_plane::files::LoadedFiles;
+use crate::control_plane::store::etcd::{EtcdStore, Presence, StoreEvent};
 use crate::control_plane::store::{FileStore, StateStore};
 use crate::data_plane::conn::Limits;
 use crate::data_plane::conn_limit::ConnLimiter;
@@ -195,21 +198,70 @@ impl Listeners {
     }
 }
 
+/// Fleet mode: the etcd store (its watch, presence and gauges running)
+/// and the receiver of its events.
+async fn start_fleet(
+    cfg: &EtcdConfig,
+    metrics: &Metrics,
+    cache: FileStore,
+    admin_addr: SocketAddr,
+) -> Result<(Fleet, mpsc::Receiver<StoreEvent>), StartError> {
+    let replica_id = cfg.replica_id.clone().unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .ok()
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "switchyard".to_owned());
+        format!("{host}:{}", admin_addr.port())
+    });
+    let store = EtcdStore::new(cfg, replica_id.clone(), metrics.fleet())
+        .await
+        .map_err(StartError::Other)?;
+    let store = Arc::new(store);
+    let (tx, rx) = mpsc::channel(64);
+    let presence = Presence {
+        id: replica_id,
+        admin: admin_addr.to_string(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        started_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+        ..Presence::default()
+    };
+    let (presence, presence_rx) = tokio::sync::watch::channel(presence);
+    store.spawn(tx, presence_rx);
+    tracing::info!(endpoints = ?cfg.endpoints, prefix = %cfg.prefix, cluster = %cfg.cluster, "routing state in etcd (fleet mode)");
+    Ok((
+        Fleet {
+            store,
+            cache,
+            presence,
+        },
+        rx,
+    ))
+}
+
 /// Starts the proxy described by `config`. Must run inside a tokio runtime.
 pub async fn start(config: Config, opts: StartOptions) -> Result<Running, StartError> {
     let metrics = Arc::new(Metrics::new());
 
     // 1. Everything that can fail on a file, before binding anything.
     let store = FileStore::new(config.state.path.clone());
+    let fleet_mode = config.state.etcd.is_some();
     let stored = match store.load() {
         Ok(s) => s,
-        Err(e) if opts.ignore_state => {
+        // Fleet mode: the file is only a cache; etcd has the state.
+        Err(e) if opts.ignore_state || fleet_mode => {
             let aside = store.set_aside().ok();
-            tracing::warn!(
-                error = %e,
-                moved_to = %aside.as_deref().map(|p| p.display().to_string()).unwrap_or_default(),
-                "ignoring the state file (--ignore-state): starting from `initial`"
-            );
+            let moved_to = aside.as_deref().map(|p| p.display().to_string());
+            let moved_to = moved_to.unwrap_or_default();
+            if fleet_mode {
+                tracing::warn!(error = %e, %moved_to, "ignoring the unreadable cache file: waiting for etcd");
+            } else {
+                tracing::warn!(
+                    error = %e,
+                    %moved_to,
+                    "ignoring the state file (--ignore-state): starting from `initial`"
+                );
+            }
             None
         }
         Err(e) => return Err(StartError::State(e)),
@@ -260,11 +312,20 @@ pub async fn start(config: Config, opts: StartOptions) -> Result<Running, StartE
     );
     let accept_errors = Arc::new(AcceptErrors::default());
     let guard_hosts = config.admin.allowed_hosts.clone();
+    let fleet = match &config.state.etcd {
+        Some(cfg) => Some(start_fleet(cfg, &metrics, store.clone(), admin_addr).await?),
+        None => None,
+    };
+    let store: Arc<dyn StateStore> = match &fleet {
+        Some((f, _)) => Arc::clone(&f.store) as Arc<dyn StateStore>,
+        None => Arc::new(store),
+    };
     let control = Control::start(ControlParts {
         config,
         config_path: opts.config_path,
         stored,
-        store: Arc::new(store) as Arc<dyn StateStore>,
+        store,
+        fleet,
         metrics: Arc::clone(&metrics),
         tls: tls.clone(),
         tokens: Arc::new(ArcSwap::from_pointee(tokens)),

@@ -86,6 +86,19 @@ impl UpstreamErrorKind {
     }
 }
 
+/// The fleet-mode series (SPEC §11).
+#[derive(Clone)]
+pub(crate) struct FleetMetrics {
+    /// `switchyard_state_backend_connected`.
+    pub(crate) connected: prometheus::Gauge,
+    /// `switchyard_state_staleness_seconds`.
+    pub(crate) staleness: prometheus::Gauge,
+    /// `switchyard_state_resyncs_total{reason}`.
+    pub(crate) resyncs: IntCounterVec,
+    /// `switchyard_state_rejected_values_total{service}`.
+    pub(crate) rejected: IntCounterVec,
+}
+
 /// Every metric of SPEC §5, registered in one registry.
 pub struct Metrics {
     registry: Registry,
@@ -376,6 +389,46 @@ impl Metrics {
                 .map(|d| self.mirror_dropped.with_label_values(&[service, d.label()])),
             duration: self.mirror_duration.with_label_values(&[service, p]),
             mismatches: self.mirror_mismatches.with_label_values(&[service]),
+        }
+    }
+
+    /// Registers the fleet-mode series (SPEC §11); called once, at start,
+    /// only with `[state] backend = "etcd"` (a single replica shows none).
+    pub(crate) fn fleet(&self) -> FleetMetrics {
+        let gauge = |name: &str, help: &str| {
+            let g = must(prometheus::Gauge::new(name, help));
+            must(self.registry.register(Box::new(g.clone())));
+            g
+        };
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let c = must(IntCounterVec::new(Opts::new(name, help), labels));
+            must(self.registry.register(Box::new(c.clone())));
+            c
+        };
+        let resyncs = counter(
+            "switchyard_state_resyncs_total",
+            "Full re-reads of the shared state, by reason: compacted (the watch fell behind etcd's compaction), restored (etcd's revision went back or its cluster changed).",
+            &["reason"],
+        );
+        for r in ["compacted", "restored"] {
+            resyncs.with_label_values(&[r]);
+        }
+        let rejected = counter(
+            "switchyard_state_rejected_values_total",
+            "Values in the state store refused (invalid, or not newer than the state served); the previous state was kept.",
+            &["service"],
+        );
+        FleetMetrics {
+            connected: gauge(
+                "switchyard_state_backend_connected",
+                "1 while the replica hears from the state store (etcd), else 0.",
+            ),
+            staleness: gauge(
+                "switchyard_state_staleness_seconds",
+                "Seconds since the replica last heard from the state store; 0 while connected.",
+            ),
+            resyncs,
+            rejected,
         }
     }
 

@@ -57,6 +57,6 @@ pub mod routing {
 }
 
 pub mod state {
-    pub use crate::control_plane::state::Command;
+    pub use crate::control_plane::state::{Command, ServiceState};
     pub use crate::weights::Weights;
 }

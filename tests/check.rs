@@ -82,6 +82,47 @@ fn a_good_config_passes() {
     // service names) are resolved at connect time, not by `check`.
     let (code, stdout, stderr) = run_binary(&["check", "--config", "docker/switchyard.toml"]);
     assert_eq!(code, 0, "stdout: {stdout}\nstderr: {stderr}");
+    // And docker/compose-fleet.yml's, in fleet mode (checking needs no etcd).
+    let (code, stdout, stderr) = run_binary(&["check", "--config", "docker/switchyard-fleet.toml"]);
+    assert_eq!(code, 0, "stdout: {stdout}\nstderr: {stderr}");
+}
+
+#[test]
+fn fleet_settings_are_checked() {
+    let dir = TempDir::new("check-fleet");
+    let state = "path = \"STATE\"\n";
+    assert!(GOOD.contains(state));
+    for (extra, line_has, message) in [
+        (
+            "backend = \"etcd\"\n[state.etcd]\nendpoints = [\"https://10.0.0.1:2379\"]\n",
+            "endpoints",
+            "expected http://host:port",
+        ),
+        (
+            "backend = \"consul\"\n",
+            "backend",
+            "unknown backend \"consul\"",
+        ),
+        (
+            "[state.etcd]\nprefix = \"/s\"\n",
+            "[state.etcd]",
+            "[state.etcd] is set but state.backend is not \"etcd\"",
+        ),
+        (
+            "backend = \"etcd\"\n[state.etcd]\nprefix = \"switchyard/\"\n",
+            "prefix",
+            "must start with `/`",
+        ),
+        (
+            "backend = \"etcd\"\n[state.etcd]\nclusterr = \"a\"\n",
+            "clusterr",
+            "unknown key `clusterr` in [state.etcd] (did you mean `cluster`?)",
+        ),
+    ] {
+        let text = GOOD.replacen(state, &format!("{state}{extra}"), 1);
+        let path = config_file(&dir, "fleet.toml", &text);
+        assert_check_fails(&path, &[(line_of(&text, line_has), &[message])]);
+    }
 }
 
 #[test]

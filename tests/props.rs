@@ -287,6 +287,11 @@ proptest! {
                         prop_assert_eq!(action, "mirror");
                         prop_assert!(mirror.is_some_and(|m| m.check().is_ok()));
                     }
+                    // Internal commands (config reload, state from etcd)
+                    // never come out of a request body.
+                    Command::Reload { .. } | Command::Adopt { .. } => {
+                        prop_assert!(false, "decoded an internal command from {action}");
+                    }
                 }
             }
             Err((status, code, message)) => {

@@ -16,7 +16,7 @@ pub(super) fn check(path: &Path) -> ExitCode {
     };
     let mut problems = Vec::new();
     let store = crate::control_plane::store::FileStore::new(config.state.path.clone());
-    if let Err(e) = crate::control_plane::store::StateStore::load(&store) {
+    if let Err(e) = store.load() {
         problems.push(e.to_string());
     }
     // The same loader as start and reload: certificates, token file, CAs.

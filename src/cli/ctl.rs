@@ -158,6 +158,12 @@ pub(crate) enum CtlCommand {
         #[command(subcommand)]
         command: RolloutCommand,
     },
+    /// Fleet mode: the shared state in etcd.
+    State {
+        /// What to do.
+        #[command(subcommand)]
+        command: StateCommand,
+    },
     /// Wait until every backend of a pool is healthy (the step after
     /// deploying to the idle pool); exit 1 if it does not happen in time.
     WaitHealthy {
@@ -233,6 +239,19 @@ pub(crate) enum RolloutCommand {
     History {
         /// Service name.
         service: String,
+    },
+}
+
+/// `switchyard ctl state ...`.
+#[derive(Debug, Subcommand)]
+pub(crate) enum StateCommand {
+    /// Move a single-replica state file into etcd, keeping generations and
+    /// history (through a fleet replica's admin API). A service etcd holds
+    /// at the same or a newer generation is left alone.
+    Import {
+        /// The state file (`[state] path` of the single replica).
+        #[arg(long, value_name = "FILE")]
+        from: std::path::PathBuf,
     },
 }
 
@@ -397,6 +416,19 @@ async fn run_inner(args: &CtlArgs, config: Option<&std::path::Path>) -> Result<S
         }
         CtlCommand::Reload => (Method::POST, "/api/v1/reload".to_string(), None),
         CtlCommand::Rollout { command } => return rollout(&admin, args, command).await,
+        CtlCommand::State {
+            command: StateCommand::Import { from },
+        } => {
+            let text = std::fs::read(from)
+                .map_err(|e| Failure::Usage(format!("{}: {e}", from.display())))?;
+            let value: Value = serde_json::from_slice(&text)
+                .map_err(|e| Failure::Usage(format!("{}: not JSON: {e}", from.display())))?;
+            (
+                Method::POST,
+                "/api/v1/state/import".to_string(),
+                Some(value),
+            )
+        }
         CtlCommand::WaitHealthy {
             service,
             color,
@@ -405,11 +437,32 @@ async fn run_inner(args: &CtlArgs, config: Option<&std::path::Path>) -> Result<S
         } => return wait_healthy(&admin, args.json, service, color, *timeout, *interval).await,
     };
     let value = admin.call(method, &path, body, args.if_generation).await?;
+    // Fleet mode: `status` also shows every replica and whether it is synced.
+    let replicas = match &args.command {
+        CtlCommand::Status { service: None, .. } => admin
+            .call(Method::GET, "/api/v1/replicas", None, None)
+            .await
+            .ok(),
+        _ => None,
+    };
     if args.json {
+        if let Some(r) = replicas {
+            return Ok(format!(
+                "{}\n",
+                pretty(&json!({"services": value, "fleet": r}))
+            ));
+        }
         return Ok(format!("{}\n", pretty(&value)));
     }
     Ok(match &args.command {
-        CtlCommand::Status { service: None, .. } => services_table(&value),
+        CtlCommand::Status { service: None, .. } => {
+            let mut out = services_table(&value);
+            if let Some(r) = replicas {
+                out.push_str(&replicas_table(&r));
+            }
+            out
+        }
+        CtlCommand::State { .. } => import_table(&value),
         CtlCommand::History { .. } => history_table(&value),
         CtlCommand::Mirror {
             to: None,
@@ -1214,6 +1267,61 @@ fn mirror_table(v: &Value) -> String {
 }
 
 /// Every service, one block each.
+/// `ctl status` in fleet mode: one line per replica and service.
+fn replicas_table(v: &Value) -> String {
+    let mut rows = vec![vec![
+        "REPLICA".to_string(),
+        "STATE".to_string(),
+        "SERVICE".to_string(),
+        "GENERATION".to_string(),
+        "ADMIN".to_string(),
+    ]];
+    for r in v["replicas"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+    {
+        let services = r["services"].as_object().cloned().unwrap_or_default();
+        for (name, s) in &services {
+            rows.push(vec![
+                text(&r["id"], "?").to_string(),
+                text(&s["state"], "?").to_uppercase(),
+                name.clone(),
+                s["generation"]
+                    .as_u64()
+                    .map_or_else(|| "-".to_string(), |g| g.to_string()),
+                text(&r["admin"], "").to_string(),
+            ]);
+        }
+    }
+    format!(
+        "\nreplicas (this one: {}):\n{}",
+        text(&v["replica"], "?"),
+        columns(&rows, "  ")
+    )
+}
+
+/// `ctl state import`: what was written and what etcd already had.
+fn import_table(v: &Value) -> String {
+    let mut out = String::new();
+    for (key, what) in [
+        ("imported", "imported"),
+        (
+            "already_in_etcd",
+            "left alone (etcd has it at the same or a newer generation)",
+        ),
+    ] {
+        for s in v[key].as_array().map(Vec::as_slice).unwrap_or_default() {
+            out.push_str(&format!(
+                "{} generation {}: {what}\n",
+                text(&s["service"], "?"),
+                s["generation"]
+            ));
+        }
+    }
+    out
+}
+
 fn services_table(v: &Value) -> String {
     let services = v.as_array().map(Vec::as_slice).unwrap_or_default();
     if services.is_empty() {

@@ -121,8 +121,49 @@ pub struct AdminConfig {
 /// `[state]`.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct StateConfig {
-    /// Default `var/switchyard-state.json`.
+    /// Default `var/switchyard-state.json`. With etcd: the last-known-good
+    /// cache a replica starts from while etcd is down.
     pub(crate) path: PathBuf,
+    /// `backend = "etcd"` with `[state.etcd]` (SPEC §11); `None` is the
+    /// default `"file"`.
+    pub(crate) etcd: Option<EtcdConfig>,
+}
+
+/// `[state.etcd]` (SPEC §11, fleet mode).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct EtcdConfig {
+    /// `http://host:port` of each member; default `["http://127.0.0.1:2379"]`.
+    pub(crate) endpoints: Vec<String>,
+    /// Key prefix; default `/switchyard`. No trailing `/`.
+    pub(crate) prefix: String,
+    /// Replicas of one cluster share state; clusters on one etcd and prefix
+    /// never see each other's. Default `default`.
+    pub(crate) cluster: String,
+    /// This replica's name in `/api/v1/replicas`; default `hostname:admin port`.
+    pub(crate) replica_id: Option<String>,
+    /// Bound on connecting to etcd; default 2 s.
+    pub(crate) dial_timeout: Duration,
+    /// Bound on one etcd request (a write past it answers 503); default 3 s.
+    pub(crate) request_timeout: Duration,
+    /// No word from etcd for this long: the replica is stale; default 3 s.
+    pub(crate) stale_after: Duration,
+    /// TTL of the lease under the replica's presence key; default 10 s.
+    pub(crate) lease_ttl: Duration,
+}
+
+impl Default for EtcdConfig {
+    fn default() -> Self {
+        EtcdConfig {
+            endpoints: vec!["http://127.0.0.1:2379".to_owned()],
+            prefix: "/switchyard".to_owned(),
+            cluster: "default".to_owned(),
+            replica_id: None,
+            dial_timeout: Duration::from_secs(2),
+            request_timeout: Duration::from_secs(3),
+            stale_after: Duration::from_secs(3),
+            lease_ttl: Duration::from_secs(10),
+        }
+    }
 }
 
 /// One `[[service]]`.
@@ -492,6 +533,7 @@ impl Default for StateConfig {
     fn default() -> Self {
         StateConfig {
             path: PathBuf::from("var/switchyard-state.json"),
+            etcd: None,
         }
     }
 }
@@ -576,6 +618,7 @@ impl Config {
             admin: AdminConfig::default(),
             state: StateConfig {
                 path: PathBuf::from("var/switchyard-demo-state.json"),
+                etcd: None,
             },
             services: vec![service],
             rollout_plans: Vec::new(),
@@ -882,8 +925,9 @@ fn parse_root(cx: &Cx, table: &DeTable) -> Config {
     }
 
     let mut state = StateConfig::default();
-    if let Some(s) = root.sub("state", "[state]", "path") {
+    if let Some(s) = root.sub("state", "[state]", "path backend etcd") {
         set(&mut state.path, s.get_path("path"));
+        state.etcd = parse_state_backend(&s);
     }
 
     let mut seen = Seen::default();
@@ -1009,6 +1053,81 @@ fn value_json(v: &DeValue) -> serde_json::Value {
         DeValue::Array(a) => J::Array(a.iter().map(|x| value_json(x.get_ref())).collect()),
         DeValue::Table(t) => table_json(t),
     }
+}
+
+/// `[state] backend` and `[state.etcd]`: the etcd settings when the
+/// backend is etcd (`[state.etcd]` without it is an error, not ignored).
+fn parse_state_backend(s: &Section) -> Option<EtcdConfig> {
+    let backend = s.get_with("backend", |b| match b {
+        "file" => Ok(false),
+        "etcd" => Ok(true),
+        other => Err(format!(
+            "unknown backend {other:?} (expected \"file\" or \"etcd\")"
+        )),
+    });
+    let keys =
+        "endpoints prefix cluster replica_id dial_timeout request_timeout stale_after lease_ttl";
+    let sub = s.sub("etcd", "[state.etcd]", keys);
+    if backend != Some(true) {
+        if let (Some(sub), Some(false) | None) = (&sub, backend) {
+            let message = "[state.etcd] is set but state.backend is not \"etcd\"";
+            sub.cx.error(&sub.span, message.to_owned());
+        }
+        return None;
+    }
+    let mut e = EtcdConfig::default();
+    let Some(sub) = sub else {
+        return Some(e);
+    };
+    set(
+        &mut e.endpoints,
+        sub.get_list("endpoints", |u| {
+            let rest = u.strip_prefix("http://").ok_or_else(|| {
+                format!("{u:?}: expected http://host:port (TLS to etcd is not supported yet)")
+            })?;
+            if rest.is_empty() || rest.contains('/') {
+                return Err(format!("{u:?}: expected http://host:port"));
+            }
+            Ok(u.to_owned())
+        }),
+    );
+    set(
+        &mut e.prefix,
+        sub.get_with("prefix", |p| {
+            if p.starts_with('/') && !p.ends_with('/') && !p.contains("//") {
+                Ok(p.to_owned())
+            } else {
+                Err(format!("{p:?}: must start with `/` and not end with it"))
+            }
+        }),
+    );
+    let name = |what: &'static str| {
+        move |v: &str| {
+            let ok = !v.is_empty()
+                && v.len() <= 128
+                && v.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b));
+            if ok {
+                Ok(v.to_owned())
+            } else {
+                Err(format!("{v:?}: a {what} is 1-128 of A-Z a-z 0-9 - _ . :"))
+            }
+        }
+    };
+    set(
+        &mut e.cluster,
+        sub.get_with("cluster", name("cluster name")),
+    );
+    e.replica_id = sub.get_with("replica_id", name("replica id"));
+    set(&mut e.dial_timeout, sub.get_duration("dial_timeout"));
+    set(&mut e.request_timeout, sub.get_duration("request_timeout"));
+    set(&mut e.stale_after, sub.get_duration("stale_after"));
+    set(&mut e.lease_ttl, sub.get_duration("lease_ttl"));
+    if e.lease_ttl < Duration::from_secs(2) {
+        let message = "state.etcd.lease_ttl: must be at least 2s".to_owned();
+        sub.cx.error(&sub.span, message);
+    }
+    Some(e)
 }
 
 fn parse_proxy(s: &Section) -> ProxyConfig {

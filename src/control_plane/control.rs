@@ -23,12 +23,13 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
 use serde::Serialize;
-use tokio::sync::{watch, Mutex};
+use tokio::sync::{mpsc, watch, Mutex};
 
 use crate::color::Color;
 use crate::config::mirror::MirrorSpec;
@@ -40,7 +41,8 @@ use crate::control_plane::rollout::{self, machine::Rollout, plan::Plan};
 use crate::control_plane::state::{
     self, ChangeMeta, Command, CommandError, HealthView, HistoryEntry, Outcome, RoutingState,
 };
-use crate::control_plane::store::{StateStore, StoreError};
+use crate::control_plane::store::etcd::{EtcdStore, Presence, StoreEvent};
+use crate::control_plane::store::{Change, FileStore, Incoming, Rev, StateStore, StoreError};
 use crate::data_plane::backend::{now_ms, Backend, Health};
 use crate::data_plane::conn_limit::ConnLimiter;
 use crate::data_plane::mirror::{Mirror, StatsView};
@@ -195,6 +197,52 @@ struct Inner {
     config: Arc<Config>,
     state: RoutingState,
     runtimes: HashMap<String, ServiceRuntime>,
+    /// Fleet mode: the store's revision of each service's state as
+    /// `state` has it (the base of the next compare-and-swap); absent: the
+    /// store does not have it.
+    revs: HashMap<String, Rev>,
+}
+
+impl Inner {
+    fn changes(&self, services: impl IntoIterator<Item = String>) -> Vec<Change> {
+        services
+            .into_iter()
+            .map(|service| Change {
+                base: self.revs.get(&service).copied().unwrap_or(0),
+                service,
+            })
+            .collect()
+    }
+
+    fn stored(&mut self, changes: &[Change], revs: &[Rev]) {
+        for (c, rev) in changes.iter().zip(revs) {
+            self.revs.insert(c.service.clone(), *rev);
+        }
+    }
+}
+
+/// Fleet mode (`[state] backend = "etcd"`): the shared store, the
+/// last-known-good cache file, and this replica's presence.
+pub(crate) struct Fleet {
+    /// The etcd store (also `Control::store`).
+    pub(crate) store: Arc<EtcdStore>,
+    /// `[state] path`: written after every change served.
+    pub(crate) cache: FileStore,
+    /// What this replica announces.
+    pub(crate) presence: watch::Sender<Presence>,
+}
+
+/// `/readyz` (SPEC §7, §11).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum Readiness {
+    /// Single replica: the table is loaded.
+    Ready,
+    /// Fleet mode, no table yet (no cache, etcd not reached).
+    Starting,
+    /// Fleet mode, in touch with etcd.
+    Synced,
+    /// Fleet mode, serving the last table; silent for this long.
+    Stale(std::time::Duration),
 }
 
 /// The control plane. See the module docs.
@@ -210,7 +258,17 @@ pub(crate) struct Control {
     conn_limits: Arc<ConnLimiter>,
     /// The running rollout drivers (SPEC §10).
     drivers: rollout::Drivers,
+    fleet: Option<Fleet>,
+    /// Fleet mode: the state to write to the cache file, by one task, in
+    /// order (a burst of changes writes the last one).
+    cache: Option<watch::Sender<RoutingState>>,
+    /// Fleet mode: the table serves every configured service.
+    has_table: AtomicBool,
 }
+
+/// How often a change that lost a compare-and-swap to another replica is
+/// tried again on the winner's state before the caller is told.
+const CONFLICT_RETRIES: usize = 8;
 
 impl HealthView for Snapshot {
     fn pool_has_healthy(&self, service: &str, color: Color) -> bool {
@@ -237,6 +295,8 @@ pub(crate) struct ControlParts {
     pub(crate) tokens: Arc<ArcSwap<Tokens>>,
     /// Client connection limits (changed on reload).
     pub(crate) conn_limits: Arc<ConnLimiter>,
+    /// Fleet mode, with the receiver of the store's events.
+    pub(crate) fleet: Option<(Fleet, mpsc::Receiver<StoreEvent>)>,
 }
 
 impl Control {
@@ -253,20 +313,37 @@ impl Control {
             tls,
             tokens,
             conn_limits,
+            fleet,
         } = parts;
-        let state = state::reconcile(&stored.unwrap_or_default(), &config, SystemTime::now());
+        let (fleet, events) = match fleet {
+            Some((f, rx)) => (Some(f), Some(rx)),
+            None => (None, None),
+        };
+        // Fleet mode without a cache file: no table until etcd answers
+        // (never route from `initial` while etcd may hold a state).
+        let has_table = fleet.is_none() || stored.is_some();
+        let state = match (&stored, &fleet) {
+            (None, Some(_)) => RoutingState::default(),
+            _ => state::reconcile(&stored.unwrap_or_default(), &config, SystemTime::now()),
+        };
         let config = Arc::new(config);
         let mut inner = Inner {
             config: Arc::clone(&config),
             state: RoutingState::default(),
             runtimes: HashMap::new(),
+            revs: HashMap::new(),
         };
         let config_file = config_path
             .clone()
             .unwrap_or_else(|| PathBuf::from("(config)"));
         let prepared = prepare(&config, &config_file, &state, &inner.runtimes)
             .map_err(|e| FileErrors(e).to_string())?;
-        let state = save(&store, state).await.map_err(|e| e.to_string())?;
+        if fleet.is_none() {
+            let all = inner.changes(state.services.keys().cloned());
+            store.save(&state, &all).await.map_err(|e| e.to_string())?;
+        }
+        // Fleet mode: the cache is served as it is, stale, until etcd
+        // answers; nothing is written before that.
         let snapshot = prepared.commit(&config, &state, &mut inner, &metrics);
         inner.state = state;
         let (changes, _) = watch::channel(());
@@ -281,14 +358,252 @@ impl Control {
             tokens,
             conn_limits,
             drivers: rollout::Drivers::default(),
+            cache: fleet.as_ref().map(|f| cache_writer(f.cache.clone())),
+            fleet,
+            has_table: AtomicBool::new(has_table),
         };
         {
             let inner = control.inner.lock().await;
             for (name, s) in &inner.state.services {
                 control.metrics.set_weights(name, s.weights);
             }
+            control.announce(&inner);
         }
-        Ok(Arc::new(control))
+        let control = Arc::new(control);
+        if let Some(rx) = events {
+            tokio::spawn(Arc::clone(&control).follow(rx));
+        }
+        Ok(control)
+    }
+
+    /// `/readyz`.
+    pub(crate) fn readiness(&self) -> Readiness {
+        let Some(fleet) = &self.fleet else {
+            return Readiness::Ready;
+        };
+        if !self.has_table.load(Ordering::Relaxed) {
+            return Readiness::Starting;
+        }
+        let health = fleet.store.health();
+        if health.stale() {
+            Readiness::Stale(health.silence())
+        } else {
+            Readiness::Synced
+        }
+    }
+
+    /// Fleet mode: the etcd store.
+    pub(crate) fn fleet(&self) -> Option<&Arc<EtcdStore>> {
+        self.fleet.as_ref().map(|f| &f.store)
+    }
+
+    /// Fleet mode: after a change is served, the cache file and the
+    /// presence key follow it (both best effort; the cache is written off
+    /// the lock, the presence by its own task).
+    fn announce(&self, inner: &Inner) {
+        let Some(fleet) = &self.fleet else {
+            return;
+        };
+        let services = inner
+            .state
+            .services
+            .iter()
+            .map(|(n, s)| (n.clone(), s.generation))
+            .collect();
+        fleet.presence.send_modify(|p| p.services = services);
+        if let (Some(cache), false) = (&self.cache, inner.state.services.is_empty()) {
+            cache.send_replace(inner.state.clone());
+        }
+    }
+
+    /// Fleet mode: applies what the store delivers, for as long as it runs.
+    async fn follow(self: Arc<Self>, mut events: mpsc::Receiver<StoreEvent>) {
+        while let Some(ev) = events.recv().await {
+            match ev {
+                StoreEvent::Snapshot { reason, services } => {
+                    {
+                        // The snapshot's revisions are the compare-and-swap
+                        // bases from now on, also when they went back (etcd
+                        // restored). Keys gone from etcd (wiped, restored)
+                        // are written again from what this replica serves:
+                        // traffic is never routed from nothing.
+                        self.inner.lock().await.revs.clear();
+                    }
+                    self.adopt(services).await;
+                    if reason.is_some() {
+                        tracing::info!(reason, "state re-read from etcd");
+                    }
+                    self.sync_config().await;
+                }
+                StoreEvent::Changes(changes) => {
+                    let deleted = changes.iter().any(|c| c.value.is_none());
+                    self.adopt(changes).await;
+                    if deleted {
+                        self.sync_config().await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Adopts values read from the store through [`state::apply`]
+    /// (`Command::Adopt`), then publishes once. A value older than the one
+    /// held is skipped; an invalid one is refused, counted and logged, and
+    /// the service keeps its state (its revision is taken, so the next
+    /// change here overwrites the bad value).
+    async fn adopt(&self, incoming: Vec<Incoming>) {
+        let mut inner = self.inner.lock().await;
+        let now = SystemTime::now();
+        let meta = ChangeMeta {
+            actor: "store".into(),
+            reason: None,
+            at: now,
+            if_match: None,
+        };
+        let mut next = inner.state.clone();
+        let mut changed = Vec::new();
+        for inc in incoming {
+            let held = inner.revs.get(&inc.service).copied().unwrap_or(0);
+            if inc.rev <= held {
+                continue;
+            }
+            if !inner.config.services.iter().any(|s| s.name == inc.service) {
+                tracing::debug!(service = %inc.service, "state in etcd for a service this replica's config does not have");
+                continue;
+            }
+            let Some(value) = inc.value else {
+                inner.revs.remove(&inc.service);
+                continue;
+            };
+            let result = value.map_err(|e| e.to_string()).and_then(|st| {
+                let cmd = Command::Adopt {
+                    state: Box::new(st),
+                };
+                let snap = self.table.load();
+                state::apply(&next, &inc.service, &cmd, &meta, &**snap).map_err(|e| e.to_string())
+            });
+            inner.revs.insert(inc.service.clone(), inc.rev);
+            match result {
+                Ok(Outcome::Changed(st)) => {
+                    next.services.insert(inc.service.clone(), st);
+                    changed.push(inc.service);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    if let Some(f) = &self.fleet {
+                        f.store.rejected(&inc.service);
+                    }
+                    tracing::error!(service = %inc.service, revision = inc.rev, error = %e, "invalid state in etcd refused; keeping the state served");
+                }
+            }
+        }
+        if changed.is_empty() {
+            return;
+        }
+        let config = Arc::clone(&inner.config);
+        let prepared = match prepare(&config, &self.config_file(), &next, &inner.runtimes) {
+            Ok(p) => p,
+            Err(errors) => {
+                tracing::error!(error = %FileErrors(errors), "cannot build the routing table for the state from etcd");
+                return;
+            }
+        };
+        let snapshot = prepared.commit(&config, &next, &mut inner, &self.metrics);
+        inner.state = next;
+        self.publish(snapshot);
+        self.settle(&inner);
+        for name in &changed {
+            if let Some(st) = inner.state.services.get(name) {
+                self.metrics.set_weights(name, st.weights);
+                tracing::info!(service = %name, generation = st.generation, weights = %st.weights, "routing adopted from etcd");
+            }
+        }
+    }
+
+    /// Fleet mode, after a publish: ready once every configured service is
+    /// served; cache and presence follow.
+    fn settle(&self, inner: &Inner) {
+        if self.fleet.is_none() {
+            return;
+        }
+        let all = inner
+            .config
+            .services
+            .iter()
+            .all(|s| inner.state.services.contains_key(&s.name));
+        if all {
+            self.has_table.store(true, Ordering::Relaxed);
+        }
+        self.announce(inner);
+    }
+
+    /// Fleet mode: brings the shared state in line with this replica's
+    /// config (`Command::Reload` through `apply`): services etcd does not
+    /// have are written (create-only: the first replica wins, keeping the
+    /// generation this one serves), and pool or rules lists changed in the
+    /// file are written by compare-and-swap. A lost race leaves the
+    /// winner's value, which the watch delivers.
+    async fn sync_config(&self) {
+        for _ in 0..CONFLICT_RETRIES {
+            let mut inner = self.inner.lock().await;
+            let config = Arc::clone(&inner.config);
+            let next = state::reconcile(&inner.state, &config, SystemTime::now());
+            let names: Vec<String> = next
+                .services
+                .iter()
+                .filter(|(n, s)| {
+                    !inner.revs.contains_key(*n) || inner.state.services.get(*n) != Some(*s)
+                })
+                .map(|(n, _)| n.clone())
+                .collect();
+            if names.is_empty() {
+                return;
+            }
+            let changes = inner.changes(names);
+            let prepared = match prepare(&config, &self.config_file(), &next, &inner.runtimes) {
+                Ok(p) => p,
+                Err(errors) => {
+                    tracing::error!(error = %FileErrors(errors), "cannot build the routing table");
+                    return;
+                }
+            };
+            match self.store.save(&next, &changes).await {
+                Ok(revs) => {
+                    inner.stored(&changes, &revs);
+                    let snapshot = prepared.commit(&config, &next, &mut inner, &self.metrics);
+                    inner.state = next;
+                    self.publish(snapshot);
+                    for (name, s) in &inner.state.services {
+                        self.metrics.set_weights(name, s.weights);
+                    }
+                    self.settle(&inner);
+                    return;
+                }
+                Err(StoreError::Conflict { .. }) => {
+                    drop(inner);
+                    self.refresh(&changes).await;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot write the config's services to etcd; retried on the next event");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Re-reads services that lost a compare-and-swap and adopts them.
+    async fn refresh(&self, changes: &[Change]) {
+        let mut got = Vec::new();
+        for c in changes {
+            match self.store.fetch(&c.service).await {
+                Ok(Some(i)) => got.push(i),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(service = %c.service, error = %e, "cannot re-read a service")
+                }
+            }
+        }
+        self.adopt(got).await;
     }
 
     /// The routing table the data plane reads.
@@ -366,19 +681,64 @@ impl Control {
     }
 
     /// Applies a command: decide, persist, publish. Returns the new view.
+    /// In fleet mode the service is first read from etcd (this replica's
+    /// view may lag its watch), and a change that lost a compare-and-swap
+    /// to another replica is decided again on the winner's state (so
+    /// `If-Match` then answers 412).
     pub(crate) async fn execute(
         &self,
         service: &str,
         cmd: Command,
         meta: ChangeMeta,
     ) -> Result<ServiceView, ControlError> {
+        let mut attempt = 0;
+        loop {
+            // Fleet mode: decide on etcd's latest value, not on a view that
+            // may lag the watch by a few milliseconds (a switch judged
+            // "already so", or a 412, against a stale view would be wrong).
+            if let Some(f) = &self.fleet {
+                if f.store.health().stale() {
+                    return Err(ControlError::Persist(StoreError::Unavailable(format!(
+                        "no answer from etcd for {:.1}s",
+                        f.store.health().silence().as_secs_f64()
+                    ))));
+                }
+                match self.store.fetch(service).await {
+                    Ok(Some(latest)) => self.adopt(vec![latest]).await,
+                    Ok(None) => {}
+                    Err(e) => return Err(ControlError::Persist(e)),
+                }
+            }
+            match self.execute_once(service, &cmd, &meta).await {
+                Err(ControlError::Persist(StoreError::Conflict { .. }))
+                    if attempt < CONFLICT_RETRIES =>
+                {
+                    attempt += 1;
+                    let changes = [Change {
+                        service: service.to_string(),
+                        base: 0,
+                    }];
+                    self.refresh(&changes).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn execute_once(
+        &self,
+        service: &str,
+        cmd: &Command,
+        meta: &ChangeMeta,
+    ) -> Result<ServiceView, ControlError> {
+        let cmd = cmd.clone();
         let mut inner = self.inner.lock().await;
         let outcome = {
             let snap = self.table.load();
-            state::apply(&inner.state, service, &cmd, &meta, &**snap)?
+            state::apply(&inner.state, service, &cmd, meta, &**snap)?
         };
         let next = match outcome {
-            Outcome::Unchanged => {
+            Outcome::Unchanged | Outcome::Removed => {
                 drop(inner);
                 return self
                     .view(service)
@@ -420,11 +780,14 @@ impl Control {
             &inner.runtimes,
         )
         .map_err(|errors| ControlError::Build(FileErrors(errors).to_string()))?;
-        let new_state = save(&self.store, new_state).await?;
+        let changes = inner.changes([service.to_string()]);
+        let revs = self.store.save(&new_state, &changes).await?;
+        inner.stored(&changes, &revs);
         let config = Arc::clone(&inner.config);
         let snapshot = prepared.commit(&config, &new_state, &mut inner, &self.metrics);
         inner.state = new_state;
         self.publish(snapshot);
+        self.settle(&inner);
         drop(inner);
         self.metrics.set_weights(service, weights);
         self.metrics.routing_change(service, cmd.action().as_str());
@@ -575,8 +938,10 @@ impl Control {
                 .collect(),
         };
         new_state.services.insert(service.to_string(), next);
+        let changes = inner.changes([service.to_string()]);
         let Some(w) = new_weights else {
-            let new_state = save(&self.store, new_state).await?;
+            let revs = self.store.save(&new_state, &changes).await?;
+            inner.stored(&changes, &revs);
             inner.state = new_state;
             return Ok(());
         };
@@ -587,11 +952,13 @@ impl Control {
             &inner.runtimes,
         )
         .map_err(|errors| ControlError::Build(FileErrors(errors).to_string()))?;
-        let new_state = save(&self.store, new_state).await?;
+        let revs = self.store.save(&new_state, &changes).await?;
+        inner.stored(&changes, &revs);
         let config = Arc::clone(&inner.config);
         let snapshot = prepared.commit(&config, &new_state, &mut inner, &self.metrics);
         inner.state = new_state;
         self.publish(snapshot);
+        self.settle(&inner);
         drop(inner);
         self.metrics.set_weights(service, w);
         self.metrics.routing_change(service, "split");
@@ -655,7 +1022,11 @@ impl Control {
         warn_restart_only(&inner.config, &config);
         let new_state = state::reconcile(&inner.state, &config, SystemTime::now());
         let prepared = prepare(&config, path, &new_state, &inner.runtimes).map_err(files_error)?;
-        let new_state = save(&self.store, new_state).await?;
+        let changes = inner.changes(changed_services(&inner.state, &new_state));
+        if !changes.is_empty() || self.fleet.is_none() {
+            let revs = self.store.save(&new_state, &changes).await?;
+            inner.stored(&changes, &revs);
+        }
         let snapshot = prepared.commit(&config, &new_state, &mut inner, &self.metrics);
         let (max_connections, max_per_client) = (
             config.proxy.max_connections,
@@ -683,8 +1054,12 @@ impl Control {
                     .map(move |r| (name.clone(), r.name.clone()))
             })
             .collect();
+        for name in &removed {
+            inner.revs.remove(name);
+        }
         inner.state = new_state;
         self.publish(snapshot);
+        self.settle(&inner);
         for (name, rule) in &gone_rules {
             self.metrics.forget_rule(name, rule);
         }
@@ -748,21 +1123,36 @@ fn warn_restart_only(old: &Config, new: &Config) {
     }
 }
 
-/// Persists `state` off the runtime threads; hands it back once it is
-/// durable (moved there and back: the state, with every service's history,
-/// is not copied for it).
-async fn save(
-    store: &Arc<dyn StateStore>,
-    state: RoutingState,
-) -> Result<RoutingState, StoreError> {
-    let store = Arc::clone(store);
-    match tokio::task::spawn_blocking(move || store.save(&state).map(|()| state)).await {
-        Ok(r) => r,
-        Err(e) => Err(StoreError::Write {
-            path: PathBuf::from("state"),
-            source: std::io::Error::other(e.to_string()),
-        }),
-    }
+/// Fleet mode: one task writes the cache file, the newest state each time
+/// (writes never overlap, and a burst of changes is written once).
+fn cache_writer(cache: FileStore) -> watch::Sender<RoutingState> {
+    let (tx, mut rx) = watch::channel(RoutingState::default());
+    tokio::spawn(async move {
+        while rx.changed().await.is_ok() {
+            let state = rx.borrow_and_update().clone();
+            if let Err(e) = cache.save_async(&state).await {
+                tracing::warn!(error = %e, "cannot write the state cache file");
+            }
+        }
+    });
+    tx
+}
+
+/// The services that differ between two states (added, changed, removed).
+fn changed_services(old: &RoutingState, new: &RoutingState) -> Vec<String> {
+    let mut names: Vec<String> = new
+        .services
+        .iter()
+        .filter(|(n, s)| old.services.get(*n) != Some(*s))
+        .map(|(n, _)| n.clone())
+        .collect();
+    names.extend(
+        old.services
+            .keys()
+            .filter(|n| !new.services.contains_key(*n))
+            .cloned(),
+    );
+    names
 }
 
 /// Does a service config differ in anything but its backend lists and
@@ -1054,4 +1444,85 @@ fn needs_tls(svc: &ServiceConfig, st: &state::ServiceState) -> bool {
                 .iter()
                 .any(|b| b.scheme == crate::config::Scheme::Https)
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control_plane::store::memory::MemoryStore;
+
+    fn meta(if_match: Option<u64>) -> ChangeMeta {
+        ChangeMeta {
+            actor: "test".into(),
+            reason: None,
+            at: SystemTime::UNIX_EPOCH,
+            if_match,
+        }
+    }
+
+    /// The fleet write path on the in-memory store: a change based on a
+    /// state another writer has replaced loses the compare-and-swap, is
+    /// decided again on the winner's state (adopted through `apply`), and
+    /// `If-Match` on the old generation then answers 412.
+    #[tokio::test]
+    async fn a_lost_compare_and_swap_is_decided_again_on_the_winner() {
+        let store = Arc::new(MemoryStore::default());
+        let config = Config::demo(
+            "127.0.0.1:1".parse().expect("addr"),
+            "127.0.0.1:2".parse().expect("addr"),
+        );
+        let control = Control::start(ControlParts {
+            config,
+            config_path: None,
+            stored: None,
+            store: Arc::clone(&store) as Arc<dyn StateStore>,
+            metrics: Arc::new(Metrics::new()),
+            tls: None,
+            tokens: Arc::new(ArcSwap::from_pointee(Tokens::none())),
+            conn_limits: ConnLimiter::new(100, 0),
+            fleet: None,
+        })
+        .await
+        .expect("start");
+        let (first, _) = store.get("demo").expect("stored at start");
+        assert_eq!(first.generation, 1);
+        // Another replica splits 30 % (generation 2) behind our back.
+        let mut theirs = first.clone();
+        theirs.generation = 2;
+        theirs.weights = Weights::from_green_percent(30.0).expect("weights");
+        store.put("demo", theirs);
+        // Ours, guarded by the generation we saw: 412, nothing written.
+        let switch = Command::Switch {
+            to: Color::Green,
+            force: true,
+        };
+        let err = control
+            .execute("demo", switch.clone(), meta(Some(1)))
+            .await
+            .expect_err("stale");
+        assert!(matches!(
+            err,
+            ControlError::Command(CommandError::StaleGeneration {
+                expected: 1,
+                current: 2
+            })
+        ));
+        let view = control.view("demo").expect("view");
+        assert_eq!((view.generation, view.weights.green_bp()), (2, 3000));
+        // Unguarded: applied on top of theirs.
+        let view = control
+            .execute("demo", switch, meta(None))
+            .await
+            .expect("switch");
+        assert_eq!(view.generation, 3);
+        let (stored, _) = store.get("demo").expect("stored");
+        assert_eq!(stored.generation, 3);
+        assert_eq!(stored.weights, Weights::full(Color::Green));
+        let gens: Vec<u64> = stored.history.iter().map(|h| h.generation).collect();
+        assert_eq!(
+            gens,
+            vec![1, 3],
+            "the history the other writer stored, then ours"
+        );
+    }
 }

@@ -156,7 +156,7 @@ pub(crate) struct HistoryEntry {
 
 /// The dynamic state of one service.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub(crate) struct ServiceState {
+pub struct ServiceState {
     /// Current weights.
     pub(crate) weights: Weights,
     /// Bumped by every accepted change.
@@ -166,7 +166,9 @@ pub(crate) struct ServiceState {
     pub(crate) previous: Option<Color>,
     /// Blue and green.
     pub(crate) pools: Pools,
-    /// Oldest first (the API shows newest first).
+    /// Oldest first (the API shows newest first). May be left out of a
+    /// value written to etcd by hand.
+    #[serde(default)]
     pub(crate) history: VecDeque<HistoryEntry>,
     /// Targeting rules (absent from state files written before them).
     #[serde(default)]
@@ -277,6 +279,21 @@ pub enum Command {
         /// The new mirror, checked by `apply`.
         mirror: Option<MirrorSpec>,
     },
+    /// Bring the service in line with the config file just (re)loaded:
+    /// `None` when the file no longer has it. A service new to the state
+    /// starts from `initial`; a pool or rules list the file changed takes
+    /// the file's (see [`PoolState::config`]). Weights never change.
+    Reload {
+        /// The service's section of the new config.
+        service: Option<Box<ServiceConfig>>,
+    },
+    /// Take the service's state as the shared store (etcd, fleet mode) has
+    /// it, written by another replica or by hand. Refused if it is invalid
+    /// or older than the state served; `generation` stays the writer's.
+    Adopt {
+        /// The state read from the store.
+        state: Box<ServiceState>,
+    },
 }
 
 impl Command {
@@ -289,6 +306,9 @@ impl Command {
             Command::SetPool { .. } => Action::Pool,
             Command::SetRules { .. } => Action::Rules,
             Command::SetMirror { .. } => Action::Mirror,
+            // A reload records `pool` and `rules` entries of its own.
+            Command::Reload { .. } => Action::Pool,
+            Command::Adopt { state } => state.history.back().map_or(Action::Split, |e| e.action),
         }
     }
 }
@@ -364,6 +384,8 @@ pub(crate) enum Outcome {
     Changed(ServiceState),
     /// The command asked for what already is; nothing to persist.
     Unchanged,
+    /// The service is gone (a reload whose config no longer has it).
+    Removed,
 }
 
 /// Applies `cmd` to the service `name` in `state`. Pure: the result depends
@@ -375,6 +397,19 @@ pub(crate) fn apply(
     meta: &ChangeMeta,
     health: &dyn HealthView,
 ) -> Result<Outcome, CommandError> {
+    match cmd {
+        Command::Reload { service } => {
+            return Ok(reload(
+                state.services.get(name),
+                service.as_deref(),
+                meta.at,
+            ))
+        }
+        Command::Adopt { state: incoming } => {
+            return adopt(state.services.get(name), incoming, meta.at)
+        }
+        _ => {}
+    }
     let current = state
         .services
         .get(name)
@@ -527,6 +562,7 @@ pub(crate) fn apply(
             });
             next.mirror = mirror.clone().map(Box::new);
         }
+        Command::Reload { .. } | Command::Adopt { .. } => return Ok(Outcome::Unchanged),
     }
     if let Live::Full(c) = current.weights.live() {
         if next.weights != current.weights {
@@ -562,16 +598,128 @@ pub(crate) fn push_history(state: &mut ServiceState, entry: HistoryEntry) {
 /// in the file changed since the state last saw it takes the file's list
 /// (recorded as a `pool` change by `config`). Weights and generations of
 /// existing services are kept. Pure, like [`apply`].
+///
+/// This is [`apply`] with [`Command::Reload`] for every service of the
+/// config and of the state.
 pub(crate) fn reconcile(state: &RoutingState, config: &Config, at: SystemTime) -> RoutingState {
     let mut out = RoutingState::default();
+    let meta = ChangeMeta {
+        actor: "config".into(),
+        reason: None,
+        at,
+        if_match: None,
+    };
     for svc in &config.services {
-        let next = match state.services.get(&svc.name) {
-            None => initial_state(svc, at),
-            Some(cur) => reconcile_service(cur, svc, at),
+        let cmd = Command::Reload {
+            service: Some(Box::new(svc.clone())),
         };
-        out.services.insert(svc.name.clone(), next);
+        match apply(state, &svc.name, &cmd, &meta, &NoGate) {
+            Ok(Outcome::Changed(next)) => {
+                out.services.insert(svc.name.clone(), next);
+            }
+            _ => {
+                if let Some(cur) = state.services.get(&svc.name) {
+                    out.services.insert(svc.name.clone(), cur.clone());
+                }
+            }
+        }
     }
     out
+}
+
+/// Reloads never gate on health.
+struct NoGate;
+
+impl HealthView for NoGate {
+    fn pool_has_healthy(&self, _: &str, _: Color) -> bool {
+        true
+    }
+}
+
+/// [`Command::Reload`] of one service.
+fn reload(current: Option<&ServiceState>, svc: Option<&ServiceConfig>, at: SystemTime) -> Outcome {
+    match (current, svc) {
+        (None, None) => Outcome::Unchanged,
+        (Some(_), None) => Outcome::Removed,
+        (None, Some(svc)) => Outcome::Changed(initial_state(svc, at)),
+        (Some(cur), Some(svc)) => {
+            let next = reconcile_service(cur, svc, at);
+            if next == *cur {
+                Outcome::Unchanged
+            } else {
+                Outcome::Changed(next)
+            }
+        }
+    }
+}
+
+/// [`Command::Adopt`]: the stored state, if it is valid and not older than
+/// the one served. A value written by hand without history keeps the
+/// served history and gains an entry saying so.
+fn adopt(
+    current: Option<&ServiceState>,
+    incoming: &ServiceState,
+    at: SystemTime,
+) -> Result<Outcome, CommandError> {
+    let bad = |field: &'static str, message: String| CommandError::BadField { field, message };
+    if incoming.generation == 0 {
+        return Err(bad("generation", "must be at least 1".into()));
+    }
+    for color in Color::ALL {
+        let backends = &incoming.pools.get(color).backends;
+        if backends.is_empty() {
+            return Err(bad("pools", format!("{color}: no backend")));
+        }
+        for (i, b) in backends.iter().enumerate() {
+            if backends[..i].contains(b) {
+                return Err(bad("pools", format!("{color}: `{b}` is listed twice")));
+            }
+        }
+    }
+    if let Some(e) = check_rules(&incoming.rules.rules).into_iter().next() {
+        return Err(CommandError::BadRule(e));
+    }
+    let mut next = incoming.clone();
+    if let Some(cur) = current {
+        if *cur == next {
+            return Ok(Outcome::Unchanged);
+        }
+        if next.generation <= cur.generation {
+            return Err(bad(
+                "generation",
+                format!(
+                    "{} is not newer than the generation served ({})",
+                    next.generation, cur.generation
+                ),
+            ));
+        }
+        if next.history.is_empty() {
+            next.history = cur.history.clone();
+            let action = if next.pools != cur.pools {
+                Action::Pool
+            } else if next.rules != cur.rules {
+                Action::Rules
+            } else if let Live::Full(_) = next.weights.live() {
+                Action::Switch
+            } else {
+                Action::Split
+            };
+            let entry = HistoryEntry {
+                generation: next.generation,
+                at: humantime::format_rfc3339_seconds(at).to_string(),
+                action,
+                from: cur.weights,
+                to: next.weights,
+                reason: Some("written to the state store directly".into()),
+                actor: "store".into(),
+                pool: None,
+                rules: None,
+                mirror: None,
+            };
+            push_history(&mut next, entry);
+        }
+    }
+    Ok(Outcome::Changed(next))
 }
 
 fn initial_state(svc: &ServiceConfig, at: SystemTime) -> ServiceState {

@@ -9,6 +9,7 @@
 
 pub(crate) mod auth;
 pub(crate) mod events;
+mod fleet;
 pub(crate) mod guard;
 pub(crate) mod stats;
 pub(crate) mod ui;
@@ -20,7 +21,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use bytes::Bytes;
-use http::header::{HeaderValue, ALLOW, AUTHORIZATION, CONTENT_TYPE, IF_MATCH};
+use http::header::{HeaderValue, ALLOW, AUTHORIZATION, CONTENT_TYPE, IF_MATCH, RETRY_AFTER};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
@@ -30,9 +31,10 @@ use crate::color::Color;
 use crate::config::mirror::MirrorSpec;
 use crate::config::rules::{check_rules, RuleSpec, MAX_RULES};
 use crate::config::BackendAddr;
-use crate::control_plane::control::{Control, ControlError, ReloadError};
+use crate::control_plane::control::{Control, ControlError, Readiness, ReloadError};
 use crate::control_plane::rollout::{self, plan::Plan, RolloutError, Verb};
 use crate::control_plane::state::{ChangeMeta, Command, CommandError};
+use crate::control_plane::store::StoreError;
 use crate::metrics::Metrics;
 use crate::weights::Weights;
 use serde::Deserialize;
@@ -95,6 +97,10 @@ pub(crate) enum AdminError {
     /// The path exists, the method does not; carries the `Allow` value.
     #[error("method not allowed here; allowed: {0}")]
     MethodNotAllowed(&'static str),
+    /// A fleet-mode call (`/replicas`, `/state/import`) on a replica whose
+    /// state is not in etcd.
+    #[error("this replica does not keep its state in etcd ([state] backend = \"file\")")]
+    NotFleet,
     /// A change refused or not made by the control plane.
     #[error(transparent)]
     Control(#[from] ControlError),
@@ -137,6 +143,7 @@ impl AdminError {
             | AdminError::UnknownService(_)
             | AdminError::UnknownColor(_) => StatusCode::NOT_FOUND,
             AdminError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            AdminError::NotFleet => StatusCode::CONFLICT,
             AdminError::Control(ControlError::Command(c)) => match c {
                 CommandError::UnknownService(_) => StatusCode::NOT_FOUND,
                 CommandError::BadField { .. } | CommandError::BadRule(_) => StatusCode::BAD_REQUEST,
@@ -146,13 +153,13 @@ impl AdminError {
                 | CommandError::RolloutActive(_) => StatusCode::CONFLICT,
                 CommandError::StaleGeneration { .. } => StatusCode::PRECONDITION_FAILED,
             },
-            AdminError::Control(ControlError::Build(_) | ControlError::Persist(_)) => {
-                StatusCode::INTERNAL_SERVER_ERROR
-            }
+            AdminError::Control(ControlError::Persist(p))
+            | AdminError::Reload(ReloadError::Persist(p)) => store_status(p),
+            AdminError::Control(ControlError::Build(_)) => StatusCode::INTERNAL_SERVER_ERROR,
             AdminError::Reload(r) => match r {
                 ReloadError::NoFile => StatusCode::CONFLICT,
                 ReloadError::Config(_) | ReloadError::Files(_) => StatusCode::BAD_REQUEST,
-                ReloadError::Persist(_) => StatusCode::INTERNAL_SERVER_ERROR,
+                ReloadError::Persist(p) => store_status(p),
             },
             AdminError::Rollout(r) => match r {
                 RolloutError::UnknownService(_) | RolloutError::NoRollout(_) => {
@@ -185,6 +192,7 @@ impl AdminError {
             AdminError::UnknownService(_) => "unknown_service",
             AdminError::UnknownColor(_) => "unknown_color",
             AdminError::MethodNotAllowed(_) => "method_not_allowed",
+            AdminError::NotFleet => "not_fleet_mode",
             AdminError::Control(ControlError::Command(c)) => match c {
                 CommandError::UnknownService(_) => "unknown_service",
                 CommandError::BadField { .. } => "invalid_field",
@@ -196,11 +204,11 @@ impl AdminError {
                 CommandError::RolloutActive(_) => "rollout_active",
             },
             AdminError::Control(ControlError::Build(_)) => "build_failed",
-            AdminError::Control(ControlError::Persist(_)) => "persist_failed",
+            AdminError::Control(ControlError::Persist(p)) => store_code(p),
             AdminError::Reload(r) => match r {
                 ReloadError::NoFile => "no_config_file",
                 ReloadError::Config(_) | ReloadError::Files(_) => "invalid_config",
-                ReloadError::Persist(_) => "persist_failed",
+                ReloadError::Persist(p) => store_code(p),
             },
             AdminError::Rollout(r) => match r {
                 RolloutError::UnknownService(_) => "unknown_service",
@@ -234,6 +242,24 @@ impl AdminError {
     }
 }
 
+/// Status of a failed write to the state store: etcd unreachable is 503
+/// (retry), a conflict that outlived its retries 409, a file 500.
+fn store_status(e: &StoreError) -> StatusCode {
+    match e {
+        StoreError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        StoreError::Conflict { .. } => StatusCode::CONFLICT,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+fn store_code(e: &StoreError) -> &'static str {
+    match e {
+        StoreError::Unavailable(_) => "state_backend_unavailable",
+        StoreError::Conflict { .. } => "write_conflict",
+        _ => "persist_failed",
+    }
+}
+
 type AdminResponse = Response<Full<Bytes>>;
 
 fn json_response(status: StatusCode, value: &impl serde::Serialize) -> AdminResponse {
@@ -257,6 +283,10 @@ fn error_response(e: &AdminError) -> AdminResponse {
     if let AdminError::MethodNotAllowed(allow) = e {
         resp.headers_mut()
             .insert(ALLOW, HeaderValue::from_static(allow));
+    }
+    if e.status() == StatusCode::SERVICE_UNAVAILABLE {
+        resp.headers_mut()
+            .insert(RETRY_AFTER, HeaderValue::from_static("1"));
     }
     resp
 }
@@ -308,11 +338,14 @@ impl Admin {
         match path {
             "/healthz" => return Ok(text_response(StatusCode::OK, "ok\n")),
             "/readyz" => {
-                return Ok(if self.ready.load(Ordering::Relaxed) {
-                    text_response(StatusCode::OK, "ready\n")
-                } else {
-                    text_response(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
-                })
+                let ready = self.ready.load(Ordering::Relaxed);
+                return Ok(match self.control.readiness() {
+                    Readiness::Ready if ready => text_response(StatusCode::OK, "ready\n"),
+                    Readiness::Ready => {
+                        text_response(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+                    }
+                    r => fleet::readyz(r, ready),
+                });
             }
             "/metrics" => {
                 let mut resp = Response::new(Full::new(Bytes::from(self.metrics.render())));
@@ -339,6 +372,13 @@ impl Admin {
         };
         let segments: Vec<&str> = api.trim_end_matches('/').split('/').collect();
         match (segments.as_slice(), &method) {
+            (["replicas"], &Method::GET) => fleet::replicas(&self.control).await,
+            (["replicas"], _) => Err(AdminError::MethodNotAllowed("GET")),
+            (["state", "import"], &Method::POST) => {
+                let body = read_limited(req.into_body(), fleet::MAX_IMPORT_BYTES).await?;
+                fleet::import(&self.control, &body).await
+            }
+            (["state", "import"], _) => Err(AdminError::MethodNotAllowed("POST")),
             (["services"], &Method::GET) => {
                 Ok(json_response(StatusCode::OK, &self.control.views()))
             }
@@ -661,7 +701,12 @@ fn parse_if_match(v: &HeaderValue) -> Result<Option<u64>, AdminError> {
 
 /// Reads a JSON object body (empty body = `{}`), capped at [`MAX_BODY`].
 async fn read_json(body: Incoming) -> Result<Map<String, Value>, AdminError> {
-    let bytes = match Limited::new(body, MAX_BODY).collect().await {
+    parse_object(&read_limited(body, MAX_BODY).await?)
+}
+
+/// Reads a body of at most `limit` bytes.
+async fn read_limited(body: Incoming, limit: usize) -> Result<Bytes, AdminError> {
+    let bytes = match Limited::new(body, limit).collect().await {
         Ok(c) => c.to_bytes(),
         Err(e) => {
             return Err(
@@ -675,7 +720,7 @@ async fn read_json(body: Incoming) -> Result<Map<String, Value>, AdminError> {
             )
         }
     };
-    parse_object(&bytes)
+    Ok(bytes)
 }
 
 /// A JSON object from a body (empty body = `{}`).

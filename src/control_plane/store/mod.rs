@@ -1,23 +1,59 @@
-//! Where routing state lives between restarts.
+//! Where routing state lives between restarts, and, in fleet mode, how the
+//! replicas share it.
 //!
-//! [`StateStore`] is the seam for later backends (etcd in fleet mode); today
-//! [`FileStore`] writes one JSON file the safe way: write a temporary file in
-//! the same directory, fsync it, rename it over the old one, fsync the
-//! directory. A crash (even `kill -9`) leaves either the old or the new file,
-//! never a torn one.
+//! [`StateStore`] is what the control plane writes through:
+//! - [`FileStore`] (`[state] backend = "file"`, the default): one JSON file,
+//!   the whole state every time; nobody else writes it.
+//! - [`etcd::EtcdStore`] (`backend = "etcd"`, SPEC §11): one key per
+//!   service, each written in a transaction that compares the key's
+//!   revision with the one the change was made from, so two replicas cannot
+//!   both win; what other replicas write arrives as [`etcd::StoreEvent`]s,
+//!   which the control plane adopts through the same pure `apply`.
+//! - `memory::MemoryStore` (unit tests only): the etcd semantics (revisions,
+//!   compare-and-swap) in a map.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::future::Future;
+use std::io;
 use std::path::PathBuf;
+use std::pin::Pin;
 
-use serde::{Deserialize, Serialize};
+use crate::control_plane::state::{RoutingState, ServiceState};
 
-use crate::control_plane::state::RoutingState;
+pub(crate) mod etcd;
+mod file;
+#[cfg(test)]
+pub(crate) mod memory;
 
-/// Version of the state file format.
-const FORMAT_VERSION: u32 = 1;
+pub(crate) use file::{decode as decode_file, FileStore};
 
-/// A failure to read or write persisted state. The message names the file.
+/// A revision in the store, opaque to the control plane except for order
+/// within one service. 0: the store does not have the service.
+pub(crate) type Rev = i64;
+
+/// A service this replica changed, and the revision of the stored value
+/// the change was made from (0: the store did not have it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Change {
+    /// The service.
+    pub(crate) service: String,
+    /// The revision the change was based on.
+    pub(crate) base: Rev,
+}
+
+/// A service's value as read from a shared store.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Incoming {
+    /// The service.
+    pub(crate) service: String,
+    /// Its state, or why the stored value is not valid state; `None`: the
+    /// key was deleted.
+    pub(crate) value: Option<Result<ServiceState, String>>,
+    /// The revision of this value.
+    pub(crate) rev: Rev,
+}
+
+/// A failure to read or write persisted state. The message names the file
+/// or the store.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The file exists but cannot be read.
@@ -44,177 +80,38 @@ pub enum StoreError {
         /// The OS error.
         source: io::Error,
     },
+    /// Another writer changed the service since the change was based on it
+    /// (fleet mode); nothing was written.
+    #[error("service `{service}` was changed by another replica meanwhile")]
+    Conflict {
+        /// The service.
+        service: String,
+    },
+    /// The shared store cannot be reached (fleet mode). The change may or
+    /// may not have been made; the replica learns which from its watch.
+    #[error("the state backend is unavailable: {0}")]
+    Unavailable(String),
 }
 
-/// Persists routing state. `save` must be durable when it returns.
+/// A boxed future of a store operation (the trait is used as `dyn`).
+pub(crate) type StoreFuture<'a, T> =
+    Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
+
+/// Persists routing state. `save` is durable when it returns.
 pub(crate) trait StateStore: Send + Sync + 'static {
-    /// The stored state, `None` if nothing was ever stored.
-    fn load(&self) -> Result<Option<RoutingState>, StoreError>;
-    /// Stores `state` durably, replacing what was there.
-    fn save(&self, state: &RoutingState) -> Result<(), StoreError>;
-}
+    /// Stores the services named in `changes` as `state` has them, all or
+    /// nothing; a named service absent from `state` is deleted. Returns the
+    /// new revision of each, in order. A shared store refuses with
+    /// [`StoreError::Conflict`] if one was changed since its `base`.
+    fn save<'a>(
+        &'a self,
+        state: &'a RoutingState,
+        changes: &'a [Change],
+    ) -> StoreFuture<'a, Vec<Rev>>;
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileFormat {
-    version: u32,
-    #[serde(flatten)]
-    state: RoutingState,
-}
-
-/// [`FileFormat`] for writing: borrows the state instead of copying it.
-#[derive(Serialize)]
-struct FileFormatRef<'a> {
-    version: u32,
-    #[serde(flatten)]
-    state: &'a RoutingState,
-}
-
-/// A JSON file (SPEC §7).
-#[derive(Debug, Clone)]
-pub(crate) struct FileStore {
-    path: PathBuf,
-}
-
-impl FileStore {
-    /// A store at `path` (the directory is created on first save).
-    pub(crate) fn new(path: impl Into<PathBuf>) -> FileStore {
-        FileStore { path: path.into() }
-    }
-
-    /// Moves an unreadable file aside (`NAME.corrupt-UNIXTIME`) so that
-    /// `--ignore-state` does not destroy evidence. Returns the new name.
-    pub(crate) fn set_aside(&self) -> io::Result<PathBuf> {
-        let secs = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        let mut name = self.path.as_os_str().to_owned();
-        name.push(format!(".corrupt-{secs}"));
-        let aside = PathBuf::from(name);
-        fs::rename(&self.path, &aside)?;
-        Ok(aside)
-    }
-
-    fn write_atomically(&self, bytes: &[u8]) -> io::Result<()> {
-        let dir = match self.path.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        fs::create_dir_all(&dir)?;
-        let file_name = self.path.file_name().ok_or_else(|| {
-            io::Error::new(io::ErrorKind::InvalidInput, "state path has no file name")
-        })?;
-        let mut tmp_name = std::ffi::OsString::from(".");
-        tmp_name.push(file_name);
-        tmp_name.push(format!(".tmp-{}", std::process::id()));
-        let tmp = dir.join(tmp_name);
-        let result = (|| {
-            let mut f = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&tmp)?;
-            f.write_all(bytes)?;
-            f.sync_all()?;
-            drop(f);
-            fs::rename(&tmp, &self.path)?;
-            // The rename is durable only once the directory entry is.
-            File::open(&dir)?.sync_all()
-        })();
-        if result.is_err() {
-            let _ = fs::remove_file(&tmp);
-        }
-        result
-    }
-}
-
-impl StateStore for FileStore {
-    fn load(&self) -> Result<Option<RoutingState>, StoreError> {
-        let bytes = match fs::read(&self.path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(source) => {
-                return Err(StoreError::Read {
-                    path: self.path.clone(),
-                    source,
-                })
-            }
-        };
-        let corrupt = |message: String| StoreError::Corrupt {
-            path: self.path.clone(),
-            message,
-        };
-        let file: FileFormat =
-            serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
-        if file.version != FORMAT_VERSION {
-            return Err(corrupt(format!(
-                "format version {} is not supported (expected {FORMAT_VERSION})",
-                file.version
-            )));
-        }
-        for (name, svc) in &file.state.services {
-            if svc.generation == 0 {
-                return Err(corrupt(format!("service `{name}`: generation 0")));
-            }
-        }
-        Ok(Some(file.state))
-    }
-
-    fn save(&self, state: &RoutingState) -> Result<(), StoreError> {
-        let file = FileFormatRef {
-            version: FORMAT_VERSION,
-            state,
-        };
-        let mut bytes = serde_json::to_vec_pretty(&file).map_err(|e| StoreError::Write {
-            path: self.path.clone(),
-            source: io::Error::other(e),
-        })?;
-        bytes.push(b'\n');
-        self.write_atomically(&bytes)
-            .map_err(|source| StoreError::Write {
-                path: self.path.clone(),
-                source,
-            })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::config::Config;
-
-    fn tmpdir(name: &str) -> PathBuf {
-        let d =
-            std::env::temp_dir().join(format!("switchyard-store-{name}-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&d);
-        d
-    }
-
-    #[test]
-    fn round_trip_and_corruption() {
-        let dir = tmpdir("rt");
-        let store = FileStore::new(dir.join("sub/state.json"));
-        assert!(store.load().expect("missing is fine").is_none());
-        let cfg = Config::demo(
-            "127.0.0.1:1".parse().expect("addr"),
-            "127.0.0.1:2".parse().expect("addr"),
-        );
-        let state = crate::control_plane::state::reconcile(
-            &RoutingState::default(),
-            &cfg,
-            std::time::SystemTime::now(),
-        );
-        store.save(&state).expect("save");
-        assert_eq!(store.load().expect("load"), Some(state));
-
-        fs::write(&store.path, b"{\"version\":1,\"services\":{\"x\":").expect("write");
-        let err = store.load().expect_err("corrupt");
-        let msg = err.to_string();
-        assert!(msg.contains("state.json is corrupt"), "{msg}");
-        let aside = store.set_aside().expect("set aside");
-        assert!(aside.exists());
-        assert!(store.load().expect("gone").is_none());
-        let _ = fs::remove_dir_all(&dir);
+    /// The stored value of one service, to retry a change that lost a
+    /// conflict. A store nobody else writes has nothing newer: `None`.
+    fn fetch<'a>(&'a self, _service: &'a str) -> StoreFuture<'a, Option<Incoming>> {
+        Box::pin(async { Ok(None) })
     }
 }
