@@ -187,6 +187,10 @@ pub(crate) struct Rollout {
     /// The rule that rolled it back.
     #[serde(default)]
     pub(crate) failed_rule: Option<String>,
+    /// Fleet mode: the replica whose driver runs it, and so whose traffic
+    /// the analysis judged (SPEC §11). `None` with one replica.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) driver: Option<String>,
 }
 
 /// The weights that give `canary` the share `bp` (basis points).
@@ -234,6 +238,7 @@ impl Rollout {
             steps_report: Vec::new(),
             ended_at: None,
             failed_rule: None,
+            driver: None,
         };
         r.event(
             at,
@@ -592,6 +597,7 @@ impl Rollout {
             "ended_at": self.ended_at,
             "step_remaining_s": self.step_remaining_s(),
             "reason": self.reason,
+            "driver": self.driver,
             "analysis": { "rules": rules },
             "impact": self.impact,
         });

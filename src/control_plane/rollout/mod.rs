@@ -223,7 +223,8 @@ pub(crate) async fn start(
         .map_or(0, |d| d.as_millis());
     let id = format!("{service}-{unix_ms}");
     let at = now_text();
-    let record = Rollout::start(id, service.to_string(), plan, canary, &at);
+    let mut record = Rollout::start(id, service.to_string(), plan, canary, &at);
+    record.driver = control.fleet().map(|f| f.replica_id().to_string());
     tracing::info!(service, id = %record.id, %canary, started_by = %meta.actor, "rollout started");
     let meta = rollout_meta(
         &record,
@@ -255,7 +256,16 @@ pub(crate) async fn start(
 /// Resumes the driver of every service whose persisted rollout was running
 /// (after a restart): the same step, with the time it had left.
 pub(crate) async fn resume_all(control: &Arc<Control>) {
+    let me = control.fleet().map(|f| f.replica_id().to_string());
     for record in control.active_rollouts().await {
+        // Fleet mode: only the replica that drove it resumes it; two
+        // drivers would both write (taking over from a dead replica is
+        // not built yet, see README "Running a fleet").
+        if record.driver.is_some() && record.driver != me {
+            tracing::info!(service = %record.service, id = %record.id, driver = ?record.driver,
+                "rollout driven by another replica: not resumed here");
+            continue;
+        }
         tracing::info!(service = %record.service, id = %record.id, step = record.step,
             remaining_s = record.step_remaining_s().unwrap_or(0.0), "rollout resumed after restart");
         control
