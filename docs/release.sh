@@ -13,12 +13,22 @@
 #    watching its 5xx ratio in switchyard's own metrics;
 # 6. on any failure once traffic has moved: `ctl rollback`, exit 1.
 #
+# MODE=rollout replaces 5 and 6 by a progressive rollout (README "Progressive
+# rollouts", SPEC §10): `ctl rollout start SERVICE --plan PLAN` (a
+# [[rollout_plan]] of the proxy's config), then `ctl rollout status SERVICE
+# --wait --timeout ROLLOUT_TIMEOUT`. The proxy steps the weights, judges the
+# canary against the live pool with its own per-request data and rolls back by
+# itself; the script reports how it ended:
+#   status exit 0 (succeeded)            -> "released", exit 0
+#   status exit 4 (rolled back, aborted) -> the report's reason, exit 1
+#   status exit 5 (still running)        -> left running, exit 3
+#
 # Every change is made with --if-generation, so if a person or another
 # pipeline changes the service meanwhile, the next step is refused (412) and
 # the job stops without touching what they did.
 #
 # Exit status: 0 released; 1 failed (rolled back if traffic had moved);
-# 2 usage error. Needs bash, curl, jq and the switchyard binary.
+# 2 usage error; 3 (MODE=rollout) the rollout still runs at ROLLOUT_TIMEOUT. Needs bash, curl, jq and the switchyard binary.
 #
 # Settings (environment):
 #   SWITCHYARD        switchyard binary                 (switchyard)
@@ -37,6 +47,9 @@
 #   MAX_ERROR_RATIO   5xx ratio of the new pool that aborts (0.05)
 #   MIN_REQUESTS      requests needed before the ratio counts (20)
 #   VERSION           a label for the history's reasons  (the addresses)
+#   MODE              ramp (steps above) or rollout      (ramp)
+#   PLAN              MODE=rollout: the rollout plan's name (required)
+#   ROLLOUT_TIMEOUT   MODE=rollout: how long to wait for it to end (30m)
 set -uo pipefail
 
 SWITCHYARD=${SWITCHYARD:-switchyard}
@@ -53,6 +66,9 @@ PAUSE=${PAUSE:-60}
 CHECK_INTERVAL=${CHECK_INTERVAL:-5}
 MAX_ERROR_RATIO=${MAX_ERROR_RATIO:-0.05}
 MIN_REQUESTS=${MIN_REQUESTS:-20}
+MODE=${MODE:-ramp}
+PLAN=${PLAN:-}
+ROLLOUT_TIMEOUT=${ROLLOUT_TIMEOUT:-30m}
 
 log() { printf '%s release: %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
 die() { log "FAILED: $*"; exit 1; }
@@ -68,6 +84,15 @@ VERSION=${VERSION:-${BACKENDS[*]}}
 for tool in curl jq; do
   command -v "$tool" >/dev/null || { echo "$0: needs $tool" >&2; exit 2; }
 done
+case $MODE in
+  ramp) ;;
+  rollout)
+    if [ -z "$PLAN" ]; then
+      echo "$0: MODE=rollout needs PLAN (the name of a [[rollout_plan]])" >&2
+      exit 2
+    fi ;;
+  *) echo "$0: MODE: \"$MODE\" is neither ramp nor rollout" >&2; exit 2 ;;
+esac
 for pct in $STEPS; do
   if ! [[ $pct =~ ^[0-9]+(\.[0-9]{1,2})?$ ]] || ! awk -v p="$pct" 'BEGIN { exit !(p > 0 && p <= 100) }'; then
     echo "$0: STEPS: \"$pct\" is not a percentage in (0, 100]" >&2
@@ -141,6 +166,34 @@ smoke() {
 }
 smoke || die "smoke tests of $IDLE failed; no traffic was moved"
 log "smoke tests of $IDLE passed"
+
+# --- 5'. MODE=rollout: the proxy steps, watches and rolls back --------------------
+if [ "$MODE" = rollout ]; then
+  "$SWITCHYARD" ctl --if-generation "$GENERATION" --reason "release $VERSION" \
+    rollout start "$SERVICE" --plan "$PLAN" >&2 \
+    || die "rollout start refused (see above); no traffic was moved"
+  log "rollout of $VERSION to $IDLE started (plan $PLAN); waiting up to $ROLLOUT_TIMEOUT"
+  report=$("$SWITCHYARD" ctl --json rollout status "$SERVICE" --wait --timeout "$ROLLOUT_TIMEOUT")
+  rc=$?
+  state=$(jq -r '.state // "unknown"' <<<"$report" 2>/dev/null)
+  reason=$(jq -r '.reason // ""' <<<"$report" 2>/dev/null)
+  impact=$(jq -r '"\(.impact.canary_requests // 0) canary requests, \(.impact.user_failures // 0) user failures"' <<<"$report" 2>/dev/null)
+  case $rc in
+    0)
+      log "released $VERSION: $IDLE is live (rollout succeeded; $impact)"
+      exit 0 ;;
+    4)
+      log "FAILED: rollout $state: $reason ($impact)"
+      log "all traffic on $LIVE again; the report: $SWITCHYARD ctl rollout status $SERVICE"
+      exit 1 ;;
+    5)
+      log "rollout still $state after $ROLLOUT_TIMEOUT: $reason"
+      log "left running; follow it with: $SWITCHYARD ctl rollout status $SERVICE --wait"
+      exit 3 ;;
+    *)
+      die "cannot read the rollout of $SERVICE (ctl exit $rc); check it by hand: $SWITCHYARD ctl rollout status $SERVICE" ;;
+  esac
+fi
 
 # --- 5. ramp, watching ------------------------------------------------------------
 # counts: "TOTAL FIVE_XX" of requests the idle pool answered, from /metrics.

@@ -2,7 +2,10 @@
 //! real proxy and real upstreams, with client traffic flowing: a good
 //! release ends live on the new pool with no failed request; a release whose
 //! smoke tests fail moves no traffic; one that starts failing during the
-//! canary is rolled back.
+//! canary is rolled back. Its rollout variant (`MODE=rollout`) hands the
+//! canary to a progressive rollout and reports how it ended: a healthy
+//! canary goes live, a failing one is rolled back by the proxy and the job
+//! fails with the live pool unchanged.
 
 mod support;
 
@@ -290,6 +293,178 @@ async fn a_release_failing_during_the_canary_is_rolled_back() {
     );
     // Clients saw the broken version only while it had its 10 %.
     let _ = failed;
+    let before = v2.hits();
+    for _ in 0..20 {
+        assert_eq!(p.get("/").await.2, "blue v1");
+    }
+    assert_eq!(
+        v2.hits(),
+        before,
+        "no traffic reaches green after the rollback"
+    );
+}
+
+/// Rollout plans for `MODE=rollout`: "quick" passes its 10 % step after
+/// 1 s and 20 canary requests; "careful" holds it for 30 s, so only the
+/// analysis can end it early.
+const PLANS: &str = "
+[[rollout_plan]]
+name = \"quick\"
+steps = [ { weight = 10, pause = \"1s\", min_requests = 20 }, { weight = 100 } ]
+[rollout_plan.analysis]
+min_requests = 20
+
+[[rollout_plan]]
+name = \"careful\"
+steps = [ { weight = 10, pause = \"30s\", min_requests = 20 }, { weight = 100 } ]
+[rollout_plan.analysis]
+min_requests = 20
+";
+
+async fn proxy_with_plans(blue: &Upstream, green: &Upstream) -> TestProxy {
+    let dir = TempDir::new("pipeline-rollout");
+    let text = format!(
+        "{}\n{PLANS}",
+        config_text(
+            dir.path(),
+            "",
+            &[Svc::new("web", &[blue], &[green]).extra(&health_every("50ms"))]
+        )
+    );
+    TestProxy::start_text(dir, &text).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollout_mode_a_healthy_canary_goes_live() {
+    let blue = Upstream::start("blue v1").await;
+    let old_green = Upstream::start("green v0").await;
+    let p = proxy_with_plans(&blue, &old_green).await;
+    let v2 = Upstream::start("green v2").await;
+
+    let traffic = Traffic::start(&p, 4);
+    let (code, log) = release(
+        &p,
+        &[
+            ("MODE", "rollout"),
+            ("PLAN", "quick"),
+            ("ROLLOUT_TIMEOUT", "60s"),
+            ("SMOKE_EXPECT", "green v2"),
+            ("VERSION", "v2"),
+        ],
+        &["web".into(), v2.addr.to_string()],
+    )
+    .await;
+    let (ok, failed) = traffic.stop().await;
+    assert_eq!(code, 0, "{log}");
+    assert!(
+        log.contains("released v2: green is live (rollout succeeded"),
+        "{log}"
+    );
+
+    let svc = p.admin.service("web").await;
+    assert_eq!(svc["live"], "green");
+    assert_eq!(
+        svc["pools"]["green"]["backends"][0]["addr"],
+        v2.addr.to_string()
+    );
+    let (_, rollout) = p.admin.get("/api/v1/services/web/rollout").await;
+    assert_eq!(rollout["state"], "succeeded", "{rollout}");
+    assert_eq!(rollout["canary"], "green", "{rollout}");
+    // The proxy made the steps (10 %, then all) after the script's deploy.
+    let history = p.admin.get("/api/v1/services/web/history").await.1;
+    assert_eq!(
+        actions(&history)[..3],
+        ["split 100", "split 10", "pool 0"],
+        "{history}"
+    );
+    let actor = format!("rollout:{}", rollout["id"].as_str().unwrap());
+    assert_eq!(history[0]["actor"], actor, "{history}");
+    assert_eq!(history[1]["actor"], actor, "{history}");
+    assert!(
+        history[1]["reason"]
+            .as_str()
+            .unwrap()
+            .ends_with("release v2"),
+        "the script's reason is on the rollout's first step: {history}"
+    );
+    assert_eq!(old_green.hits(), 0, "the old green version never served");
+    assert_eq!(failed, 0, "no client request failed ({ok} passed)");
+    assert!(ok > 50, "traffic flowed during the release: {ok}");
+    assert_eq!(p.get("/").await.2, "green v2");
+    let m = p.admin.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            r#"switchyard_rollouts_total{result="succeeded",service="web"}"#
+        ),
+        Some(1.0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollout_mode_a_failing_canary_is_rolled_back_and_the_job_fails() {
+    let blue = Upstream::start("blue v1").await;
+    let green = Upstream::start("green v1").await;
+    let p = proxy_with_plans(&blue, &green).await;
+    let v2 = Arc::new(Upstream::start("green v2").await);
+
+    // Usage errors stop before anything is touched.
+    let generation = p.admin.service("web").await["generation"].clone();
+    let args = ["web".to_string(), v2.addr.to_string()];
+    let (code, log) = release(&p, &[("MODE", "rollout")], &args).await;
+    assert_eq!(code, 2, "no PLAN: {log}");
+    let (code, log) = release(&p, &[("MODE", "canary")], &args).await;
+    assert_eq!(code, 2, "unknown MODE: {log}");
+    assert_eq!(p.admin.service("web").await["generation"], generation);
+
+    // The new version passes its smoke tests, then answers 500 once the
+    // rollout has started.
+    let admin = Admin::new(p.running.as_ref().unwrap().admin_addr);
+    let breaker = {
+        let v2 = Arc::clone(&v2);
+        tokio::spawn(async move {
+            let admin = &admin;
+            let started = eventually(Duration::from_secs(20), move || async move {
+                admin.get("/api/v1/services/web/rollout").await.0 == 200
+            })
+            .await;
+            v2.set_failing(true);
+            started
+        })
+    };
+    let traffic = Traffic::start(&p, 4);
+    let (code, log) = release(
+        &p,
+        &[
+            ("MODE", "rollout"),
+            ("PLAN", "careful"),
+            ("ROLLOUT_TIMEOUT", "60s"),
+            ("SMOKE_EXPECT", "green v2"),
+            ("VERSION", "v2"),
+        ],
+        &args,
+    )
+    .await;
+    let _ = traffic.stop().await;
+    assert!(breaker.await.unwrap(), "the rollout started");
+    assert_eq!(code, 1, "{log}");
+    assert!(log.contains("FAILED: rollout rolled_back: "), "{log}");
+    assert!(log.contains("all traffic on blue again"), "{log}");
+
+    // The live pool is unchanged: blue, its backend, all the traffic.
+    let svc = p.admin.service("web").await;
+    assert_eq!(svc["live"], "blue", "{svc}");
+    assert_eq!(svc["weights"]["green"], 0, "{svc}");
+    assert_eq!(
+        svc["pools"]["blue"]["backends"][0]["addr"],
+        blue.addr.to_string()
+    );
+    let (_, rollout) = p.admin.get("/api/v1/services/web/rollout").await;
+    assert_eq!(rollout["state"], "rolled_back", "{rollout}");
+    assert_eq!(
+        rollout["step"], 0,
+        "rolled back at the 10 % step: {rollout}"
+    );
     let before = v2.hits();
     for _ in 0..20 {
         assert_eq!(p.get("/").await.2, "blue v1");

@@ -198,16 +198,25 @@ fn input_series_names(yaml: &str) -> Vec<String> {
 }
 
 /// `/metrics` of a live proxy after some traffic: both pools served,
-/// every status class, a split, an unmatched request. Also returns the
-/// exposition taken before any routing change.
+/// every status class, a split, an unmatched request, and a second
+/// service in a rollout's mirror step (the rollout and mirror series exist
+/// only for a service that has had a rollout, or has a mirror). Also
+/// returns the exposition taken before any routing change.
 async fn live_metrics() -> (String, String) {
     let (blue, green) = (
         Upstream::start("blue").await,
         Upstream::start("green").await,
     );
-    let proxy = TestProxy::start(&[Svc::new("web", &[&blue], &[&green])
-        .hosts(r#"["web.test"]"#)
-        .extra("[service.health]\npath = \"/healthz\"\ninterval = \"1s\"")])
+    let (shop_blue, shop_green) = (
+        Upstream::start("shop blue").await,
+        Upstream::start("shop green").await,
+    );
+    let proxy = TestProxy::start(&[
+        Svc::new("web", &[&blue], &[&green])
+            .hosts(r#"["web.test"]"#)
+            .extra("[service.health]\npath = \"/healthz\"\ninterval = \"1s\""),
+        Svc::new("shop", &[&shop_blue], &[&shop_green]).hosts(r#"["shop.test"]"#),
+    ])
     .await;
     let before = proxy.admin.metrics().await;
     let host = [("host", "web.test")];
@@ -234,7 +243,46 @@ async fn live_metrics() -> (String, String) {
     // No service matches this host: counted with service="".
     let (status, _, _) = proxy.get_with("/", &[("host", "other.test")]).await;
     assert_eq!(status, 404);
+    // A rollout of shop, held in its mirror step: live traffic is copied
+    // to the canary (green) until the test ends.
+    let (code, rollout) = proxy
+        .admin
+        .post(
+            "/api/v1/services/shop/rollout",
+            r#"{"plan":{"steps":[{"mirror":100,"duration":"1h"},{"weight":100}]}}"#,
+        )
+        .await;
+    assert_eq!(code, 201, "{rollout}");
+    assert_eq!(rollout["state"], "mirroring", "{rollout}");
+    // Copies start once the mirror is published: ask until one is counted.
+    let mirrored = r#"switchyard_mirror_requests_total{code="2xx",pool="green",service="shop"}"#;
+    let p = &proxy;
+    let copied = eventually(Duration::from_secs(10), || async move {
+        let (_, _, body) = p.get_with("/", &[("host", "shop.test")]).await;
+        assert_eq!(body, "shop blue");
+        metric(&p.admin.metrics().await, mirrored).is_some_and(|n| n >= 1.0)
+    })
+    .await;
+    assert!(
+        copied,
+        "no copy to the canary was counted:\n{}",
+        proxy.admin.metrics().await
+    );
     let after = proxy.admin.metrics().await;
+    for series in [
+        r#"switchyard_rollout_state{service="shop",state="mirroring"}"#,
+        r#"switchyard_rollout_step{service="shop"}"#,
+        r#"switchyard_rollouts_total{result="rolled_back",service="shop"}"#,
+        r#"switchyard_rollout_user_failures_total{service="shop"}"#,
+        r#"switchyard_mirror_mismatches_total{service="shop"}"#,
+    ] {
+        let want = if series.contains("mirroring") {
+            1.0
+        } else {
+            0.0
+        };
+        assert_eq!(metric(&after, series), Some(want), "{series}\n{after}");
+    }
     assert!(proxy.shutdown().await);
     (before, after)
 }
@@ -249,7 +297,7 @@ fn alert_rules_pass_promtool_check_and_their_unit_tests() {
         check.text()
     );
     assert!(
-        check.stdout.contains("SUCCESS: 5 rules found"),
+        check.stdout.contains("SUCCESS: 8 rules found"),
         "{}",
         check.text()
     );
@@ -316,7 +364,7 @@ async fn every_metric_the_assets_query_is_exposed_by_a_live_proxy() {
         }
     }
     let alerts = rule_exprs(&read_asset("alerts.yml"));
-    assert_eq!(alerts.len(), 5, "one expr per alert: {alerts:#?}");
+    assert_eq!(alerts.len(), 8, "one expr per alert: {alerts:#?}");
     let test_series = input_series_names(&read_asset("alerts_test.yml"));
     assert!(test_series.len() > 20, "{test_series:?}");
     for (what, text) in [
@@ -415,14 +463,31 @@ fn dashboard_is_valid_and_sensible() {
     let panels = d["panels"].as_array().unwrap();
     let mut ids = BTreeSet::new();
     let mut cells = BTreeSet::new();
+    let mut rows = Vec::new();
     for p in panels {
         let title = p["title"].as_str().unwrap();
         assert!(
             ids.insert(p["id"].as_u64().unwrap()),
             "duplicate id: {title}"
         );
-        assert_eq!(p["datasource"]["uid"], "${datasource}", "{title}");
         let g = &p["gridPos"];
+        if p["type"] == "row" {
+            // A row header: full width, one unit high, its panels shown
+            // below it (not collapsed into it), no query of its own.
+            assert_eq!(
+                (&g["x"], &g["w"], &g["h"]),
+                (&0.into(), &24.into(), &1.into())
+            );
+            assert_eq!(p["collapsed"], false, "{title}");
+            assert!(p.get("targets").is_none(), "{title}");
+            rows.push(title.to_string());
+            let y = g["y"].as_u64().unwrap();
+            for cx in 0..24 {
+                assert!(cells.insert((cx, y)), "row {title} overlaps a panel");
+            }
+            continue;
+        }
+        assert_eq!(p["datasource"]["uid"], "${datasource}", "{title}");
         let (x, y, w, h) = (
             g["x"].as_u64().unwrap(),
             g["y"].as_u64().unwrap(),
@@ -457,9 +522,18 @@ fn dashboard_is_valid_and_sensible() {
         "switchyard_pool_weight",
         "switchyard_backend_healthy",
         "switchyard_open_connections",
+        // The "Rollouts" row (SPEC §10) and mirroring (SPEC §9).
+        "switchyard_rollout_state{",
+        "state=\"rolled_back\"",
+        "switchyard_rollout_step{",
+        "sum by (service, result) (increase(switchyard_rollouts_total",
+        "switchyard_rollout_user_failures_total",
+        "sum by (service, pool, code) (rate(switchyard_mirror_requests_total",
+        "switchyard_mirror_mismatches_total",
     ] {
         assert!(all_exprs.contains(needle), "no panel queries {needle}");
     }
+    assert_eq!(rows, ["Rollouts"]);
 
     // Routing changes as annotations, labelled with their action.
     let annotations = d["annotations"]["list"].as_array().unwrap();
