@@ -760,18 +760,8 @@ impl Control {
                     .collect()
             })
             .unwrap_or_default();
-        // The other services as they are, this one as `apply` made it (its
-        // old history is not copied only to be replaced).
-        let mut new_state = RoutingState {
-            services: inner
-                .state
-                .services
-                .iter()
-                .filter(|(name, _)| name.as_str() != service)
-                .map(|(name, s)| (name.clone(), s.clone()))
-                .collect(),
-        };
-        new_state.services.insert(service.to_string(), next);
+        // The other services as they are, this one as `apply` made it.
+        let new_state = inner.state.with_service(service, next);
         // Building fails only if a CA file vanished since it was loaded.
         let prepared = prepare(
             &inner.config,
@@ -928,16 +918,7 @@ impl Control {
             state::push_history(&mut next, entry);
         }
         let generation = next.generation;
-        let mut new_state = RoutingState {
-            services: inner
-                .state
-                .services
-                .iter()
-                .filter(|(name, _)| name.as_str() != service)
-                .map(|(name, s)| (name.clone(), s.clone()))
-                .collect(),
-        };
-        new_state.services.insert(service.to_string(), next);
+        let new_state = inner.state.with_service(service, next);
         let changes = inner.changes([service.to_string()]);
         let Some(w) = new_weights else {
             let revs = self.store.save(&new_state, &changes).await?;

@@ -224,6 +224,22 @@ pub(crate) struct RoutingState {
     pub(crate) services: BTreeMap<String, ServiceState>,
 }
 
+impl RoutingState {
+    /// This state with `service` replaced by `next`: the other services
+    /// as they are (the replaced one's old history is not copied only to
+    /// be dropped).
+    pub(crate) fn with_service(&self, service: &str, next: ServiceState) -> RoutingState {
+        let mut services: BTreeMap<String, ServiceState> = self
+            .services
+            .iter()
+            .filter(|(name, _)| name.as_str() != service)
+            .map(|(name, s)| (name.clone(), s.clone()))
+            .collect();
+        services.insert(service.to_string(), next);
+        RoutingState { services }
+    }
+}
+
 /// Who asked for a change, why and when. Not part of the decision, except
 /// `if_match`.
 #[derive(Debug, Clone)]

@@ -226,6 +226,20 @@ mod tests {
     }
 
     #[test]
+    fn cookies_split_over_several_header_fields_are_all_searched() {
+        // HTTP/2 clients may send one `cookie` field per cookie.
+        let mut h = HeaderMap::new();
+        h.append(COOKIE, "a=1".parse().expect("v"));
+        h.append(COOKIE, "plan=pro".parse().expect("v"));
+        let uri: http::Uri = "/".parse().expect("uri");
+        let f = facts(&h, &uri, "10.1.2.3");
+        assert!(rule(&["cookie:plan=pro", "cookie:a=1"]).matches(&f));
+        assert!(!rule(&["cookie:plan=free"]).matches(&f));
+        let none = HeaderMap::new();
+        assert!(!rule(&["cookie:plan"]).matches(&facts(&none, &uri, "10.1.2.3")));
+    }
+
+    #[test]
     fn each_form_matches_exactly() {
         let mut h = HeaderMap::new();
         h.insert("x-beta", "1".parse().expect("v"));
