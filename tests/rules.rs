@@ -215,6 +215,13 @@ async fn a_rule_pool_without_backends_answers_503_or_falls_back_and_the_access_l
         get_status_pool(&client, &url, &[("x-soft", "1")]).await,
         (StatusCode::OK, "blue".into())
     );
+    // The access log reaches the test through the child's stderr pipe:
+    // wait for the last request's line before reading the whole log.
+    let logged = eventually(Duration::from_secs(10), || async {
+        p.log_text().contains("rule_fallback:soft")
+    })
+    .await;
+    assert!(logged, "{}", p.log_text());
     let log = p.log_text();
     let lines = |needle: &str| log.lines().filter(|l| l.contains(needle)).count();
     assert!(
