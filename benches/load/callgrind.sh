@@ -8,6 +8,9 @@
 #   REQUESTS=20000 WORKLOAD=big benches/load/callgrind.sh
 #   CONFIG=lean benches/load/callgrind.sh     # request id, forwarding and
 #                                             # pool headers, sticky cookie off
+#   ROLLOUT=1 benches/load/callgrind.sh       # the same 90/10 weights, set by
+#                                             # a running rollout (one long
+#                                             # pause at 10 %) instead of a split
 #
 # Runs switchyard (workers = 1, access log off, a 90/10 split) under
 # callgrind with instrumentation off, warms up, switches instrumentation
@@ -81,7 +84,14 @@ VG=$!
 PIDS+=($VG)
 wait_port 18901
 wait_port 18080
-curl -fsS -X POST http://127.0.0.1:18901/api/v1/services/web/split -d '{"green":10}' -o /dev/null
+if [ "${ROLLOUT:-0}" = 1 ]; then
+  # The same weights as the static split, held by a rollout whose first
+  # step pauses far longer than the run: analysis on, no mirror.
+  curl -fsS -X POST http://127.0.0.1:18901/api/v1/services/web/rollout \
+    -d '{"plan":{"steps":[{"weight":10,"pause":"1h"},{"weight":100}]}}' -o /dev/null
+else
+  curl -fsS -X POST http://127.0.0.1:18901/api/v1/services/web/split -d '{"green":10}' -o /dev/null
+fi
 path=/
 [ "$WORKLOAD" = big ] && path=/64k
 h2load --h1 -n 2000 -c 16 "http://127.0.0.1:18080$path" >"$OUT/warmup.txt"
@@ -90,11 +100,35 @@ h2load --h1 -n "$REQUESTS" -c 16 "http://127.0.0.1:18080$path" >"$OUT/load.txt"
 callgrind_control -d "$VG" >/dev/null
 callgrind_control -i off "$VG" >/dev/null
 ok=$(awk '/^status codes:/ {print $3}' "$OUT/load.txt")
+if [ "${ROLLOUT:-0}" = 1 ]; then
+  curl -fsS http://127.0.0.1:18901/api/v1/services/web/rollout >"$OUT/rollout.json"
+  grep -Eq '"state": *"progressing"' "$OUT/rollout.json" || {
+    echo "the rollout is not progressing at 10 %: $(cat "$OUT/rollout.json")" >&2
+    exit 1
+  }
+fi
 kill "$VG"
 wait "$VG" 2>/dev/null || true
 file=$OUT/callgrind.out.1 # the dump taken right after the load
 callgrind_annotate --inclusive=no "$file" 2>/dev/null | head -80 >"$OUT/top.txt" || true
-callgrind_annotate --inclusive=yes "$file" 2>/dev/null | head -120 >"$OUT/top-inclusive.txt" || true
+callgrind_annotate --inclusive=yes "$file" 2>/dev/null >"$OUT/top-inclusive-all.txt" || true
+head -120 "$OUT/top-inclusive-all.txt" >"$OUT/top-inclusive.txt"
 ir=$(awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1; exit}' "$OUT/top.txt")
-echo "workload $WORKLOAD: $REQUESTS requests ($ok 2xx), $ir instructions, $((ir / REQUESTS)) Ir/request"
+# Calls into the allocator: the callee lines (cfn=) of jemalloc's
+# allocating entry points, summed over every caller (names are
+# compressed: "(id) name" the first time, "(id)" after).
+allocs=$(awk '
+  /^c?fn=\(/ { id = $0; sub(/^c?fn=/, "", id); name = id; sub(/\).*/, ")", id)
+               sub(/^\([0-9]+\) ?/, "", name); if (name != "") names[id] = name }
+  /^cfn=\(/ { callee = id }
+  /^calls=/ { n = $0; sub(/^calls=/, "", n); sub(/ .*/, "", n); calls[callee] += n }
+  END { t = 0; for (i in calls) if (names[i] ~ /^_rjem_(malloc|mallocx|calloc|realloc|rallocx)$/) t += calls[i]; print t }
+' "$file")
+echo "workload $WORKLOAD: $REQUESTS requests ($ok 2xx), $ir instructions, $((ir / REQUESTS)) Ir/request, $allocs allocations, $(awk -v a="$allocs" -v n="$REQUESTS" 'BEGIN { printf "%.2f", a / n }') allocations/request"
+if [ "${ROLLOUT:-0}" = 1 ]; then
+  # Inclusive cost of the driver task's future (ticks, persisting): work
+  # per tick (4 a second, 50x slower under valgrind), not per request.
+  drv=$(awk '/rollout::Driver::run::\{\{closure\}\}/ { gsub(",", "", $1); if ($1 + 0 > m) m = $1 + 0 } END { print m + 0 }' "$OUT/top-inclusive-all.txt")
+  echo "rollout driver task: $drv instructions inclusive, $(( (ir - drv) / REQUESTS )) Ir/request without it"
+fi
 echo "top functions: $OUT/top.txt (self), $OUT/top-inclusive.txt (inclusive)"

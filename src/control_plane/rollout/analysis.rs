@@ -225,6 +225,11 @@ impl StepStats {
         log_mean_exp(&self.carried_llr)
     }
 
+    /// Are requests gathered for an error batch not tested yet?
+    pub(crate) fn batch_pending(&self) -> bool {
+        self.pending_canary.requests + self.pending_baseline.requests > 0
+    }
+
     /// The statistics for the next step: everything restarts except the
     /// error test over the whole rollout.
     pub(crate) fn next_step(&mut self) {

@@ -191,6 +191,36 @@ pub(crate) struct Rollout {
     /// the analysis judged (SPEC §11). `None` with one replica.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) driver: Option<String>,
+    /// An analysis rollback: when it was decided and when the generation
+    /// with the canary at 0 % was published (set by the driver).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) reaction: Option<Reaction>,
+}
+
+/// How fast an analysis rollback reached the data plane (issue 11, item 5:
+/// ≤ 1 s from the deciding response at ≥ 500 requests/s). The driver reads
+/// the counters once a tick, and the error test updates once a batch of
+/// ≥ 200 requests is in; the deciding response is one of those counted
+/// since `evidence_from`, so the time from it to the publication is at
+/// most `decision_to_publish_ms` (one batch + one tick + the commit).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct Reaction {
+    /// The earliest the deciding response can have been counted (RFC 3339,
+    /// ms): for `error_ratio` the reading before the first one of the batch
+    /// whose test failed; for the other rules the reading before the
+    /// deciding one.
+    pub(crate) evidence_from: String,
+    /// The reading that held the deciding response, on which the verdict
+    /// failed (RFC 3339, ms).
+    pub(crate) decided_at: String,
+    /// When the generation setting the canary to 0 % was published, after
+    /// it was persisted (RFC 3339, ms).
+    pub(crate) published_at: String,
+    /// `published_at` − `evidence_from` in ms: an upper bound of the time
+    /// from the deciding response to the publication.
+    pub(crate) decision_to_publish_ms: f64,
+    /// `published_at` − `decided_at` in ms: persisting and publishing alone.
+    pub(crate) commit_ms: f64,
 }
 
 /// The weights that give `canary` the share `bp` (basis points).
@@ -239,6 +269,7 @@ impl Rollout {
             ended_at: None,
             failed_rule: None,
             driver: None,
+            reaction: None,
         };
         r.event(
             at,
@@ -612,6 +643,7 @@ impl Rollout {
                         "steps": self.steps_report,
                         "impact": self.impact,
                         "timeline": self.timeline,
+                        "reaction": self.reaction,
                     }),
                 );
             }

@@ -34,7 +34,7 @@ use crate::data_plane::outcomes::PoolCounts;
 use crate::weights::Live;
 
 use analysis::{Tally, Verdict};
-use machine::{weights_for, Rollout, State, VerbError};
+use machine::{weights_for, Reaction, Rollout, State, VerbError};
 use plan::Plan;
 
 /// How often the driver reads the counters and ticks the machine.
@@ -186,7 +186,18 @@ impl Drivers {
 }
 
 fn now_text() -> String {
-    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+    time_text(SystemTime::now())
+}
+
+fn time_text(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// `later` − `earlier` in ms (0 if the clock went back).
+fn ms_between(earlier: SystemTime, later: SystemTime) -> f64 {
+    later
+        .duration_since(earlier)
+        .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
 }
 
 /// Starts a rollout of `service` with `plan`: validates, applies the first
@@ -404,6 +415,11 @@ struct Driver {
     r: Rollout,
     latest: watch::Sender<Arc<Rollout>>,
     last: [PoolCounts; 2],
+    /// When `last` was read (the start of the next tick's evidence).
+    last_read_at: SystemTime,
+    /// The reading before the first one whose counts are in the error
+    /// test's pending batch (`last_read_at` when none is pending).
+    batch_from: SystemTime,
     /// Latency histograms of the current step, per pool.
     step_lat: [PoolCounts; 2],
     /// Per-tick tallies (canary, baseline) of the guard window.
@@ -430,6 +446,8 @@ impl Driver {
             r,
             latest,
             last,
+            last_read_at: SystemTime::now(),
+            batch_from: SystemTime::now(),
             step_lat: [PoolCounts::default(), PoolCounts::default()],
             window: VecDeque::new(),
             applied_bp,
@@ -483,6 +501,14 @@ impl Driver {
             outcomes.pool(Color::Blue).read(),
             outcomes.pool(Color::Green).read(),
         ];
+        let read_at = SystemTime::now();
+        let tick_from = std::mem::replace(&mut self.last_read_at, read_at);
+        // This tick's counts join the pending error batch, or start one.
+        let batch_from = if self.r.stats.batch_pending() {
+            self.batch_from
+        } else {
+            tick_from
+        };
         let delta = [now[0].since(&self.last[0]), now[1].since(&self.last[1])];
         self.last = now;
         let (ci, bi) = (self.r.canary.index(), self.r.baseline.index());
@@ -542,17 +568,32 @@ impl Driver {
         let changed = self
             .r
             .tick(dt.as_millis() as u64, &self.verdict, &now_text());
+        let mut evidence_from = tick_from;
         if let Verdict::Fail { rule, .. } = &self.verdict {
             if self.r.state == State::RolledBack && state != State::RolledBack {
                 self.r.failed_rule = Some((*rule).to_string());
             }
+            if *rule == "error_ratio" {
+                evidence_from = batch_from;
+            }
         }
+        // The next batch starts after this reading (unless this one is
+        // still gathering; a new step discards it).
+        self.batch_from = if self.r.stats.batch_pending() {
+            batch_from
+        } else {
+            read_at
+        };
         if self.r.step != step || self.r.state.is_terminal() {
             self.step_lat = [PoolCounts::default(), PoolCounts::default()];
             self.window.clear();
         }
         if changed || self.r.state != state {
-            self.after_change(state, "analysis").await;
+            let applied = self.after_change(state, "analysis").await;
+            if applied && self.r.state == State::RolledBack && state != State::RolledBack {
+                self.record_reaction(evidence_from, read_at, SystemTime::now())
+                    .await;
+            }
         } else if self.last_persist.elapsed() >= PERSIST_EVERY {
             self.persist(None, "progress").await;
         }
@@ -601,12 +642,39 @@ impl Driver {
         Ok(self.r.view(false))
     }
 
-    async fn after_change(&mut self, before: State, what: &str) {
+    /// Applies what the analysis changed; false if it could not be
+    /// persisted (retried when the driver saves its final counts).
+    async fn after_change(&mut self, before: State, what: &str) -> bool {
         if let Err(e) = self.apply(what, None).await {
             tracing::error!(service = %self.r.service, id = %self.r.id, error = %e, "rollout: could not apply the change; will retry");
-            return;
+            return false;
         }
         self.after_state(before);
+        true
+    }
+
+    /// An analysis rollback was published at `published`: keeps how long
+    /// it took from the evidence (read between `evidence_from` and
+    /// `decided`) to the data plane, in the record and the log.
+    async fn record_reaction(
+        &mut self,
+        evidence_from: SystemTime,
+        decided: SystemTime,
+        published: SystemTime,
+    ) {
+        let reaction = Reaction {
+            evidence_from: time_text(evidence_from),
+            decided_at: time_text(decided),
+            published_at: time_text(published),
+            decision_to_publish_ms: ms_between(evidence_from, published),
+            commit_ms: ms_between(decided, published),
+        };
+        tracing::info!(service = %self.r.service, id = %self.r.id,
+            decision_to_publish_ms = reaction.decision_to_publish_ms,
+            commit_ms = reaction.commit_ms, "rollback published");
+        self.r.reaction = Some(reaction);
+        // The weight is applied already: this saves the record alone.
+        self.persist(None, "rollback reaction time").await;
     }
 
     fn after_state(&mut self, before: State) {
