@@ -212,9 +212,8 @@ async fn bench() {
     let warm = drive(&client, proxy.proxy, rate, 1).await;
     assert_eq!(warm.errors, 0, "warm-up failed");
 
-    let mirror = format!(
-        r#"{{"to":"green","percent":100,"timeout":"5s","max_inflight":{max_inflight}}}"#
-    );
+    let mirror =
+        format!(r#"{{"to":"green","percent":100,"timeout":"5s","max_inflight":{max_inflight}}}"#);
     let (mut rates, mut p50s, mut p99s) = (Vec::new(), Vec::new(), Vec::new());
     let mut errors = (0, 0);
     let mut counters = serde_json::Value::Null;
