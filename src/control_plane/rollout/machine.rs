@@ -725,6 +725,30 @@ mod tests {
     }
 
     #[test]
+    fn reaction_is_reported_and_records_saved_without_it_still_load() {
+        let mut r = Rollout::start("r1".into(), "web".into(), plan(), Color::Green, "t0");
+        // A record persisted before the field existed has no `reaction`.
+        let saved = serde_json::to_value(&r).expect("serialize");
+        assert!(saved.get("reaction").is_none(), "{saved}");
+        let loaded: Rollout = serde_json::from_value(saved).expect("old record loads");
+        assert_eq!(loaded, r);
+        assert_eq!(r.view(true)["report"]["reaction"], serde_json::Value::Null);
+        r.reaction = Some(Reaction {
+            evidence_from: "a".into(),
+            decided_at: "b".into(),
+            published_at: "c".into(),
+            decision_to_publish_ms: 512.5,
+            commit_ms: 0.5,
+        });
+        let back: Rollout =
+            serde_json::from_value(serde_json::to_value(&r).expect("serialize")).expect("load");
+        assert_eq!(back, r, "persisted with the routing state, restored");
+        let report = &r.view(true)["report"]["reaction"];
+        assert_eq!(report["decision_to_publish_ms"], 512.5);
+        assert_eq!(report["published_at"], "c");
+    }
+
+    #[test]
     fn failures_roll_back_even_while_paused_and_ties_pause() {
         let mut r = Rollout::start("r1".into(), "web".into(), plan(), Color::Blue, "t0");
         r.promote(false, "ops", "t1").expect("promote");
