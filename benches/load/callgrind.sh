@@ -39,7 +39,7 @@ cargo build -q --release --example bench_upstream
 UP=$ROOT/target/release/examples/bench_upstream
 
 PIDS=()
-trap 'for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null; done; true' EXIT
+trap 'for p in "${PIDS[@]:-}"; do [ -n "$p" ] && { kill "$p" 2>/dev/null || true; }; done; true' EXIT
 wait_port() {
   local i
   for i in $(seq 300); do
