@@ -150,7 +150,8 @@ impl AdminError {
                 CommandError::NoHealthyBackend(_)
                 | CommandError::PoolTakesTraffic { .. }
                 | CommandError::NothingToRollBack
-                | CommandError::RolloutActive(_) => StatusCode::CONFLICT,
+                | CommandError::RolloutActive(_)
+                | CommandError::RolloutDrivenElsewhere { .. } => StatusCode::CONFLICT,
                 CommandError::StaleGeneration { .. } => StatusCode::PRECONDITION_FAILED,
             },
             AdminError::Control(ControlError::Persist(p))
@@ -201,7 +202,9 @@ impl AdminError {
                 CommandError::PoolTakesTraffic { .. } => "pool_takes_traffic",
                 CommandError::StaleGeneration { .. } => "stale_generation",
                 CommandError::NothingToRollBack => "nothing_to_roll_back",
-                CommandError::RolloutActive(_) => "rollout_active",
+                CommandError::RolloutActive(_) | CommandError::RolloutDrivenElsewhere { .. } => {
+                    "rollout_active"
+                }
             },
             AdminError::Control(ControlError::Build(_)) => "build_failed",
             AdminError::Control(ControlError::Persist(p)) => store_code(p),
