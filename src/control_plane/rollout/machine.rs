@@ -99,7 +99,8 @@ pub(crate) struct Impact {
 pub(crate) struct TimelineEntry {
     /// RFC 3339.
     pub(crate) at: String,
-    /// `started`, `step`, `paused`, `resumed`, `promoted`, `rolled_back`, …
+    /// `started`, `step`, `paused`, `resumed`, `promoted`, `rolled_back`,
+    /// `taken_over` (fleet mode), …
     pub(crate) event: String,
     /// Step index then.
     pub(crate) step: usize,
