@@ -1025,6 +1025,57 @@ async fn a_cut_off_driver_stops_when_another_replica_took_over() {
     assert_eq!(takeovers, 1, "{last:#}");
 }
 
+/// Issue 13 item 10: the Grafana dashboard's "Fleet" row queries only
+/// series a fleet replica exposes (they do not exist on a single replica,
+/// so tests/prometheus_assets.rs leaves them to this test), and every
+/// fleet metric its descriptions or the assets' README name is one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_fleet_row_queries_what_a_replica_exposes() {
+    if !etcd_installed("dashboard") {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let f = fleet(1).await;
+    let r = &f.replicas[0];
+    // A refused value, so that the per-service counter has its series.
+    f.etcd.put("/switchyard-test/c/services/web", "not json");
+    let rejected = "switchyard_state_rejected_values_total{service=\"web\"}";
+    let ok = eventually(CONVERGE, || async {
+        metric(&r.admin.metrics().await, rejected) == Some(1.0)
+    })
+    .await;
+    assert!(ok, "{}", r.admin.metrics().await);
+    let exposition = r.admin.metrics().await;
+    let samples = sample_names(&exposition);
+    let (_, panels) = split_fleet_row(&grafana_dashboard());
+    assert!(
+        panels.iter().any(|p| p["title"] == "Replica sync"),
+        "{panels:#?}"
+    );
+    let mut queries = Vec::new();
+    dashboard_exprs(&Value::Array(panels), "fleet row", &mut queries);
+    assert!(queries.len() >= 3, "{queries:?}");
+    for (at, q) in &queries {
+        let used = metric_names(q);
+        assert!(!used.is_empty(), "{at}: {q}");
+        let gone: Vec<_> = used.difference(&samples).collect();
+        assert!(
+            gone.is_empty(),
+            "{at} queries series a fleet replica does not expose: {gone:?}\n{exposition}"
+        );
+    }
+    let known: std::collections::BTreeSet<String> =
+        samples.union(&family_names(&exposition)).cloned().collect();
+    let assets = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config/prometheus");
+    for file in ["grafana-dashboard.json", "README.md"] {
+        let text = std::fs::read_to_string(assets.join(file)).unwrap();
+        let mut used = metric_names(&text);
+        used.retain(|n| is_fleet_only(n));
+        let gone: Vec<_> = used.difference(&known).collect();
+        assert!(gone.is_empty(), "{file} names unknown fleet metrics: {gone:?}");
+    }
+}
+
 /// `ctl state import --from FILE` moves a single-replica state file into
 /// etcd, keeping generations and history (issue 13 item 7).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

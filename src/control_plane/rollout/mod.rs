@@ -520,6 +520,7 @@ impl Driver {
         };
         tracing::warn!(service = %self.r.service, id = %self.r.id, driver = %other,
             "rollout taken over by another replica; this replica stops driving it");
+        self.control.metrics().rollout_forget(&self.r.service);
         true
     }
 
