@@ -898,7 +898,11 @@ async fn rollout_continues_on_another_replica() {
     let svc = same_service(&f).await;
     let dir = TempDir::new("doomed");
     let config = dir.join("switchyard.toml");
-    std::fs::write(&config, replica_config(&dir, &f.etcd.endpoint(), "doomed", &svc)).unwrap();
+    std::fs::write(
+        &config,
+        replica_config(&dir, &f.etcd.endpoint(), "doomed", &svc),
+    )
+    .unwrap();
     let mut doomed = ProxyProcess::spawn(&config, &[]).unwrap();
     let admin = Admin::new(doomed.admin);
     let ok = eventually(CONVERGE, || async {
@@ -908,7 +912,9 @@ async fn rollout_continues_on_another_replica() {
     .await;
     assert!(ok, "{}", doomed.log_text());
 
-    let (code, v) = admin.post("/api/v1/services/web/rollout", &timed_plan("12s")).await;
+    let (code, v) = admin
+        .post("/api/v1/services/web/rollout", &timed_plan("12s"))
+        .await;
     assert_eq!(code, StatusCode::CREATED, "{v}");
     let id = v["id"].as_str().unwrap().to_string();
     assert_eq!(v["driver"], "doomed");
@@ -930,7 +936,11 @@ async fn rollout_continues_on_another_replica() {
     })
     .await;
     let after = rollout_of(&f.replicas[0].admin).await;
-    assert!(ok, "{after:#}\n{:#}", rollout_of(&f.replicas[1].admin).await);
+    assert!(
+        ok,
+        "{after:#}\n{:#}",
+        rollout_of(&f.replicas[1].admin).await
+    );
     let driver = after["driver"].as_str().unwrap().to_string();
     assert!(driver == "r0" || driver == "r1", "{driver}");
     assert_eq!(after["id"], id.as_str(), "the same rollout");
@@ -1013,7 +1023,12 @@ async fn a_cut_off_driver_stops_when_another_replica_took_over() {
     finishes_everywhere(&[&f.replicas[0], &cut_off], &id).await;
     let stored: Value =
         serde_json::from_str(&f.etcd.get("/switchyard-test/c/services/web")).unwrap();
-    let last = stored["rollouts"].as_array().unwrap().last().unwrap().clone();
+    let last = stored["rollouts"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()
+        .clone();
     assert_eq!(last["id"], id.as_str());
     assert_eq!(last["driver"], "r0", "the cut-off driver never wrote again");
     let takeovers = last["timeline"]
@@ -1072,7 +1087,10 @@ async fn the_dashboard_fleet_row_queries_what_a_replica_exposes() {
         let mut used = metric_names(&text);
         used.retain(|n| is_fleet_only(n));
         let gone: Vec<_> = used.difference(&known).collect();
-        assert!(gone.is_empty(), "{file} names unknown fleet metrics: {gone:?}");
+        assert!(
+            gone.is_empty(),
+            "{file} names unknown fleet metrics: {gone:?}"
+        );
     }
 }
 

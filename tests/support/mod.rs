@@ -847,7 +847,8 @@ pub fn is_fleet_only(name: &str) -> bool {
 
 /// `config/prometheus/grafana-dashboard.json` as JSON.
 pub fn grafana_dashboard() -> Value {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config/prometheus/grafana-dashboard.json");
+    let path =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config/prometheus/grafana-dashboard.json");
     serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
 }
 

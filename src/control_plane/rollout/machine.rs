@@ -189,7 +189,9 @@ pub(crate) struct Rollout {
     #[serde(default)]
     pub(crate) failed_rule: Option<String>,
     /// Fleet mode: the replica whose driver runs it, and so whose traffic
-    /// the analysis judged (SPEC §11). `None` with one replica.
+    /// the analysis judges (SPEC §11); another replica replaces it when it
+    /// takes the rollout over (`taken_over` in the timeline says from
+    /// when). `None` with one replica.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) driver: Option<String>,
 }
@@ -789,7 +791,13 @@ mod tests {
         assert_eq!(r.driver.as_deref(), Some("b"));
         assert_eq!(
             (&r.id, r.step, r.step_elapsed_ms, r.state, r.weight_bp),
-            (&before.id, before.step, 1500, before.state, before.weight_bp)
+            (
+                &before.id,
+                before.step,
+                1500,
+                before.state,
+                before.weight_bp
+            )
         );
         let last = r.timeline.last().expect("event");
         assert_eq!(last.event, "taken_over");
