@@ -1597,4 +1597,79 @@ mod tests {
             "the history the other writer stored, then ours"
         );
     }
+    /// Issue 13 item 8: a driver whose replica was cut off while another
+    /// claimed its rollout never writes the record again. Its first write
+    /// loses the compare-and-swap (and reads the claim); its next is
+    /// refused because the record names the other driver, which is what
+    /// stops its task (`Control::driven_elsewhere`).
+    #[tokio::test]
+    async fn a_stale_driver_loses_to_the_claim_and_learns_of_it() {
+        let store = Arc::new(MemoryStore::default());
+        let config = Config::demo(
+            "127.0.0.1:1".parse().expect("addr"),
+            "127.0.0.1:2".parse().expect("addr"),
+        );
+        let control = Control::start(ControlParts {
+            config,
+            config_path: None,
+            stored: None,
+            store: Arc::clone(&store) as Arc<dyn StateStore>,
+            metrics: Arc::new(Metrics::new()),
+            tls: None,
+            tokens: Arc::new(ArcSwap::from_pointee(Tokens::none())),
+            conn_limits: ConnLimiter::new(100, 0),
+            fleet: None,
+        })
+        .await
+        .expect("start");
+        let plan = Plan::from_json(&serde_json::json!({"steps": [
+            {"weight": 20, "pause": "1m"}, {"weight": 100}
+        ]}))
+        .expect("plan");
+        let mut mine = Rollout::start("demo-1".into(), "demo".into(), plan, Color::Green, "t0");
+        mine.driver = Some("a".into());
+        // The store's revision of the service, as the watch gives it.
+        let demo = Change {
+            service: "demo".into(),
+            base: 0,
+        };
+        control.refresh(std::slice::from_ref(&demo)).await;
+        control
+            .commit_rollout("demo", mine.clone(), None, &meta(None))
+            .await
+            .expect("a starts it");
+        assert_eq!(control.driven_elsewhere(&mine).await, None);
+        // b claims it in the store (a was cut off).
+        let (mut held, _) = store.get("demo").expect("stored");
+        if let Some(r) = held.rollouts.back_mut() {
+            r.take_over("b", "t5");
+        }
+        store.put("demo", held);
+        // a's next save, based on what it knew: lost, and the claim read.
+        mine.step_elapsed_ms = 9000;
+        let err = control
+            .commit_rollout("demo", mine.clone(), None, &meta(None))
+            .await
+            .expect_err("stale base");
+        assert!(
+            matches!(err, ControlError::Persist(StoreError::Conflict { .. })),
+            "{err}"
+        );
+        assert_eq!(control.driven_elsewhere(&mine).await.as_deref(), Some("b"));
+        // And from then on refused outright: b's record stays.
+        let err = control
+            .commit_rollout("demo", mine.clone(), None, &meta(None))
+            .await
+            .expect_err("driven elsewhere");
+        assert!(
+            matches!(
+                err,
+                ControlError::Command(CommandError::RolloutDrivenElsewhere { .. })
+            ),
+            "{err}"
+        );
+        let (stored, _) = store.get("demo").expect("stored");
+        let r = stored.rollouts.back().expect("record");
+        assert_eq!((r.driver.as_deref(), r.step_elapsed_ms), (Some("b"), 0));
+    }
 }

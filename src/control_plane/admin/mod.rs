@@ -172,6 +172,11 @@ impl AdminError {
                 | RolloutError::Split(_) => StatusCode::CONFLICT,
                 RolloutError::UnknownPlan(_) | RolloutError::BadPlan(_) => StatusCode::BAD_REQUEST,
                 RolloutError::Stale { .. } => StatusCode::PRECONDITION_FAILED,
+                // Fleet mode: a verb reached a driver whose rollout another
+                // replica took over meanwhile.
+                RolloutError::Control(ControlError::Command(
+                    CommandError::RolloutDrivenElsewhere { .. },
+                )) => StatusCode::CONFLICT,
                 RolloutError::Control(_) | RolloutError::DriverGone(_) => {
                     StatusCode::INTERNAL_SERVER_ERROR
                 }
@@ -223,6 +228,9 @@ impl AdminError {
                 RolloutError::UnknownPlan(_) => "invalid_field",
                 RolloutError::BadPlan(_) => "invalid_plan",
                 RolloutError::Stale { .. } => "stale_generation",
+                RolloutError::Control(ControlError::Command(
+                    CommandError::RolloutDrivenElsewhere { .. },
+                )) => "rollout_state",
                 RolloutError::Control(_) => "persist_failed",
                 RolloutError::DriverGone(_) => "rollout_driver_stopped",
             },
