@@ -976,6 +976,14 @@ async fn rollout_continues_on_another_replica() {
     assert_eq!(end["driver"], driver.as_str(), "{end:#}");
     assert_eq!(events(&end, "taken_over").len(), 1, "{end:#}");
     assert_eq!(events(&end, "step_passed").len(), 1, "{end:#}");
+    // Whose traffic the analysis judged, and from when.
+    let judged: Vec<(&str, u64)> = end["report"]["judged_by"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| (d["replica"].as_str().unwrap(), d["step"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(judged, [("doomed", 0), (driver.as_str(), 0)], "{end:#}");
 }
 
 /// Issue 13 item 8, the other half: a driver replica that is only cut off

@@ -194,6 +194,22 @@ pub(crate) struct Rollout {
     /// when). `None` with one replica.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) driver: Option<String>,
+    /// Fleet mode: every replica that drove it, in order, with when and in
+    /// which step it began: whose traffic the analysis judged when (the
+    /// report's `judged_by`). Empty with one replica.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) drivers: Vec<DriverSpan>,
+}
+
+/// One replica's turn at driving a rollout (fleet mode).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct DriverSpan {
+    /// `replica_id`.
+    pub(crate) replica: String,
+    /// When it began driving, RFC 3339.
+    pub(crate) since: String,
+    /// The step it began in.
+    pub(crate) step: usize,
 }
 
 /// The weights that give `canary` the share `bp` (basis points).
@@ -242,6 +258,7 @@ impl Rollout {
             ended_at: None,
             failed_rule: None,
             driver: None,
+            drivers: Vec::new(),
         };
         r.event(
             at,
@@ -280,6 +297,16 @@ impl Rollout {
         Some(total.saturating_sub(self.step_elapsed_ms) as f64 / 1000.0)
     }
 
+    /// Fleet mode: replica `me` started it and drives it.
+    pub(crate) fn set_driver(&mut self, me: &str, at: &str) {
+        self.driver = Some(me.to_string());
+        self.drivers.push(DriverSpan {
+            replica: me.to_string(),
+            since: at.to_string(),
+            step: self.step,
+        });
+    }
+
     /// Fleet mode: may replica `me` take this rollout over? Only a running
     /// rollout whose driver replica is gone (no presence key among `live`,
     /// its lease expired) or was never named (a record imported from a
@@ -309,7 +336,7 @@ impl Rollout {
                 "replica {me} took over (no driver was named); the analysis judges {me}'s traffic from here"
             ),
         };
-        self.driver = Some(me.to_string());
+        self.set_driver(me, at);
         self.event(at, "taken_over", detail);
     }
 
@@ -648,6 +675,7 @@ impl Rollout {
                         "steps": self.steps_report,
                         "impact": self.impact,
                         "timeline": self.timeline,
+                        "judged_by": self.drivers,
                     }),
                 );
             }
@@ -801,6 +829,12 @@ mod tests {
         );
         let last = r.timeline.last().expect("event");
         assert_eq!(last.event, "taken_over");
+        let judged: Vec<_> = r
+            .drivers
+            .iter()
+            .map(|d| (d.replica.as_str(), d.step))
+            .collect();
+        assert_eq!(judged, [("b", 0)], "the first driver was set by hand here");
         assert!(last.detail.contains("from a"), "{}", last.detail);
         assert!(!r.may_take_over("c", &live(&["b", "c"])), "b drives now");
         // An ended rollout is never taken over.

@@ -243,7 +243,9 @@ pub(crate) async fn start(
     let id = format!("{service}-{unix_ms}");
     let at = now_text();
     let mut record = Rollout::start(id, service.to_string(), plan, canary, &at);
-    record.driver = control.fleet().map(|f| f.replica_id().to_string());
+    if let Some(f) = control.fleet() {
+        record.set_driver(f.replica_id(), &at);
+    }
     tracing::info!(service, id = %record.id, %canary, started_by = %meta.actor, "rollout started");
     let meta = rollout_meta(
         &record,
