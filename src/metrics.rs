@@ -364,6 +364,18 @@ impl Metrics {
         self.rollout_user_failures.with_label_values(&[service]);
     }
 
+    /// Fleet mode: this replica no longer drives the rollout of `service`
+    /// (another took it over): its state and step series go, so that
+    /// only the driving replica reports them.
+    pub(crate) fn rollout_forget(&self, service: &str) {
+        for s in crate::control_plane::rollout::machine::State::ALL {
+            let _ = self
+                .rollout_state
+                .remove_label_values(&[service, s.as_str()]);
+        }
+        let _ = self.rollout_step.remove_label_values(&[service]);
+    }
+
     /// Counts a rollout that ended with `result`.
     pub(crate) fn rollout_ended(&self, service: &str, result: &str) {
         self.rollouts.with_label_values(&[service, result]).inc();

@@ -790,10 +790,322 @@ async fn a_partitioned_replica_catches_up_after_compaction() {
     assert!(eventually(CONVERGE, || synced(&cut_off)).await);
 }
 
-/// Issue 13 item 8: a rollout survives the death of the replica driving it.
-#[tokio::test]
-#[ignore = "not built yet: a rollout is driven by the replica that started it (its record names it, `driver`); taking over when that replica dies is the next step (README, Running a fleet)"]
-async fn rollout_continues_on_another_replica() {}
+/// The rollout of `web` as `admin`'s replica shows it: the rollout
+/// object, or the error (404 until the record has reached the replica).
+async fn rollout_of(admin: &Admin) -> Value {
+    let (s, v) = admin.get("/api/v1/services/web/rollout").await;
+    assert!(s == StatusCode::OK || s == StatusCode::NOT_FOUND, "{s} {v}");
+    v
+}
+
+/// Polls the rollout of `web` on `admin`'s replica until `pred` holds or
+/// `timeout` passes; returns whether it held, and the last object seen.
+async fn poll_rollout(
+    admin: &Admin,
+    timeout: Duration,
+    pred: impl Fn(&Value) -> bool,
+) -> (bool, Value) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let v = rollout_of(admin).await;
+        if pred(&v) || Instant::now() >= deadline {
+            return (pred(&v), v);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The `web` service's configuration as the fleet `f` has it (the same
+/// backends, so that another replica can join it).
+async fn same_service(f: &Fleet) -> [Svc; 1] {
+    let (_, svc0) = f.replicas[0].admin.get("/api/v1/services/web").await;
+    let addr = |c: &str| {
+        svc0["pools"][c]["backends"][0]["addr"]
+            .as_str()
+            .unwrap()
+            .parse::<std::net::SocketAddr>()
+            .unwrap()
+    };
+    [Svc::addrs("web", &[addr("blue")], &[addr("green")])]
+}
+
+/// 20 % green for `pause`, then 100 %; no request minimum (the tests send
+/// no traffic: the step passes on time alone).
+fn timed_plan(pause: &str) -> String {
+    json!({"plan": {
+        "steps": [{"weight": 20, "pause": pause}, {"weight": 100}],
+        "analysis": {"min_requests": 0}
+    }})
+    .to_string()
+}
+
+/// How many timeline entries of `v` (a rollout object with its report)
+/// have `event`.
+fn events(v: &Value, event: &str) -> Vec<Value> {
+    v["report"]["timeline"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["event"] == event)
+        .cloned()
+        .collect()
+}
+
+/// After a takeover: the rollout ends `succeeded` as every replica in
+/// `replicas` sees it, each serving green at 100 %, and the canary's
+/// weight was set once per step by the rollout (no second driver wrote).
+async fn finishes_everywhere(replicas: &[&TestProxy], id: &str) {
+    for r in replicas {
+        let ok = eventually(Duration::from_secs(60), || async {
+            let v = rollout_of(&r.admin).await;
+            v["id"] == id && v["state"] == "succeeded"
+        })
+        .await;
+        assert!(ok, "{:#}", rollout_of(&r.admin).await);
+        let ok = eventually(CONVERGE, || async {
+            r.admin.service("web").await["weights"]["green"] == 100.0
+        })
+        .await;
+        assert!(ok, "{:#}", r.admin.service("web").await);
+        let (s, _, body) = r.get("/").await;
+        assert_eq!((s, body.as_str()), (StatusCode::OK, "green"));
+        let (_, h) = r.admin.get("/api/v1/services/web/history").await;
+        let by_rollout: Vec<f64> = h
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["actor"] == format!("rollout:{id}"))
+            .map(|e| e["to"]["green"].as_f64().unwrap())
+            .collect();
+        assert_eq!(by_rollout, vec![100.0, 20.0], "{h:#}");
+    }
+}
+
+/// Issue 13 item 8: a rollout survives the death of the replica driving
+/// it. Three replicas; the one that starts the rollout runs as a child
+/// process and is killed with SIGKILL during the first step's pause. Its
+/// presence key expires with its lease (`lease_ttl` 3 s), exactly one
+/// survivor claims the rollout and drives it on: the same id, the same
+/// step with the time it had left (not restarted), its own name in
+/// `driver` and in the report's timeline; the step then ends on time and
+/// the rollout succeeds, and both survivors serve the final weights.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollout_continues_on_another_replica() {
+    if !etcd_installed("takeover") {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let f = fleet(2).await;
+    let svc = same_service(&f).await;
+    let dir = TempDir::new("doomed");
+    let config = dir.join("switchyard.toml");
+    std::fs::write(
+        &config,
+        replica_config(&dir, &f.etcd.endpoint(), "doomed", &svc),
+    )
+    .unwrap();
+    let mut doomed = ProxyProcess::spawn(&config, &[]).unwrap();
+    let admin = Admin::new(doomed.admin);
+    let ok = eventually(CONVERGE, || async {
+        let (s, v) = admin.get("/readyz").await;
+        s == StatusCode::OK && v["state"] == "synced"
+    })
+    .await;
+    assert!(ok, "{}", doomed.log_text());
+
+    let (code, v) = admin
+        .post("/api/v1/services/web/rollout", &timed_plan("12s"))
+        .await;
+    assert_eq!(code, StatusCode::CREATED, "{v}");
+    let id = v["id"].as_str().unwrap().to_string();
+    assert_eq!(v["driver"], "doomed");
+    // The survivors see the record its driver saves every 2 s.
+    let (ok, before) = poll_rollout(&f.replicas[1].admin, CONVERGE, |v| {
+        v["id"] == id.as_str() && v["step_remaining_s"].as_f64().unwrap() <= 9.5
+    })
+    .await;
+    assert!(ok, "{before:#}");
+    let left_before = before["step_remaining_s"].as_f64().unwrap();
+    doomed.child.kill().unwrap();
+    doomed.child.wait().unwrap();
+
+    // One survivor claims it; both agree which.
+    let ok = eventually(Duration::from_secs(30), || async {
+        let a = rollout_of(&f.replicas[0].admin).await;
+        let b = rollout_of(&f.replicas[1].admin).await;
+        a["id"] == id.as_str()
+            && b["id"] == id.as_str()
+            && a["driver"].is_string()
+            && a["driver"] != "doomed"
+            && a["driver"] == b["driver"]
+    })
+    .await;
+    let after = rollout_of(&f.replicas[0].admin).await;
+    assert!(
+        ok,
+        "{after:#}\n{:#}",
+        rollout_of(&f.replicas[1].admin).await
+    );
+    let driver = after["driver"].as_str().unwrap().to_string();
+    assert!(driver == "r0" || driver == "r1", "{driver}");
+    assert_eq!(after["id"], id.as_str(), "the same rollout");
+    if after["step"] == 0 {
+        let left = after["step_remaining_s"].as_f64().unwrap();
+        assert!(
+            left <= left_before + 0.5,
+            "{left_before} s left before the kill, {left} s after the takeover: the step was restarted"
+        );
+    }
+    let taken = events(&after, "taken_over");
+    assert_eq!(taken.len(), 1, "{after:#}");
+    assert_eq!(taken[0]["step"], 0, "taken over in the step it was in");
+    let detail = taken[0]["detail"].as_str().unwrap();
+    assert!(
+        detail.contains(&driver) && detail.contains("doomed"),
+        "{detail}"
+    );
+    assert_eq!(events(&after, "started").len(), 1, "not started again");
+    let step0 = events(&after, "step")
+        .iter()
+        .filter(|e| e["step"] == 0)
+        .count();
+    assert_eq!(step0, 1, "step 0 not entered again: {after:#}");
+
+    finishes_everywhere(&[&f.replicas[0], &f.replicas[1]], &id).await;
+    let end = rollout_of(&f.replicas[0].admin).await;
+    assert_eq!(end["driver"], driver.as_str(), "{end:#}");
+    assert_eq!(events(&end, "taken_over").len(), 1, "{end:#}");
+    assert_eq!(events(&end, "step_passed").len(), 1, "{end:#}");
+    // Whose traffic the analysis judged, and from when.
+    let judged: Vec<(&str, u64)> = end["report"]["judged_by"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| (d["replica"].as_str().unwrap(), d["step"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(judged, [("doomed", 0), (driver.as_str(), 0)], "{end:#}");
+}
+
+/// Issue 13 item 8, the other half: a driver replica that is only cut off
+/// from etcd (its lease expires, but it keeps running) loses the rollout
+/// to a live replica, and once it hears from etcd again it stops driving
+/// without writing: the record in etcd keeps naming the new driver, the
+/// cut-off replica's own API shows the record as etcd has it (no driver
+/// runs there any more), and the rollout finishes under the new driver.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_off_driver_stops_when_another_replica_took_over() {
+    if !etcd_installed("stale_driver") {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let f = fleet(1).await;
+    let svc = same_service(&f).await;
+    let relay = Relay::start(f.etcd.client_port).await;
+    let cut_off = start_replica(TempDir::new("replica"), &relay.endpoint(), "cut", &svc).await;
+    assert!(eventually(CONVERGE, || synced(&cut_off)).await);
+
+    let (code, v) = cut_off
+        .admin
+        .post("/api/v1/services/web/rollout", &timed_plan("20s"))
+        .await;
+    assert_eq!(code, StatusCode::CREATED, "{v}");
+    let id = v["id"].as_str().unwrap().to_string();
+    assert_eq!(v["driver"], "cut");
+    let ok = eventually(CONVERGE, || async {
+        let v = rollout_of(&f.replicas[0].admin).await;
+        v["id"] == id.as_str() && v["step_remaining_s"].as_f64().unwrap() <= 18.5
+    })
+    .await;
+    assert!(ok, "{:#}", rollout_of(&f.replicas[0].admin).await);
+
+    relay.cut();
+    let ok = eventually(Duration::from_secs(30), || async {
+        rollout_of(&f.replicas[0].admin).await["driver"] == "r0"
+    })
+    .await;
+    assert!(ok, "{:#}", rollout_of(&f.replicas[0].admin).await);
+    // Still cut off, it still shows its own driver's view.
+    assert_eq!(rollout_of(&cut_off.admin).await["driver"], "cut");
+
+    relay.heal();
+    let ok = eventually(Duration::from_secs(30), || async {
+        rollout_of(&cut_off.admin).await["driver"] == "r0"
+    })
+    .await;
+    assert!(ok, "{:#}", rollout_of(&cut_off.admin).await);
+    finishes_everywhere(&[&f.replicas[0], &cut_off], &id).await;
+    let stored: Value =
+        serde_json::from_str(&f.etcd.get("/switchyard-test/c/services/web")).unwrap();
+    let last = stored["rollouts"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()
+        .clone();
+    assert_eq!(last["id"], id.as_str());
+    assert_eq!(last["driver"], "r0", "the cut-off driver never wrote again");
+    let takeovers = last["timeline"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["event"] == "taken_over")
+        .count();
+    assert_eq!(takeovers, 1, "{last:#}");
+}
+
+/// Issue 13 item 10: the Grafana dashboard's "Fleet" row queries only
+/// series a fleet replica exposes (they do not exist on a single replica,
+/// so tests/prometheus_assets.rs leaves them to this test), and every
+/// fleet metric its descriptions or the assets' README name is one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_fleet_row_queries_what_a_replica_exposes() {
+    if !etcd_installed("dashboard") {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let f = fleet(1).await;
+    let r = &f.replicas[0];
+    // A refused value, so that the per-service counter has its series.
+    f.etcd.put("/switchyard-test/c/services/web", "not json");
+    let rejected = "switchyard_state_rejected_values_total{service=\"web\"}";
+    let ok = eventually(CONVERGE, || async {
+        metric(&r.admin.metrics().await, rejected) == Some(1.0)
+    })
+    .await;
+    assert!(ok, "{}", r.admin.metrics().await);
+    let exposition = r.admin.metrics().await;
+    let samples = sample_names(&exposition);
+    let (_, panels) = split_fleet_row(&grafana_dashboard());
+    assert!(
+        panels.iter().any(|p| p["title"] == "Replica sync"),
+        "{panels:#?}"
+    );
+    let mut queries = Vec::new();
+    dashboard_exprs(&Value::Array(panels), "fleet row", &mut queries);
+    assert!(queries.len() >= 3, "{queries:?}");
+    for (at, q) in &queries {
+        let used = metric_names(q);
+        assert!(!used.is_empty(), "{at}: {q}");
+        let gone: Vec<_> = used.difference(&samples).collect();
+        assert!(
+            gone.is_empty(),
+            "{at} queries series a fleet replica does not expose: {gone:?}\n{exposition}"
+        );
+    }
+    let known: std::collections::BTreeSet<String> =
+        samples.union(&family_names(&exposition)).cloned().collect();
+    let assets = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config/prometheus");
+    for file in ["grafana-dashboard.json", "README.md"] {
+        let text = std::fs::read_to_string(assets.join(file)).unwrap();
+        let mut used = metric_names(&text);
+        used.retain(|n| is_fleet_only(n));
+        let gone: Vec<_> = used.difference(&known).collect();
+        assert!(
+            gone.is_empty(),
+            "{file} names unknown fleet metrics: {gone:?}"
+        );
+    }
+}
 
 /// `ctl state import --from FILE` moves a single-replica state file into
 /// etcd, keeping generations and history (issue 13 item 7).

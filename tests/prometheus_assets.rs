@@ -118,49 +118,6 @@ fn promtool(args: &[&str], stdin: Option<&[u8]>) -> Outcome {
     }
 }
 
-/// Every `switchyard_*` metric name in `text` (a PromQL expression, a
-/// rules file, a dashboard). switchyard's names have no `:` (that is for
-/// recording rules), so a colon ends a name, as in prose.
-fn metric_names(text: &str) -> BTreeSet<String> {
-    let mut names = BTreeSet::new();
-    let mut rest = text;
-    while let Some(i) = rest.find("switchyard_") {
-        // Not the tail of a longer identifier.
-        let before = rest[..i].chars().next_back();
-        let tail = &rest[i..];
-        let end = tail
-            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-            .unwrap_or(tail.len());
-        if !before.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_') {
-            names.insert(tail[..end].to_string());
-        }
-        rest = &tail[end..];
-    }
-    names
-}
-
-/// Sample names (with `_bucket`, `_sum`, `_count` for histograms) in an
-/// exposition: what a query can select.
-fn sample_names(exposition: &str) -> BTreeSet<String> {
-    exposition
-        .lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .filter_map(|l| l.split(['{', ' ']).next())
-        .map(str::to_string)
-        .collect()
-}
-
-/// Metric family names (`# TYPE` lines): what prose may mention, such as
-/// a histogram's base name.
-fn family_names(exposition: &str) -> BTreeSet<String> {
-    exposition
-        .lines()
-        .filter_map(|l| l.strip_prefix("# TYPE "))
-        .filter_map(|l| l.split(' ').next())
-        .map(str::to_string)
-        .collect()
-}
-
 /// The `expr:` of every rule in a rules file, inline or as a block
 /// scalar (`expr: |` and the lines indented below it).
 fn rule_exprs(yaml: &str) -> Vec<String> {
@@ -356,8 +313,21 @@ async fn every_metric_the_assets_query_is_exposed_by_a_live_proxy() {
 
     // Queries: every name must select series of a live proxy.
     let dashboard: Value = serde_json::from_str(&read_asset("grafana-dashboard.json")).unwrap();
+    // The "Fleet" row's series exist only in fleet mode: tests/fleet.rs
+    // checks them against a replica on etcd. Here: only there.
+    let (single, fleet) = split_fleet_row(&dashboard);
+    let mut fleet_queries = Vec::new();
+    dashboard_exprs(&Value::Array(fleet), "fleet row", &mut fleet_queries);
+    assert!(!fleet_queries.is_empty(), "no Fleet row in the dashboard");
+    for (at, q) in &fleet_queries {
+        let names = metric_names(q);
+        assert!(
+            !names.is_empty() && names.iter().all(|n| is_fleet_only(n)),
+            "{at}: the Fleet row queries fleet-mode series only: {q}"
+        );
+    }
     let mut queries = Vec::new();
-    dashboard_exprs(&dashboard, "dashboard", &mut queries);
+    dashboard_exprs(&single, "dashboard", &mut queries);
     for v in dashboard["templating"]["list"].as_array().unwrap() {
         if let Some(q) = v["query"].as_str() {
             queries.push((format!("variable {}", v["name"]), q.to_string()));
@@ -395,7 +365,10 @@ async fn every_metric_the_assets_query_is_exposed_by_a_live_proxy() {
         "alerts_test.yml",
         "README.md",
     ] {
-        let gone = missing(&metric_names(&read_asset(file)), &known);
+        // Fleet-mode names: checked by tests/fleet.rs.
+        let mut used = metric_names(&read_asset(file));
+        used.retain(|n| !is_fleet_only(n));
+        let gone = missing(&used, &known);
         assert!(gone.is_empty(), "{file} names unknown metrics: {gone:?}");
     }
 
@@ -414,27 +387,6 @@ async fn every_metric_the_assets_query_is_exposed_by_a_live_proxy() {
         ),
         Some(1.0)
     );
-}
-
-/// Every PromQL expression of the dashboard (panels and annotations), with
-/// where it is.
-fn dashboard_exprs(v: &Value, at: &str, out: &mut Vec<(String, String)>) {
-    match v {
-        Value::Object(m) => {
-            for (k, x) in m {
-                match (k.as_str(), x) {
-                    ("expr", Value::String(e)) => out.push((at.to_string(), e.clone())),
-                    _ => dashboard_exprs(x, &format!("{at}.{k}"), out),
-                }
-            }
-        }
-        Value::Array(a) => {
-            for (i, x) in a.iter().enumerate() {
-                dashboard_exprs(x, &format!("{at}[{i}]"), out);
-            }
-        }
-        _ => {}
-    }
 }
 
 #[test]
@@ -533,7 +485,21 @@ fn dashboard_is_valid_and_sensible() {
     ] {
         assert!(all_exprs.contains(needle), "no panel queries {needle}");
     }
-    assert_eq!(rows, ["Rollouts"]);
+    assert_eq!(rows, ["Rollouts", "Fleet"]);
+    // The "Fleet" row (SPEC §11): whether each replica is in sync with
+    // etcd, and how stale.
+    for needle in [
+        "min by (instance) (switchyard_state_backend_connected)",
+        "switchyard_state_staleness_seconds",
+        "increase(switchyard_state_resyncs_total",
+    ] {
+        assert!(all_exprs.contains(needle), "no panel queries {needle}");
+    }
+    let (_, fleet) = split_fleet_row(&d);
+    assert!(
+        fleet.iter().any(|p| p["title"] == "Replica sync"),
+        "no replica-sync panel in the Fleet row"
+    );
 
     // Routing changes as annotations, labelled with their action.
     let annotations = d["annotations"]["list"].as_array().unwrap();

@@ -287,9 +287,10 @@ proptest! {
                         prop_assert_eq!(action, "mirror");
                         prop_assert!(mirror.is_some_and(|m| m.check().is_ok()));
                     }
-                    // Internal commands (config reload, state from etcd)
-                    // never come out of a request body.
-                    Command::Reload { .. } | Command::Adopt { .. } => {
+                    // Internal commands (config reload, state from etcd,
+                    // a rollout claimed from a dead replica) never come
+                    // out of a request body.
+                    Command::Reload { .. } | Command::Adopt { .. } | Command::ClaimRollout { .. } => {
                         prop_assert!(false, "decoded an internal command from {action}");
                     }
                 }

@@ -410,7 +410,13 @@ impl Control {
             .iter()
             .map(|(n, s)| (n.clone(), s.generation))
             .collect();
-        fleet.presence.send_modify(|p| p.services = services);
+        // Only a change wakes the presence task (a rollout's record is
+        // saved every few seconds without a new generation).
+        fleet.presence.send_if_modified(|p| {
+            let changed = p.services != services;
+            p.services = services;
+            changed
+        });
         if let (Some(cache), false) = (&self.cache, inner.state.services.is_empty()) {
             cache.send_replace(inner.state.clone());
         }
@@ -462,6 +468,9 @@ impl Control {
         };
         let mut next = inner.state.clone();
         let mut changed = Vec::new();
+        // Services whose rollout record alone changed (its driver saved
+        // progress, or a replica claimed it): nothing to rebuild.
+        let mut records = 0;
         for inc in incoming {
             let held = inner.revs.get(&inc.service).copied().unwrap_or(0);
             if inc.rev <= held {
@@ -485,8 +494,16 @@ impl Control {
             inner.revs.insert(inc.service.clone(), inc.rev);
             match result {
                 Ok(Outcome::Changed(st)) => {
+                    let record_only = next
+                        .services
+                        .get(&inc.service)
+                        .is_some_and(|cur| state::rollouts_only(cur, &st));
                     next.services.insert(inc.service.clone(), st);
-                    changed.push(inc.service);
+                    if record_only {
+                        records += 1;
+                    } else {
+                        changed.push(inc.service);
+                    }
                 }
                 Ok(_) => {}
                 Err(e) => {
@@ -498,6 +515,10 @@ impl Control {
             }
         }
         if changed.is_empty() {
+            if records > 0 {
+                inner.state = next;
+                self.settle(&inner);
+            }
             return;
         }
         let config = Arc::clone(&inner.config);
@@ -746,6 +767,24 @@ impl Control {
             }
             Outcome::Changed(next) => next,
         };
+        if inner
+            .state
+            .services
+            .get(service)
+            .is_some_and(|cur| state::rollouts_only(cur, &next))
+        {
+            // A rollout claim: the record alone, no routing change.
+            let new_state = inner.state.with_service(service, next);
+            let changes = inner.changes([service.to_string()]);
+            let revs = self.store.save(&new_state, &changes).await?;
+            inner.stored(&changes, &revs);
+            inner.state = new_state;
+            self.settle(&inner);
+            drop(inner);
+            return self
+                .view(service)
+                .ok_or_else(|| CommandError::UnknownService(service.to_string()).into());
+        }
         let (generation, weights) = (next.generation, next.weights);
         let gone_rules: Vec<String> = inner
             .state
@@ -840,6 +879,21 @@ impl Control {
         Some(s.rollouts.iter().cloned().collect())
     }
 
+    /// Fleet mode: the replica that drives the rollout `record` now, if
+    /// the state names one other than `record`'s (it was taken over).
+    pub(crate) async fn driven_elsewhere(&self, record: &Rollout) -> Option<String> {
+        let inner = self.inner.lock().await;
+        let held = inner
+            .state
+            .services
+            .get(&record.service)?
+            .rollouts
+            .iter()
+            .rev()
+            .find(|r| r.id == record.id)?;
+        driven_elsewhere(held, record).map(str::to_string)
+    }
+
     /// The rollouts that were running when the state was saved.
     pub(crate) async fn active_rollouts(&self) -> Vec<Rollout> {
         let inner = self.inner.lock().await;
@@ -883,7 +937,19 @@ impl Control {
         // By id: a driver that ended may still save its final counts after
         // the next rollout started; its record stays where it is.
         match next.rollouts.iter_mut().rev().find(|r| r.id == record.id) {
-            Some(slot) => *slot = record,
+            Some(slot) => {
+                // Fleet mode: another replica took the rollout over (this
+                // one was cut off from etcd, or thought dead): its record
+                // is the rollout now, and this driver must stop.
+                if let Some(other) = driven_elsewhere(slot, &record) {
+                    return Err(CommandError::RolloutDrivenElsewhere {
+                        id: record.id.clone(),
+                        driver: other.to_string(),
+                    }
+                    .into());
+                }
+                *slot = record
+            }
             None => {
                 // Two starts racing: the second finds the first here (the
                 // lock serialises them) and is refused.
@@ -920,21 +986,37 @@ impl Control {
         let generation = next.generation;
         let new_state = inner.state.with_service(service, next);
         let changes = inner.changes([service.to_string()]);
-        let Some(w) = new_weights else {
-            let revs = self.store.save(&new_state, &changes).await?;
-            inner.stored(&changes, &revs);
+        let prepared = match new_weights {
+            None => None,
+            Some(_) => Some(
+                prepare(
+                    &inner.config,
+                    &self.config_file(),
+                    &new_state,
+                    &inner.runtimes,
+                )
+                .map_err(|errors| ControlError::Build(FileErrors(errors).to_string()))?,
+            ),
+        };
+        let revs = match self.store.save(&new_state, &changes).await {
+            Ok(revs) => revs,
+            Err(e) => {
+                if let StoreError::Conflict { .. } = e {
+                    // Another writer changed the service: read it now, so
+                    // that the driver's next try (or its ownership check)
+                    // sees what won.
+                    drop(inner);
+                    self.refresh(&changes).await;
+                }
+                return Err(e.into());
+            }
+        };
+        inner.stored(&changes, &revs);
+        let (Some(w), Some(prepared)) = (new_weights, prepared) else {
             inner.state = new_state;
+            self.settle(&inner);
             return Ok(());
         };
-        let prepared = prepare(
-            &inner.config,
-            &self.config_file(),
-            &new_state,
-            &inner.runtimes,
-        )
-        .map_err(|errors| ControlError::Build(FileErrors(errors).to_string()))?;
-        let revs = self.store.save(&new_state, &changes).await?;
-        inner.stored(&changes, &revs);
         let config = Arc::clone(&inner.config);
         let snapshot = prepared.commit(&config, &new_state, &mut inner, &self.metrics);
         inner.state = new_state;
@@ -1117,6 +1199,15 @@ fn cache_writer(cache: FileStore) -> watch::Sender<RoutingState> {
         }
     });
     tx
+}
+
+/// The driver `held` names, if it is not the one `mine` names: another
+/// replica took the rollout over.
+fn driven_elsewhere<'a>(held: &'a Rollout, mine: &Rollout) -> Option<&'a str> {
+    match (held.driver.as_deref(), mine.driver.as_deref()) {
+        (Some(theirs), m) if m != Some(theirs) => Some(theirs),
+        _ => None,
+    }
 }
 
 /// The services that differ between two states (added, changed, removed).
@@ -1505,5 +1596,80 @@ mod tests {
             vec![1, 3],
             "the history the other writer stored, then ours"
         );
+    }
+    /// Issue 13 item 8: a driver whose replica was cut off while another
+    /// claimed its rollout never writes the record again. Its first write
+    /// loses the compare-and-swap (and reads the claim); its next is
+    /// refused because the record names the other driver, which is what
+    /// stops its task (`Control::driven_elsewhere`).
+    #[tokio::test]
+    async fn a_stale_driver_loses_to_the_claim_and_learns_of_it() {
+        let store = Arc::new(MemoryStore::default());
+        let config = Config::demo(
+            "127.0.0.1:1".parse().expect("addr"),
+            "127.0.0.1:2".parse().expect("addr"),
+        );
+        let control = Control::start(ControlParts {
+            config,
+            config_path: None,
+            stored: None,
+            store: Arc::clone(&store) as Arc<dyn StateStore>,
+            metrics: Arc::new(Metrics::new()),
+            tls: None,
+            tokens: Arc::new(ArcSwap::from_pointee(Tokens::none())),
+            conn_limits: ConnLimiter::new(100, 0),
+            fleet: None,
+        })
+        .await
+        .expect("start");
+        let plan = Plan::from_json(&serde_json::json!({"steps": [
+            {"weight": 20, "pause": "1m"}, {"weight": 100}
+        ]}))
+        .expect("plan");
+        let mut mine = Rollout::start("demo-1".into(), "demo".into(), plan, Color::Green, "t0");
+        mine.driver = Some("a".into());
+        // The store's revision of the service, as the watch gives it.
+        let demo = Change {
+            service: "demo".into(),
+            base: 0,
+        };
+        control.refresh(std::slice::from_ref(&demo)).await;
+        control
+            .commit_rollout("demo", mine.clone(), None, &meta(None))
+            .await
+            .expect("a starts it");
+        assert_eq!(control.driven_elsewhere(&mine).await, None);
+        // b claims it in the store (a was cut off).
+        let (mut held, _) = store.get("demo").expect("stored");
+        if let Some(r) = held.rollouts.back_mut() {
+            r.take_over("b", "t5");
+        }
+        store.put("demo", held);
+        // a's next save, based on what it knew: lost, and the claim read.
+        mine.step_elapsed_ms = 9000;
+        let err = control
+            .commit_rollout("demo", mine.clone(), None, &meta(None))
+            .await
+            .expect_err("stale base");
+        assert!(
+            matches!(err, ControlError::Persist(StoreError::Conflict { .. })),
+            "{err}"
+        );
+        assert_eq!(control.driven_elsewhere(&mine).await.as_deref(), Some("b"));
+        // And from then on refused outright: b's record stays.
+        let err = control
+            .commit_rollout("demo", mine.clone(), None, &meta(None))
+            .await
+            .expect_err("driven elsewhere");
+        assert!(
+            matches!(
+                err,
+                ControlError::Command(CommandError::RolloutDrivenElsewhere { .. })
+            ),
+            "{err}"
+        );
+        let (stored, _) = store.get("demo").expect("stored");
+        let r = stored.rollouts.back().expect("record");
+        assert_eq!((r.driver.as_deref(), r.step_elapsed_ms), (Some("b"), 0));
     }
 }

@@ -310,6 +310,22 @@ pub enum Command {
         /// The state read from the store.
         state: Box<ServiceState>,
     },
+    /// Fleet mode: `replica` takes over the running rollout `id`, whose
+    /// driver replica is gone (see [`Rollout::may_take_over`]). Decided
+    /// against the driver the caller saw (`from`): if the record names
+    /// another by now (a replica that won the race), nothing changes. The
+    /// record alone changes (`driver`, a timeline entry): no generation,
+    /// no history entry, no weight change.
+    ClaimRollout {
+        /// The rollout.
+        id: String,
+        /// The driver named when the caller decided.
+        from: Option<String>,
+        /// This replica.
+        replica: String,
+        /// The replicas with a presence key.
+        live: Vec<String>,
+    },
 }
 
 impl Command {
@@ -325,6 +341,8 @@ impl Command {
             // A reload records `pool` and `rules` entries of its own.
             Command::Reload { .. } => Action::Pool,
             Command::Adopt { state } => state.history.back().map_or(Action::Split, |e| e.action),
+            // Never recorded: a claim changes no generation (see `apply`).
+            Command::ClaimRollout { .. } => Action::Split,
         }
     }
 }
@@ -371,6 +389,15 @@ pub(crate) enum CommandError {
     /// A manual switch, split or rollback while a rollout runs (SPEC §10).
     #[error("rollout {0} is running; pause, promote or abort it (or send \"force\": true, which aborts it first)")]
     RolloutActive(String),
+    /// Fleet mode: the rollout's record names another replica as its
+    /// driver (it took the rollout over); this replica must not write it.
+    #[error("rollout {id} is driven by replica {driver} now")]
+    RolloutDrivenElsewhere {
+        /// The rollout.
+        id: String,
+        /// The replica that drives it.
+        driver: String,
+    },
 }
 
 /// Read-only facts `apply` needs about the running backends.
@@ -423,6 +450,18 @@ pub(crate) fn apply(
         }
         Command::Adopt { state: incoming } => {
             return adopt(state.services.get(name), incoming, meta.at)
+        }
+        Command::ClaimRollout {
+            id,
+            from,
+            replica,
+            live,
+        } => {
+            let current = state
+                .services
+                .get(name)
+                .ok_or_else(|| CommandError::UnknownService(name.to_string()))?;
+            return Ok(claim(current, id, from.as_deref(), replica, live, meta.at));
         }
         _ => {}
     }
@@ -578,7 +617,9 @@ pub(crate) fn apply(
             });
             next.mirror = mirror.clone().map(Box::new);
         }
-        Command::Reload { .. } | Command::Adopt { .. } => return Ok(Outcome::Unchanged),
+        Command::Reload { .. } | Command::Adopt { .. } | Command::ClaimRollout { .. } => {
+            return Ok(Outcome::Unchanged)
+        }
     }
     if let Live::Full(c) = current.weights.live() {
         if next.weights != current.weights {
@@ -669,6 +710,42 @@ fn reload(current: Option<&ServiceState>, svc: Option<&ServiceConfig>, at: Syste
     }
 }
 
+/// [`Command::ClaimRollout`].
+fn claim(
+    current: &ServiceState,
+    id: &str,
+    from: Option<&str>,
+    replica: &str,
+    live: &[String],
+    at: SystemTime,
+) -> Outcome {
+    let Some(r) = current.active_rollout().filter(|r| r.id == id) else {
+        // Ended, or replaced by another rollout meanwhile.
+        return Outcome::Unchanged;
+    };
+    if r.driver.as_deref() != from || !r.may_take_over(replica, live) {
+        return Outcome::Unchanged;
+    }
+    let mut next = current.clone();
+    if let Some(r) = next.rollouts.back_mut() {
+        r.take_over(replica, &humantime::format_rfc3339_millis(at).to_string());
+    }
+    Outcome::Changed(next)
+}
+
+/// Do two states of a service differ in their rollout records only? The
+/// driver persists its record (progress, a claim) without a new
+/// generation.
+pub(crate) fn rollouts_only(a: &ServiceState, b: &ServiceState) -> bool {
+    a.generation == b.generation
+        && a.weights == b.weights
+        && a.previous == b.previous
+        && a.pools == b.pools
+        && a.history == b.history
+        && a.rules == b.rules
+        && a.mirror == b.mirror
+}
+
 /// [`Command::Adopt`]: the stored state, if it is valid and not older than
 /// the one served. A value written by hand without history keeps the
 /// served history and gains an entry saying so.
@@ -699,6 +776,11 @@ fn adopt(
     if let Some(cur) = current {
         if *cur == next {
             return Ok(Outcome::Unchanged);
+        }
+        // A rollout's driver saved its record (progress, a claim): the
+        // same generation, everything else as served.
+        if rollouts_only(cur, &next) {
+            return Ok(Outcome::Changed(next));
         }
         if next.generation <= cur.generation {
             return Err(bad(
@@ -1304,5 +1386,66 @@ mod tests {
         let r = reconcile(&s, &cfg, SystemTime::UNIX_EPOCH);
         assert!(r.services.contains_key("other") && !r.services.contains_key("web"));
         assert_eq!(r.services["other"].generation, 1);
+    }
+    /// Issue 13 item 8: a claim through `apply` names the new driver only
+    /// if the one the caller saw is gone and still named; a loser of the
+    /// race, deciding again on the winner's record, changes nothing. The
+    /// record (same generation) is then adopted by the other replicas.
+    #[test]
+    fn a_rollout_is_claimed_once_from_a_dead_driver() {
+        use crate::control_plane::rollout::plan::Plan;
+        let plan = Plan::from_json(&serde_json::json!({"steps": [
+            {"weight": 20, "pause": "1m"}, {"weight": 100}
+        ]}))
+        .expect("plan");
+        let mut st = state();
+        let mut r = Rollout::start("web-1".into(), "web".into(), plan, Color::Green, "t0");
+        r.driver = Some("a".into());
+        r.step_elapsed_ms = 7000;
+        if let Some(svc) = st.services.get_mut("web") {
+            svc.rollouts.push_back(r);
+        }
+        let live = vec!["b".to_string(), "c".to_string()];
+        let claim = |by: &str, from: &str| Command::ClaimRollout {
+            id: "web-1".into(),
+            from: Some(from.into()),
+            replica: by.into(),
+            live: live.clone(),
+        };
+        let Ok(Outcome::Changed(won)) = apply(&st, "web", &claim("b", "a"), &meta(), &AllHealthy)
+        else {
+            panic!("b claims");
+        };
+        let held = won.rollouts.back().expect("record");
+        assert_eq!(held.driver.as_deref(), Some("b"));
+        assert_eq!((held.step, held.step_elapsed_ms), (0, 7000));
+        assert_eq!(won.generation, 1, "no new generation");
+        assert_eq!(won.history, st.services["web"].history, "no history entry");
+        // c decided on the same view (driver a) but b won: nothing.
+        let after = st.with_service("web", won.clone());
+        assert_eq!(
+            apply(&after, "web", &claim("c", "a"), &meta(), &AllHealthy),
+            Ok(Outcome::Unchanged)
+        );
+        // Nor does anyone claim from b, which is live.
+        assert_eq!(
+            apply(&after, "web", &claim("c", "b"), &meta(), &AllHealthy),
+            Ok(Outcome::Unchanged)
+        );
+        // The other replicas adopt the record saved without a generation.
+        let adopt = Command::Adopt {
+            state: Box::new(won.clone()),
+        };
+        assert_eq!(
+            apply(&st, "web", &adopt, &meta(), &AllHealthy),
+            Ok(Outcome::Changed(won.clone()))
+        );
+        // But not a same-generation value that changes routing.
+        let mut forged = won;
+        forged.weights = Weights::full(Color::Green);
+        let adopt = Command::Adopt {
+            state: Box::new(forged),
+        };
+        assert!(apply(&st, "web", &adopt, &meta(), &AllHealthy).is_err());
     }
 }

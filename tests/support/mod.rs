@@ -10,6 +10,7 @@
 //! ```
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+use std::collections::BTreeSet;
 use std::convert::Infallible;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -771,4 +772,103 @@ pub fn run_binary(args: &[&str]) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+// ===== Monitoring assets (config/prometheus) =====
+
+/// Every `switchyard_*` metric name in `text` (a PromQL expression, a
+/// rules file, a dashboard). switchyard's names have no `:` (that is for
+/// recording rules), so a colon ends a name, as in prose.
+pub fn metric_names(text: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    let mut rest = text;
+    while let Some(i) = rest.find("switchyard_") {
+        // Not the tail of a longer identifier.
+        let before = rest[..i].chars().next_back();
+        let tail = &rest[i..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        if !before.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_') {
+            names.insert(tail[..end].to_string());
+        }
+        rest = &tail[end..];
+    }
+    names
+}
+
+/// Sample names (with `_bucket`, `_sum`, `_count` for histograms) in an
+/// exposition: what a query can select.
+pub fn sample_names(exposition: &str) -> BTreeSet<String> {
+    exposition
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .map(str::to_string)
+        .collect()
+}
+
+/// Metric family names (`# TYPE` lines): what prose may mention, such as
+/// a histogram's base name.
+pub fn family_names(exposition: &str) -> BTreeSet<String> {
+    exposition
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split(' ').next())
+        .map(str::to_string)
+        .collect()
+}
+
+/// Every PromQL expression of the dashboard (panels and annotations), with
+/// where it is.
+pub fn dashboard_exprs(v: &Value, at: &str, out: &mut Vec<(String, String)>) {
+    match v {
+        Value::Object(m) => {
+            for (k, x) in m {
+                match (k.as_str(), x) {
+                    ("expr", Value::String(e)) => out.push((at.to_string(), e.clone())),
+                    _ => dashboard_exprs(x, &format!("{at}.{k}"), out),
+                }
+            }
+        }
+        Value::Array(a) => {
+            for (i, x) in a.iter().enumerate() {
+                dashboard_exprs(x, &format!("{at}[{i}]"), out);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Series that exist only in fleet mode (`[state] backend = "etcd"`).
+pub fn is_fleet_only(name: &str) -> bool {
+    name.starts_with("switchyard_state_")
+}
+
+/// `config/prometheus/grafana-dashboard.json` as JSON.
+pub fn grafana_dashboard() -> Value {
+    let path =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config/prometheus/grafana-dashboard.json");
+    serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
+}
+
+/// The dashboard without its "Fleet" row, and the panels of that row
+/// (a row's panels follow it, up to the next row).
+pub fn split_fleet_row(dashboard: &Value) -> (Value, Vec<Value>) {
+    let mut rest = dashboard.clone();
+    let mut fleet = Vec::new();
+    let mut kept = Vec::new();
+    let mut in_fleet = false;
+    for p in dashboard["panels"].as_array().unwrap() {
+        if p["type"] == "row" {
+            in_fleet = p["title"] == "Fleet";
+        }
+        if in_fleet {
+            fleet.push(p.clone());
+        } else {
+            kept.push(p.clone());
+        }
+    }
+    rest["panels"] = Value::Array(kept);
+    (rest, fleet)
 }

@@ -150,7 +150,8 @@ impl AdminError {
                 CommandError::NoHealthyBackend(_)
                 | CommandError::PoolTakesTraffic { .. }
                 | CommandError::NothingToRollBack
-                | CommandError::RolloutActive(_) => StatusCode::CONFLICT,
+                | CommandError::RolloutActive(_)
+                | CommandError::RolloutDrivenElsewhere { .. } => StatusCode::CONFLICT,
                 CommandError::StaleGeneration { .. } => StatusCode::PRECONDITION_FAILED,
             },
             AdminError::Control(ControlError::Persist(p))
@@ -171,6 +172,11 @@ impl AdminError {
                 | RolloutError::Split(_) => StatusCode::CONFLICT,
                 RolloutError::UnknownPlan(_) | RolloutError::BadPlan(_) => StatusCode::BAD_REQUEST,
                 RolloutError::Stale { .. } => StatusCode::PRECONDITION_FAILED,
+                // Fleet mode: a verb reached a driver whose rollout another
+                // replica took over meanwhile.
+                RolloutError::Control(ControlError::Command(
+                    CommandError::RolloutDrivenElsewhere { .. },
+                )) => StatusCode::CONFLICT,
                 RolloutError::Control(_) | RolloutError::DriverGone(_) => {
                     StatusCode::INTERNAL_SERVER_ERROR
                 }
@@ -201,7 +207,9 @@ impl AdminError {
                 CommandError::PoolTakesTraffic { .. } => "pool_takes_traffic",
                 CommandError::StaleGeneration { .. } => "stale_generation",
                 CommandError::NothingToRollBack => "nothing_to_roll_back",
-                CommandError::RolloutActive(_) => "rollout_active",
+                CommandError::RolloutActive(_) | CommandError::RolloutDrivenElsewhere { .. } => {
+                    "rollout_active"
+                }
             },
             AdminError::Control(ControlError::Build(_)) => "build_failed",
             AdminError::Control(ControlError::Persist(p)) => store_code(p),
@@ -220,6 +228,9 @@ impl AdminError {
                 RolloutError::UnknownPlan(_) => "invalid_field",
                 RolloutError::BadPlan(_) => "invalid_plan",
                 RolloutError::Stale { .. } => "stale_generation",
+                RolloutError::Control(ControlError::Command(
+                    CommandError::RolloutDrivenElsewhere { .. },
+                )) => "rollout_state",
                 RolloutError::Control(_) => "persist_failed",
                 RolloutError::DriverGone(_) => "rollout_driver_stopped",
             },

@@ -99,7 +99,8 @@ pub(crate) struct Impact {
 pub(crate) struct TimelineEntry {
     /// RFC 3339.
     pub(crate) at: String,
-    /// `started`, `step`, `paused`, `resumed`, `promoted`, `rolled_back`, …
+    /// `started`, `step`, `paused`, `resumed`, `promoted`, `rolled_back`,
+    /// `taken_over` (fleet mode), …
     pub(crate) event: String,
     /// Step index then.
     pub(crate) step: usize,
@@ -188,13 +189,20 @@ pub(crate) struct Rollout {
     #[serde(default)]
     pub(crate) failed_rule: Option<String>,
     /// Fleet mode: the replica whose driver runs it, and so whose traffic
-    /// the analysis judged (SPEC §11). `None` with one replica.
+    /// the analysis judges (SPEC §11); another replica replaces it when it
+    /// takes the rollout over (`taken_over` in the timeline says from
+    /// when). `None` with one replica.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) driver: Option<String>,
     /// An analysis rollback: when it was decided and when the generation
     /// with the canary at 0 % was published (set by the driver).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) reaction: Option<Reaction>,
+    /// Fleet mode: every replica that drove it, in order, with when and in
+    /// which step it began: whose traffic the analysis judged when (the
+    /// report's `judged_by`). Empty with one replica.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) drivers: Vec<DriverSpan>,
 }
 
 /// How fast an analysis rollback reached the data plane (issue 11, item 5:
@@ -221,6 +229,17 @@ pub(crate) struct Reaction {
     pub(crate) decision_to_publish_ms: f64,
     /// `published_at` − `decided_at` in ms: persisting and publishing alone.
     pub(crate) commit_ms: f64,
+}
+
+/// One replica's turn at driving a rollout (fleet mode).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct DriverSpan {
+    /// `replica_id`.
+    pub(crate) replica: String,
+    /// When it began driving, RFC 3339.
+    pub(crate) since: String,
+    /// The step it began in.
+    pub(crate) step: usize,
 }
 
 /// The weights that give `canary` the share `bp` (basis points).
@@ -270,6 +289,7 @@ impl Rollout {
             failed_rule: None,
             driver: None,
             reaction: None,
+            drivers: Vec::new(),
         };
         r.event(
             at,
@@ -306,6 +326,49 @@ impl Rollout {
             Step::Gate { .. } => return None,
         };
         Some(total.saturating_sub(self.step_elapsed_ms) as f64 / 1000.0)
+    }
+
+    /// Fleet mode: replica `me` started it and drives it.
+    pub(crate) fn set_driver(&mut self, me: &str, at: &str) {
+        self.driver = Some(me.to_string());
+        self.drivers.push(DriverSpan {
+            replica: me.to_string(),
+            since: at.to_string(),
+            step: self.step,
+        });
+    }
+
+    /// Fleet mode: may replica `me` take this rollout over? Only a running
+    /// rollout whose driver replica is gone (no presence key among `live`,
+    /// its lease expired) or was never named (a record imported from a
+    /// single replica), and only while `me` itself is live (a replica cut
+    /// off from etcd may be the one the others think dead). Several
+    /// replicas may decide so at once: the compare-and-swap of the claim
+    /// lets exactly one win.
+    pub(crate) fn may_take_over(&self, me: &str, live: &[String]) -> bool {
+        let is_live = |id: &str| live.iter().any(|l| l == id);
+        self.is_active()
+            && is_live(me)
+            && match self.driver.as_deref() {
+                Some(d) => d != me && !is_live(d),
+                None => true,
+            }
+    }
+
+    /// Fleet mode: replica `me` drives it from now on, from the step and
+    /// the time left that the record has; the timeline says so, which is
+    /// how the report tells whose traffic the analysis judged when.
+    pub(crate) fn take_over(&mut self, me: &str, at: &str) {
+        let detail = match self.driver.as_deref() {
+            Some(d) => format!(
+                "replica {me} took over from {d} (its presence expired); the analysis judges {me}'s traffic from here"
+            ),
+            None => format!(
+                "replica {me} took over (no driver was named); the analysis judges {me}'s traffic from here"
+            ),
+        };
+        self.set_driver(me, at);
+        self.event(at, "taken_over", detail);
     }
 
     fn event(&mut self, at: &str, event: &str, detail: String) {
@@ -644,6 +707,7 @@ impl Rollout {
                         "impact": self.impact,
                         "timeline": self.timeline,
                         "reaction": self.reaction,
+                        "judged_by": self.drivers,
                     }),
                 );
             }
@@ -783,5 +847,55 @@ mod tests {
         let mut r = Rollout::start("r3".into(), "web".into(), plan(), Color::Green, "t0");
         r.abort("ops", "bad build", "t1").expect("abort");
         assert_eq!((r.state, r.weight_bp), (State::Aborted, 0));
+    }
+    /// Who may take a rollout over (issue 13 item 8): only a live replica,
+    /// only from a driver without presence, only while it runs.
+    #[test]
+    fn only_a_live_replica_takes_over_from_a_dead_driver() {
+        let live = |ids: &[&str]| ids.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let mut r = Rollout::start("r1".into(), "web".into(), plan(), Color::Green, "t0");
+        r.driver = Some("a".into());
+        // The driver is alive: nobody takes over, not even itself.
+        assert!(!r.may_take_over("b", &live(&["a", "b", "c"])));
+        assert!(!r.may_take_over("a", &live(&["a", "b"])));
+        // The driver's presence expired: any live replica may.
+        assert!(r.may_take_over("b", &live(&["b", "c"])));
+        assert!(r.may_take_over("c", &live(&["b", "c"])));
+        // A replica without presence itself (cut off) may not.
+        assert!(!r.may_take_over("b", &live(&["c"])));
+        assert!(!r.may_take_over("b", &[]));
+        // No driver named (imported from a single replica): any live one.
+        let mut unnamed = r.clone();
+        unnamed.driver = None;
+        assert!(unnamed.may_take_over("c", &live(&["c"])));
+        // The claim keeps id, step and time, and says who judges what.
+        r.step_elapsed_ms = 1500;
+        let before = r.clone();
+        r.take_over("b", "t9");
+        assert_eq!(r.driver.as_deref(), Some("b"));
+        assert_eq!(
+            (&r.id, r.step, r.step_elapsed_ms, r.state, r.weight_bp),
+            (
+                &before.id,
+                before.step,
+                1500,
+                before.state,
+                before.weight_bp
+            )
+        );
+        let last = r.timeline.last().expect("event");
+        assert_eq!(last.event, "taken_over");
+        let judged: Vec<_> = r
+            .drivers
+            .iter()
+            .map(|d| (d.replica.as_str(), d.step))
+            .collect();
+        assert_eq!(judged, [("b", 0)], "the first driver was set by hand here");
+        assert!(last.detail.contains("from a"), "{}", last.detail);
+        assert!(!r.may_take_over("c", &live(&["b", "c"])), "b drives now");
+        // An ended rollout is never taken over.
+        let mut ended = before.clone();
+        ended.abort("ops", "", "t1").expect("abort");
+        assert!(!ended.may_take_over("b", &live(&["b"])));
     }
 }

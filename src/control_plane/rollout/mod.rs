@@ -13,10 +13,16 @@
 //! [`PERSIST_EVERY`] while it observes, so that a restart resumes the same
 //! step with the time it had left). Operator verbs reach the task through a
 //! channel, so they never race the tick.
+//!
+//! Fleet mode: the record names the replica whose driver runs it
+//! (`driver`); [`takeover`] resumes it on that replica after a restart,
+//! and on another replica when that one is gone. A driver that finds its
+//! record claimed by another replica stops without writing.
 
 pub(crate) mod analysis;
 pub(crate) mod machine;
 pub(crate) mod plan;
+pub(crate) mod takeover;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -172,9 +178,22 @@ impl Drivers {
             .map(|h| (h.verbs.clone(), h.latest.clone()))
     }
 
-    fn insert(&self, service: &str, handle: Handle) {
+    /// Installs `handle` unless a driver of the same rollout already runs
+    /// here (a start and a takeover look racing); returns whether it did.
+    fn insert(&self, service: &str, handle: Handle) -> bool {
         let mut map = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        let id = handle.latest.borrow().id.clone();
+        if map.get(service).is_some_and(|h| h.latest.borrow().id == id) {
+            return false;
+        }
         map.insert(service.to_string(), handle);
+        true
+    }
+
+    /// Does the driver of rollout `id` of `service` run on this replica?
+    fn runs(&self, service: &str, id: &str) -> bool {
+        let map = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(service).is_some_and(|h| h.latest.borrow().id == id)
     }
 
     fn remove(&self, service: &str, id: &str) {
@@ -235,7 +254,9 @@ pub(crate) async fn start(
     let id = format!("{service}-{unix_ms}");
     let at = now_text();
     let mut record = Rollout::start(id, service.to_string(), plan, canary, &at);
-    record.driver = control.fleet().map(|f| f.replica_id().to_string());
+    if let Some(f) = control.fleet() {
+        record.set_driver(f.replica_id(), &at);
+    }
     tracing::info!(service, id = %record.id, %canary, started_by = %meta.actor, "rollout started");
     let meta = rollout_meta(
         &record,
@@ -265,18 +286,16 @@ pub(crate) async fn start(
 }
 
 /// Resumes the driver of every service whose persisted rollout was running
-/// (after a restart): the same step, with the time it had left.
+/// (after a restart): the same step, with the time it had left. Fleet
+/// mode: starts [`takeover::watch`] instead, which resumes the rollouts
+/// this replica drove once etcd has confirmed it still does, and takes
+/// over those whose driver is gone.
 pub(crate) async fn resume_all(control: &Arc<Control>) {
-    let me = control.fleet().map(|f| f.replica_id().to_string());
+    if control.fleet().is_some() {
+        takeover::watch(control);
+        return;
+    }
     for record in control.active_rollouts().await {
-        // Fleet mode: only the replica that drove it resumes it; two
-        // drivers would both write (taking over from a dead replica is
-        // not built yet, see README "Running a fleet").
-        if record.driver.is_some() && record.driver != me {
-            tracing::info!(service = %record.service, id = %record.id, driver = ?record.driver,
-                "rollout driven by another replica: not resumed here");
-            continue;
-        }
         tracing::info!(service = %record.service, id = %record.id, step = record.step,
             remaining_s = record.step_remaining_s().unwrap_or(0.0), "rollout resumed after restart");
         control
@@ -297,6 +316,12 @@ pub(crate) async fn verb(
         return match control.rollout_facts(service).await {
             None => Err(RolloutError::UnknownService(service.to_string())),
             Some((_, _, None)) => Err(RolloutError::NoRollout(service.to_string())),
+            // Fleet mode: another replica drives it.
+            Some((_, _, Some(r))) if r.is_active() => Err(RolloutError::Verb(VerbError(format!(
+                "rollout {} is driven by replica {}: send the verb to that replica",
+                r.id,
+                r.driver.as_deref().unwrap_or("(none yet)")
+            )))),
             Some((_, _, Some(r))) => Err(RolloutError::Verb(VerbError(format!(
                 "rollout {} already ended ({})",
                 r.id,
@@ -391,12 +416,17 @@ fn rollout_meta(r: &Rollout, reason: Option<&str>, what: &str) -> ChangeMeta {
     }
 }
 
-fn spawn(control: &Arc<Control>, record: Rollout) {
+/// Spawns the driver of `record` unless one of the same rollout already
+/// runs here; returns whether it did.
+fn spawn(control: &Arc<Control>, record: Rollout) -> bool {
     let (verbs, rx) = mpsc::channel(16);
     let (latest_tx, latest) = watch::channel(Arc::new(record.clone()));
-    control
+    if !control
         .drivers()
-        .insert(&record.service, Handle { verbs, latest });
+        .insert(&record.service, Handle { verbs, latest })
+    {
+        return false;
+    }
     let control = Arc::clone(control);
     tokio::spawn(async move {
         let service = record.service.clone();
@@ -406,6 +436,7 @@ fn spawn(control: &Arc<Control>, record: Rollout) {
             .await;
         control.drivers().remove(&service, &id);
     });
+    true
 }
 
 // ===== the driver task =====
@@ -463,6 +494,9 @@ impl Driver {
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_tick = tokio::time::Instant::now();
         let mut ended_at: Option<tokio::time::Instant> = None;
+        if self.taken_over().await {
+            return;
+        }
         self.sync_mirror().await;
         loop {
             tokio::select! {
@@ -472,6 +506,9 @@ impl Driver {
                     last_tick = now;
                     if !self.control.has_service(&self.r.service).await {
                         tracing::warn!(service = %self.r.service, id = %self.r.id, "rollout stopped: the service left the config");
+                        return;
+                    }
+                    if self.taken_over().await {
                         return;
                     }
                     self.tick(dt).await;
@@ -492,6 +529,19 @@ impl Driver {
                 }
             }
         }
+    }
+
+    /// Fleet mode: has another replica claimed the rollout (this one was
+    /// cut off from etcd long enough for its presence to expire)? Then
+    /// this driver stops, without writing: the record is the other's now.
+    async fn taken_over(&self) -> bool {
+        let Some(other) = self.control.driven_elsewhere(&self.r).await else {
+            return false;
+        };
+        tracing::warn!(service = %self.r.service, id = %self.r.id, driver = %other,
+            "rollout taken over by another replica; this replica stops driving it");
+        self.control.metrics().rollout_forget(&self.r.service);
+        true
     }
 
     /// Reads the counters, updates impact and statistics, ticks the machine.

@@ -20,7 +20,10 @@
 //!   backoff and resume from the last revision seen; the start revision is
 //!   never moved forward without an event.
 //! - Presence: one task keeps a lease and puts this replica's key on it
-//!   (the generation it serves per service, whether it is stale).
+//!   (the generation it serves per service, whether it is stale). Another
+//!   watches the presence keys and wakes [`EtcdStore::departed`] when one
+//!   goes (a replica's lease expired: it died or was cut off), so that a
+//!   rollout it drove is taken over at once (`rollout::takeover`).
 //! - etcd unreachable: nothing is swapped, so the last table keeps serving;
 //!   writes are refused at once ([`StoreError::Unavailable`]) once the
 //!   store has been silent for `stale_after`.
@@ -35,7 +38,7 @@ use etcd_client::{
     TxnOp, WatchOptions,
 };
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Notify};
 
 use super::{Change, Incoming, Rev, StateStore, StoreError, StoreFuture};
 use crate::config::EtcdConfig;
@@ -137,6 +140,7 @@ pub(crate) struct EtcdStore {
     lease_ttl: Duration,
     health: Health,
     metrics: FleetMetrics,
+    departed: Notify,
 }
 
 impl EtcdStore {
@@ -165,6 +169,7 @@ impl EtcdStore {
             lease_ttl: cfg.lease_ttl,
             health: Health::new(cfg.stale_after),
             metrics,
+            departed: Notify::new(),
         })
     }
 
@@ -176,6 +181,18 @@ impl EtcdStore {
     /// This replica's id.
     pub(crate) fn replica_id(&self) -> &str {
         &self.replica_id
+    }
+
+    /// `lease_ttl`: how long a dead replica's presence key outlives it.
+    pub(crate) fn lease_ttl(&self) -> Duration {
+        self.lease_ttl
+    }
+
+    /// Woken when a replica's presence key is deleted (its lease expired
+    /// or it shut down). A hint: the watch behind it may miss one while
+    /// etcd is unreachable, so callers also look periodically.
+    pub(crate) fn departed(&self) -> &Notify {
+        &self.departed
     }
 
     /// Counts a value refused by the control plane.
@@ -192,6 +209,7 @@ impl EtcdStore {
     ) {
         tokio::spawn(supervise(Arc::clone(self), events));
         tokio::spawn(announce(Arc::clone(self), presence));
+        tokio::spawn(watch_departures(Arc::clone(self)));
         let me = Arc::downgrade(self);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(500));
@@ -242,6 +260,24 @@ impl EtcdStore {
             .kvs()
             .iter()
             .filter_map(|kv| serde_json::from_slice::<Presence>(kv.value()).ok())
+            .collect())
+    }
+
+    /// The ids of the replicas whose presence key exists (their lease is
+    /// alive), from the key names: a replica whose value cannot be read
+    /// is still alive.
+    pub(crate) async fn live_replicas(&self) -> Result<Vec<String>, StoreError> {
+        let mut kv = self.client.kv_client();
+        let opts = GetOptions::new().with_prefix().with_keys_only();
+        let resp = self
+            .timed(kv.get(self.replicas_prefix.as_bytes(), Some(opts)))
+            .await?;
+        Ok(resp
+            .kvs()
+            .iter()
+            .filter_map(|kv| kv.key().strip_prefix(self.replicas_prefix.as_bytes()))
+            .filter_map(|id| std::str::from_utf8(id).ok())
+            .map(str::to_string)
             .collect())
     }
 
@@ -540,6 +576,37 @@ async fn watch_once(
                 }
             }
         }
+    }
+}
+
+/// Watches the presence keys and wakes [`EtcdStore::departed`] on every
+/// deletion, for as long as the process runs. Reconnects with backoff; a
+/// deletion missed meanwhile is found by the periodic look.
+async fn watch_departures(store: Arc<EtcdStore>) {
+    let mut backoff = Backoff::new();
+    loop {
+        let opts = WatchOptions::new().with_prefix();
+        let mut client = store.client.watch_client();
+        if let Ok(mut stream) = store
+            .timed(client.watch(store.replicas_prefix.as_bytes(), Some(opts)))
+            .await
+        {
+            backoff.reset();
+            while let Ok(Some(resp)) = stream.message().await {
+                if resp.canceled() {
+                    break;
+                }
+                if resp
+                    .events()
+                    .iter()
+                    .any(|e| e.event_type() == EventType::Delete)
+                {
+                    tracing::debug!("a replica's presence key is gone");
+                    store.departed.notify_one();
+                }
+            }
+        }
+        backoff.wait().await;
     }
 }
 
