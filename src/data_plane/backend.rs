@@ -378,18 +378,35 @@ impl UpstreamConn {
             // The connection first: it writes the request and reads the
             // head, which readies the response future in the same poll.
             driver.poll(cx, sender);
-            resp.as_mut().poll(cx)
+            if matches!(driver, Driver::Inline(_)) && tokio::task::coop::has_budget_remaining() {
+                // Only this task's polls of the connection (above, woken by
+                // its socket) can ready the response, so it needs no waker;
+                // with ours, delivering the head would wake this task for a
+                // pointless extra poll of the client connection. (Out of
+                // budget, the response future could be pending for that
+                // reason alone: then it gets the real waker.)
+                resp.as_mut()
+                    .poll(&mut Context::from_waker(std::task::Waker::noop()))
+            } else {
+                resp.as_mut().poll(cx)
+            }
         })
         .await
     }
 
     /// Polls the response body `body` of this connection, driving the
-    /// connection first (it reads what the body then yields).
+    /// connection when the body has nothing buffered (it reads what the
+    /// body then yields). A body already read whole (a small response
+    /// arrives with its head) costs no poll of the connection.
     pub(crate) fn poll_body(
         &mut self,
         body: &mut Incoming,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        if let Poll::Ready(frame) = Pin::new(&mut *body).poll_frame(cx) {
+            return Poll::Ready(frame);
+        }
+        // Ended or not, the body then has what the connection read.
         self.driver.poll(cx, &self.sender);
         Pin::new(body).poll_frame(cx)
     }
@@ -737,9 +754,10 @@ impl Backend {
                 // Nobody polled it while it was idle: one poll reads the
                 // backend's close (EOF or reset) if one came meanwhile. A
                 // close racing the request is covered by the retry of an
-                // unsent request.
-                let ready = std::future::poll_fn(|cx| Poll::Ready(conn.poll_ready(cx))).await;
-                if ready {
+                // unsent request. No waker: the request sent next polls it
+                // with this task's at once; with it, queueing that request
+                // would wake this task for a pointless extra poll.
+                if conn.poll_ready(&mut Context::from_waker(std::task::Waker::noop())) {
                     return Ok((conn, true));
                 }
             }
@@ -758,11 +776,13 @@ impl Backend {
             return;
         }
         conn.idle_since_ms = now_ms();
-        // One more poll (usually a no-op: the poll that read the end of
-        // the response also made the connection idle) so that hyper marks
-        // it ready. No waker: nobody polls a pooled connection; checkout
-        // polls it with the next request's.
-        if conn.poll_ready(&mut Context::from_waker(std::task::Waker::noop())) {
+        // Usually the poll that read the end of the response also made the
+        // connection idle; if not, one more poll so that hyper marks it
+        // ready. No waker: nobody polls a pooled connection; checkout polls
+        // it with the next request's.
+        if conn.sender.is_ready()
+            || conn.poll_ready(&mut Context::from_waker(std::task::Waker::noop()))
+        {
             let _ = self.idle_here().push(conn);
             return;
         }
