@@ -320,9 +320,13 @@ impl Body for ProxyBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = &mut *self;
-        let polled = match &mut this.inner {
-            Inner::Upstream(b) => Pin::new(b).poll_frame(cx),
-            Inner::Full(b) => Poll::Ready(b.take().map(|d| Ok(Frame::data(d)))),
+        let conn = this.exchange.as_mut().and_then(|ex| ex.upstream.as_mut());
+        let polled = match (&mut this.inner, conn) {
+            // The upstream connection is driven here, in the client's task
+            // (see `UpstreamConn`): it reads what the body then yields.
+            (Inner::Upstream(b), Some(conn)) => conn.poll_body(b, cx),
+            (Inner::Upstream(b), None) => Pin::new(b).poll_frame(cx),
+            (Inner::Full(b), _) => Poll::Ready(b.take().map(|d| Ok(Frame::data(d)))),
         };
         match polled {
             Poll::Ready(Some(Ok(frame))) => {

@@ -50,7 +50,6 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use http::header::{HeaderName, HeaderValue, CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::{Method, Request, StatusCode};
-use http_body_util::BodyExt;
 use tokio::sync::oneshot;
 
 use crate::color::Color;
@@ -533,7 +532,7 @@ async fn exchange(
         let Ok((mut conn, reused)) = backend.checkout(connect_timeout, max_headers).await else {
             return CopyOutcome::Error;
         };
-        let resp = match conn.sender.try_send_request(req).await {
+        let resp = match conn.send(req).await {
             Ok(resp) => resp,
             Err(mut failed) => match failed.take_message() {
                 Some(unsent) if reused => {
@@ -547,7 +546,7 @@ async fn exchange(
         let mut body = resp.into_body();
         let mut read = 0usize;
         let complete = loop {
-            match body.frame().await {
+            match std::future::poll_fn(|cx| conn.poll_body(&mut body, cx)).await {
                 None => break true,
                 Some(Ok(f)) => {
                     read += f.data_ref().map_or(0, Bytes::len);

@@ -233,7 +233,7 @@ pub(crate) async fn send(
                 let waits = req.body().client_waits();
                 let sent = tokio::select! {
                     biased;
-                    r = conn.sender.try_send_request(req) => Ok(r),
+                    r = conn.send(req) => Ok(r),
                     () = head_deadline(settings.request_timeout, waits) => Err(()),
                 };
                 let mut failed = match sent {
