@@ -237,6 +237,8 @@ pub(crate) struct ProxyBody {
     silence: Option<Pin<Box<tokio::time::Sleep>>>,
     /// Was the last poll of the upstream body pending?
     waiting: bool,
+    /// The upstream body's error, held back for one poll (see `poll_frame`).
+    broke: Option<hyper::Error>,
 }
 
 enum Inner {
@@ -252,6 +254,7 @@ impl ProxyBody {
             exchange: Some(exchange),
             silence: None,
             waiting: false,
+            broke: None,
         }
     }
 
@@ -262,6 +265,7 @@ impl ProxyBody {
             exchange,
             silence: None,
             waiting: false,
+            broke: None,
         }
     }
 
@@ -320,6 +324,9 @@ impl Body for ProxyBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = &mut *self;
+        if let Some(e) = this.broke.take() {
+            return Poll::Ready(Some(Err(this.fail(BodyFailure::Broke(e)))));
+        }
         let conn = this.exchange.as_mut().and_then(|ex| ex.upstream.as_mut());
         let polled = match (&mut this.inner, conn) {
             // The upstream connection is driven here, in the client's task
@@ -342,6 +349,21 @@ impl Body for ProxyBody {
             Poll::Ready(None) => {
                 this.finish();
                 Poll::Ready(None)
+            }
+            // hyper aborts the client connection on a body error without
+            // flushing what it buffered: the head and the data frames it
+            // was given since its last flush. When the error comes in the
+            // same round as those (the connection is driven in this task,
+            // so a cut read with the last bytes arrives at once), it is
+            // held back for one poll: hyper flushes on the `Pending`, and
+            // the client sees the head and every byte the backend sent
+            // before the cut (a short body it can tell apart), not an
+            // empty reply.
+            Poll::Ready(Some(Err(e))) if !this.waiting => {
+                this.broke = Some(e);
+                this.waiting = true;
+                cx.waker().wake_by_ref();
+                Poll::Pending
             }
             Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(this.fail(BodyFailure::Broke(e))))),
             Poll::Pending => match this.silent_too_long(cx) {
