@@ -1057,22 +1057,24 @@ impl Http1Transaction for Client {
     fn parse(buf: &mut BytesMut, ctx: ParseContext<'_>) -> ParseResult<StatusCode> {
         debug_assert!(!buf.is_empty(), "parse called with empty buf");
 
+        // switchyard patch (see VENDORED.md): try the inline slots first and
+        // take the configured `max_headers` (500 in switchyard) only for a
+        // response with more fields than that: two heap buffers of `cap`
+        // slots per response cost ~500 instructions, while a retry is paid
+        // only by the rare response with over DEFAULT_MAX_HEADERS fields.
+        let cap = ctx.h1_max_headers.unwrap_or(DEFAULT_MAX_HEADERS);
+        let mut slots = cap.min(DEFAULT_MAX_HEADERS);
+
         // Loop to skip information status code headers (100 Continue, etc).
         loop {
             let mut headers_indices: SmallVec<[MaybeUninit<HeaderIndices>; DEFAULT_MAX_HEADERS]> =
                 SmallVec::new();
-            set_uninit_len(
-                &mut headers_indices,
-                ctx.h1_max_headers.unwrap_or(DEFAULT_MAX_HEADERS),
-            );
+            set_uninit_len(&mut headers_indices, slots);
             let (len, status, reason, version, headers_len) = {
                 let mut headers: SmallVec<
                     [MaybeUninit<httparse::Header<'_>>; DEFAULT_MAX_HEADERS],
                 > = SmallVec::new();
-                set_uninit_len(
-                    &mut headers,
-                    ctx.h1_max_headers.unwrap_or(DEFAULT_MAX_HEADERS),
-                );
+                set_uninit_len(&mut headers, slots);
                 trace!(bytes = buf.len(), "Response.parse");
                 let mut res = httparse::Response::new(&mut []);
                 let bytes = buf.as_ref();
@@ -1114,6 +1116,10 @@ impl Http1Transaction for Client {
                         trace!("Response.parse accepted HTTP/0.9 response");
 
                         (0, StatusCode::OK, None, Version::HTTP_09, 0)
+                    }
+                    Err(httparse::Error::TooManyHeaders) if slots < cap => {
+                        slots = cap;
+                        continue;
                     }
                     Err(e) => return Err(e.into()),
                 }
