@@ -1,7 +1,7 @@
 //! Progressive rollouts (SPEC §10, issue 11) against real upstreams on
 //! loopback: automatic rollback with the exact user impact, the same bad
 //! canary at about 20 requests/s rolled back before its weight passes 5 %
-//! (item 2; ~100-120 s, ~110 canary requests), min_requests, a healthy
+//! (item 2; ~90-120 s, ~110 canary requests), min_requests, a healthy
 //! rollout with sticky clients, the operator verbs, both pools
 //! failing, the latency rule, and a restart (kill -9) that resumes the
 //! same step with the time it had left.
@@ -416,7 +416,7 @@ async fn a_step_without_min_requests_never_passes() {
 /// evidence). Green fails exactly every 20th request and blue every
 /// 1 000th, so green's 5th failure is its 100th request and by then blue
 /// has failed at most twice: the rollout is rolled back at the 5 % step
-/// after ~100 green requests, ~2 000 requests, ~100-120 s.
+/// after ~100 green requests, ~2 000 requests, ~90-120 s.
 /// - 1 %, 10 s, `min_requests` 1: the step a real plan begins with. Its
 ///   default minimum (100 canary requests) would hold it 500 s at this
 ///   rate; here it sees a couple of green requests, no failure (green's
