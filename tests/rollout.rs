@@ -1,6 +1,8 @@
 //! Progressive rollouts (SPEC §10, issue 11) against real upstreams on
-//! loopback: automatic rollback with the exact user impact, min_requests,
-//! a healthy rollout with sticky clients, the operator verbs, both pools
+//! loopback: automatic rollback with the exact user impact, the same bad
+//! canary at about 20 requests/s rolled back before its weight passes 5 %
+//! (item 2; ~90-120 s, ~110 canary requests), min_requests, a healthy
+//! rollout with sticky clients, the operator verbs, both pools
 //! failing, the latency rule, and a restart (kill -9) that resumes the
 //! same step with the time it had left.
 //!
@@ -399,6 +401,151 @@ async fn a_step_without_min_requests_never_passes() {
     .await;
     let done = until_state(&p.admin, &["succeeded"], Duration::from_secs(30)).await;
     assert_eq!(green_weight(&done), 100.0);
+    p.shutdown().await;
+}
+
+/// Item 2 (first half), end to end: the fault of item 1 (canary 5 % 5xx,
+/// baseline 0.1 %) at about 20 requests/s is rolled back before the
+/// canary's weight passes 5 %, by the error rule.
+///
+/// Why this plan. At 20 requests/s a batch of the error test (200
+/// requests, both pools) takes 10 s, and the canary sees 0.2 requests/s at
+/// 1 % and 1/s at 5 %. The analysis needs ≥ 3 canary failures in a step,
+/// and with α = 0.001 at π = 5 % about 4 failures against no baseline
+/// failure, 5 against one or two (each baseline failure divides the
+/// evidence). Green fails exactly every 20th request and blue every
+/// 1 000th, so green's 5th failure is its 100th request and by then blue
+/// has failed at most twice: the rollout is rolled back at the 5 % step
+/// after ~100 green requests, ~2 000 requests, ~90-120 s.
+/// - 1 %, 10 s, `min_requests` 1: the step a real plan begins with. Its
+///   default minimum (100 canary requests) would hold it 500 s at this
+///   rate; here it sees a couple of green requests, no failure (green's
+///   first is its 20th request), and passes on its pause.
+/// - 5 %, 60 s, `min_requests` 200 (the simulation's second variant): the
+///   step cannot pass before 200 green requests (~200 s), twice what the
+///   deterministic faults need to fail it, so the test is not a race
+///   between the analysis and the step's clock.
+/// - 25 % and 100 %: what the canary must never reach.
+///
+/// The weight is watched throughout (the rollout's and the service's,
+/// every 100 ms), and afterwards every generation the rollout made, its
+/// step reports and its timeline are checked to stay at or below 5 %.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_canary_at_twenty_requests_per_second_is_rolled_back_before_five_percent() {
+    let blue = Faulty::start("blue").await;
+    let green = Faulty::start("green").await;
+    blue.fail_every(1000);
+    green.fail_every(20);
+    let p = TestProxy::start(&[Svc::addrs("web", &[blue.addr], &[green.addr])]).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    // One keep-alive client, one request every 50 ms: 20 requests/s,
+    // at most 4 000 requests or 200 s.
+    let load_began = tokio::time::Instant::now();
+    let driver = tokio::spawn(load(
+        p.addr,
+        1,
+        50,
+        4_000,
+        Duration::from_secs(200),
+        Arc::clone(&stop),
+    ));
+    let started = start(
+        &p.admin,
+        r#"{"steps":[{"weight":1,"pause":"10s","min_requests":1},{"weight":5,"pause":"60s","min_requests":200},{"weight":25,"pause":"1m"},{"weight":100}]}"#,
+    )
+    .await;
+    let rollout_began = tokio::time::Instant::now();
+    assert_eq!(started["state"], "progressing");
+    assert_eq!(green_weight(&started), 1.0);
+    // Watch the weights until the rollout ends (bounded).
+    let limit = rollout_began + Duration::from_secs(180);
+    let mut max_green: f64 = 0.0;
+    let done = loop {
+        let v = rollout(&p.admin).await;
+        let svc = p.admin.service("web").await;
+        max_green = max_green
+            .max(green_weight(&v))
+            .max(svc["weights"]["green"].as_f64().unwrap());
+        if ["succeeded", "rolled_back", "aborted"].contains(&v["state"].as_str().unwrap_or("")) {
+            break v;
+        }
+        assert!(
+            tokio::time::Instant::now() < limit,
+            "still running after 180 s: {v:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let to_rollback = rollout_began.elapsed();
+    stop.store(true, Ordering::SeqCst);
+    let seen = driver.await.unwrap();
+    let load_s = load_began.elapsed().as_secs_f64();
+    let rate = seen.requests as f64 / load_s;
+    let steps = done["report"]["steps"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    eprintln!(
+        "20 rps: {} after {:.1} s ({} requests in {load_s:.1} s: {rate:.1}/s); max green weight {max_green} %; canary requests {}; clients saw {seen:?}\n{}\nsteps: {:#}",
+        done["state"],
+        to_rollback.as_secs_f64(),
+        seen.requests,
+        done["impact"]["canary_requests"],
+        done["reason"],
+        done["report"]["steps"]
+    );
+    assert!(
+        (10.0..=30.0).contains(&rate),
+        "the load was {rate:.1} requests/s, not about 20"
+    );
+    assert_eq!(done["state"], "rolled_back", "{done:#}");
+    assert_eq!(green_weight(&done), 0.0);
+    // By the error rule.
+    let failed: Vec<&str> = done["analysis"]["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["verdict"] == "fail")
+        .map(|r| r["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(failed, ["error_ratio"], "{done:#}");
+    assert!(
+        done["reason"].as_str().unwrap().contains(": error_ratio: "),
+        "{done:#}"
+    );
+    // Never past 5 %: as watched, in every generation the rollout made,
+    // in the steps it reported and in its timeline.
+    assert!(max_green <= 5.0, "green reached {max_green} %");
+    let (_, history) = p.admin.get("/api/v1/services/web/history").await;
+    for e in history.as_array().unwrap() {
+        assert!(e["to"]["green"].as_f64().unwrap() <= 5.0, "{e}");
+    }
+    assert!(!steps.is_empty(), "{done:#}");
+    for s in &steps {
+        assert!(s["weight"].as_f64().unwrap() <= 5.0, "{s}");
+    }
+    let last = steps.last().unwrap();
+    assert_eq!(last["outcome"], "rolled_back", "{done:#}");
+    assert!(done["step"].as_u64().unwrap() <= 1, "{done:#}");
+    for e in done["report"]["timeline"].as_array().unwrap() {
+        assert!(e["weight"].as_f64().unwrap() <= 5.0, "{e}");
+    }
+    // The deciding step had its failures, and was failed by the analysis,
+    // not held by its minimum.
+    assert!(last["canary"]["failures"].as_u64().unwrap() >= 3, "{last}");
+    assert!(last["canary"]["requests"].as_u64().unwrap() < 200, "{last}");
+    assert!(seen.green_5xx >= 3, "{seen:?}");
+    assert_eq!(seen.other_errors, 0, "{seen:?}");
+    // The impact the clients saw, exactly.
+    let (exact, last) = poll(&p.admin, Duration::from_secs(15), |v| {
+        v["impact"]["user_failures"].as_u64() == Some(seen.green_5xx)
+            && v["impact"]["canary_requests"].as_u64() == Some(seen.green)
+    })
+    .await;
+    assert!(
+        exact,
+        "impact {} vs clients' {seen:?}: {last:#}",
+        last["impact"]
+    );
     p.shutdown().await;
 }
 
