@@ -27,14 +27,6 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 /// Loose bound for "within 1 s" on a loaded 2-core machine.
 const CONVERGE: Duration = Duration::from_secs(10);
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// `etcd` and `etcdctl`, or why the test skips (or fails in CI).
 fn etcd_installed(test: &str) -> bool {
     let ok = [("etcd", "--version"), ("etcdctl", "version")]
@@ -179,9 +171,10 @@ async fn readyz(p: &TestProxy) -> (StatusCode, Value) {
     p.admin.get("/readyz").await
 }
 
-async fn synced(p: &TestProxy) -> bool {
+/// Is `/readyz` 200 with this `state` (`synced`, `stale`)?
+async fn ready_as(p: &TestProxy, state: &str) -> bool {
     let (s, v) = readyz(p).await;
-    s == StatusCode::OK && v["state"] == "synced"
+    s == StatusCode::OK && v["state"] == state
 }
 
 /// Waits until every replica serves `web` at generation `g` or newer.
@@ -221,11 +214,7 @@ async fn fleet(n: usize) -> Fleet {
         replicas.push(r);
     }
     for r in &replicas {
-        let ok = eventually(CONVERGE, || async {
-            let (s, v) = readyz(r).await;
-            s == StatusCode::OK && v["state"] == "synced"
-        })
-        .await;
+        let ok = eventually(CONVERGE, || ready_as(r, "synced")).await;
         assert!(ok, "replica not synced: {:?}", readyz(r).await);
     }
     Fleet {
@@ -436,11 +425,7 @@ async fn etcd_outage_keeps_traffic_and_refuses_writes() {
     };
     f.etcd.kill();
     for r in &f.replicas {
-        let ok = eventually(CONVERGE, || async {
-            let (s, v) = readyz(r).await;
-            s == StatusCode::OK && v["state"] == "stale"
-        })
-        .await;
+        let ok = eventually(CONVERGE, || ready_as(r, "stale")).await;
         assert!(ok, "readyz while etcd is down: {:?}", readyz(r).await);
         let (s, v) = r
             .admin
@@ -460,11 +445,7 @@ async fn etcd_outage_keeps_traffic_and_refuses_writes() {
     let during = served.load(Ordering::SeqCst);
     f.etcd.restart();
     for r in &f.replicas {
-        let ok = eventually(CONVERGE, || async {
-            let (s, v) = readyz(r).await;
-            s == StatusCode::OK && v["state"] == "synced"
-        })
-        .await;
+        let ok = eventually(CONVERGE, || ready_as(r, "synced")).await;
         assert!(ok, "replica did not reconnect: {:?}", readyz(r).await);
     }
     let v = f.replicas[1]
@@ -538,11 +519,7 @@ async fn startup_with_etcd_down() {
     assert_eq!(generation(&r).await, g, "the cached generation is served");
     let (_, _, body) = r.get("/").await;
     assert_eq!(body, "green");
-    let ok = eventually(CONVERGE, || async {
-        let (s, v) = readyz(&r).await;
-        s == StatusCode::OK && v["state"] == "stale"
-    })
-    .await;
+    let ok = eventually(CONVERGE, || ready_as(&r, "stale")).await;
     assert!(ok, "{:?}", readyz(&r).await);
 
     // Without a cache: not ready until etcd is up.
@@ -552,11 +529,7 @@ async fn startup_with_etcd_down() {
     assert_eq!(v["state"], "starting");
     etcd.restart();
     for p in [&r, &r2] {
-        let ok = eventually(CONVERGE, || async {
-            let (s, v) = readyz(p).await;
-            s == StatusCode::OK && v["state"] == "synced"
-        })
-        .await;
+        let ok = eventually(CONVERGE, || ready_as(p, "synced")).await;
         assert!(ok, "{:?}", readyz(p).await);
     }
     assert_eq!(generation(&r2).await, g, "etcd's state, not `initial`");
@@ -734,17 +707,14 @@ async fn a_partitioned_replica_catches_up_after_compaction() {
     let svc = [Svc::addrs("web", &[addr("blue")], &[addr("green")])];
     drop((blue, green));
     let cut_off = start_replica(TempDir::new("replica"), &relay.endpoint(), "cut", &svc).await;
-    assert!(eventually(CONVERGE, || synced(&cut_off)).await);
+    assert!(eventually(CONVERGE, || ready_as(&cut_off, "synced")).await);
     let g0 = generation(&f.replicas[0]).await;
     assert!(converged(std::slice::from_ref(&cut_off), g0).await);
     let (_, _, before) = cut_off.get("/").await;
 
     relay.cut();
     assert!(
-        eventually(CONVERGE, || async {
-            readyz(&cut_off).await.1["state"] == "stale"
-        })
-        .await,
+        eventually(CONVERGE, || ready_as(&cut_off, "stale")).await,
         "{:?}",
         readyz(&cut_off).await
     );
@@ -794,7 +764,7 @@ async fn a_partitioned_replica_catches_up_after_compaction() {
             .collect::<Vec<_>>()
             .join("\n")
     );
-    assert!(eventually(CONVERGE, || synced(&cut_off)).await);
+    assert!(eventually(CONVERGE, || ready_as(&cut_off, "synced")).await);
 }
 
 /// The rollout of `web` as `admin`'s replica shows it: the rollout
@@ -1009,7 +979,7 @@ async fn a_cut_off_driver_stops_when_another_replica_took_over() {
     let svc = same_service(&f).await;
     let relay = Relay::start(f.etcd.client_port).await;
     let cut_off = start_replica(TempDir::new("replica"), &relay.endpoint(), "cut", &svc).await;
-    assert!(eventually(CONVERGE, || synced(&cut_off)).await);
+    assert!(eventually(CONVERGE, || ready_as(&cut_off, "synced")).await);
 
     let (code, v) = cut_off
         .admin
@@ -1173,6 +1143,23 @@ async fn state_import_keeps_generations_and_history() {
     let out = import(&saved);
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(stdout.contains("left alone"), "{stdout}");
+    // A file naming a service that no config could (an etcd key the watch
+    // would ignore) is refused before anything is written.
+    let mut bad: Value = serde_json::from_slice(&std::fs::read(&saved).unwrap()).unwrap();
+    let mut web = bad["services"]["web"].clone();
+    web["generation"] = (g + 5).into();
+    bad["services"]["web"] = web.clone();
+    bad["services"]["a/b"] = web;
+    let bad_file = single.dir.join("bad.json");
+    std::fs::write(&bad_file, serde_json::to_vec(&bad).unwrap()).unwrap();
+    let out = import(&bad_file);
+    assert!(!out.status.success(), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        stderr.contains("invalid_field") && stderr.contains("a/b"),
+        "{stderr}"
+    );
+    assert_eq!(generation(&r).await, g, "nothing was written");
     // `ctl status` shows the replica and that it is synced.
     let out = ctl_bin(&["--admin", &r.admin.base, "status"]);
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();

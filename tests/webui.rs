@@ -51,14 +51,6 @@ impl Drop for KillOnDrop {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 async fn session(port: u16, chromium: &Option<PathBuf>, extra: &[&str]) -> Client {
     let mut args = vec![
         "--headless=new",

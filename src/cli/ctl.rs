@@ -1266,7 +1266,6 @@ fn mirror_table(v: &Value) -> String {
     out
 }
 
-/// Every service, one block each.
 /// `ctl status` in fleet mode: one line per replica and service.
 fn replicas_table(v: &Value) -> String {
     let mut rows = vec![vec![
@@ -1322,6 +1321,7 @@ fn import_table(v: &Value) -> String {
     out
 }
 
+/// Every service, one block each.
 fn services_table(v: &Value) -> String {
     let services = v.as_array().map(Vec::as_slice).unwrap_or_default();
     if services.is_empty() {

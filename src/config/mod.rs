@@ -1417,7 +1417,7 @@ fn parse_socket_addr(s: &str) -> Result<SocketAddr, String> {
     }
 }
 
-fn check_service_name(s: &str) -> Result<String, String> {
+pub(crate) fn check_service_name(s: &str) -> Result<String, String> {
     let bad = s
         .chars()
         .find(|c| !(c.is_ascii_alphanumeric() || "_.-".contains(*c)));

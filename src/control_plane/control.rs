@@ -718,12 +718,10 @@ impl Control {
             // may lag the watch by a few milliseconds (a switch judged
             // "already so", or a 412, against a stale view would be wrong).
             if let Some(f) = &self.fleet {
-                if f.store.health().stale() {
-                    return Err(ControlError::Persist(StoreError::Unavailable(format!(
-                        "no answer from etcd for {:.1}s",
-                        f.store.health().silence().as_secs_f64()
-                    ))));
-                }
+                f.store
+                    .health()
+                    .check_fresh()
+                    .map_err(ControlError::Persist)?;
                 match self.store.fetch(service).await {
                     Ok(Some(latest)) => self.adopt(vec![latest]).await,
                     Ok(None) => {}
@@ -1532,12 +1530,9 @@ mod tests {
         }
     }
 
-    /// The fleet write path on the in-memory store: a change based on a
-    /// state another writer has replaced loses the compare-and-swap, is
-    /// decided again on the winner's state (adopted through `apply`), and
-    /// `If-Match` on the old generation then answers 412.
-    #[tokio::test]
-    async fn a_lost_compare_and_swap_is_decided_again_on_the_winner() {
+    /// The demo config's control plane on an in-memory store (the shared
+    /// store's compare-and-swap without etcd).
+    async fn on_memory_store() -> (Arc<MemoryStore>, Arc<Control>) {
         let store = Arc::new(MemoryStore::default());
         let config = Config::demo(
             "127.0.0.1:1".parse().expect("addr"),
@@ -1556,6 +1551,16 @@ mod tests {
         })
         .await
         .expect("start");
+        (store, control)
+    }
+
+    /// The fleet write path on the in-memory store: a change based on a
+    /// state another writer has replaced loses the compare-and-swap, is
+    /// decided again on the winner's state (adopted through `apply`), and
+    /// `If-Match` on the old generation then answers 412.
+    #[tokio::test]
+    async fn a_lost_compare_and_swap_is_decided_again_on_the_winner() {
+        let (store, control) = on_memory_store().await;
         let (first, _) = store.get("demo").expect("stored at start");
         assert_eq!(first.generation, 1);
         // Another replica splits 30 % (generation 2) behind our back.
@@ -1604,24 +1609,7 @@ mod tests {
     /// stops its task (`Control::driven_elsewhere`).
     #[tokio::test]
     async fn a_stale_driver_loses_to_the_claim_and_learns_of_it() {
-        let store = Arc::new(MemoryStore::default());
-        let config = Config::demo(
-            "127.0.0.1:1".parse().expect("addr"),
-            "127.0.0.1:2".parse().expect("addr"),
-        );
-        let control = Control::start(ControlParts {
-            config,
-            config_path: None,
-            stored: None,
-            store: Arc::clone(&store) as Arc<dyn StateStore>,
-            metrics: Arc::new(Metrics::new()),
-            tls: None,
-            tokens: Arc::new(ArcSwap::from_pointee(Tokens::none())),
-            conn_limits: ConnLimiter::new(100, 0),
-            fleet: None,
-        })
-        .await
-        .expect("start");
+        let (store, control) = on_memory_store().await;
         let plan = Plan::from_json(&serde_json::json!({"steps": [
             {"weight": 20, "pause": "1m"}, {"weight": 100}
         ]}))

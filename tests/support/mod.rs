@@ -397,6 +397,16 @@ impl Svc {
 
 /// `[service.health]` on `/healthz` every `interval`, one check to change
 /// state: for tests that wait for backends to be judged.
+/// A loopback port free right now, for a child process (etcd,
+/// chromedriver) that must be told its port before it binds.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 pub fn health_every(interval: &str) -> String {
     format!(
         "[service.health]\npath = \"/healthz\"\ninterval = \"{interval}\"\ntimeout = \"500ms\"\nunhealthy_after = 1\nhealthy_after = 1"

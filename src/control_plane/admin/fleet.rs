@@ -6,13 +6,12 @@ use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use http::{Response, StatusCode};
-use http_body_util::Full;
+use http::StatusCode;
 use serde_json::json;
 
 use super::{json_response, AdminError, AdminResponse};
 use crate::control_plane::control::{Control, ControlError, Readiness};
-use crate::control_plane::store::{decode_file, StoreError};
+use crate::control_plane::store::decode_file;
 
 /// A state file sent for import may be larger than a mutation body.
 pub(super) const MAX_IMPORT_BYTES: usize = 16 * 1024 * 1024;
@@ -133,7 +132,7 @@ pub(super) async fn import(control: &Control, body: &Bytes) -> Result<AdminRespo
         let created = store
             .import(name, svc)
             .await
-            .map_err(|e: StoreError| AdminError::Control(ControlError::Persist(e)))?;
+            .map_err(|e| AdminError::Control(ControlError::Persist(e)))?;
         let entry = json!({"service": name, "generation": svc.generation});
         if created {
             imported.push(entry);
@@ -141,9 +140,8 @@ pub(super) async fn import(control: &Control, body: &Bytes) -> Result<AdminRespo
             skipped.push(entry);
         }
     }
-    let resp: Response<Full<Bytes>> = json_response(
+    Ok(json_response(
         StatusCode::OK,
         &json!({"imported": imported, "already_in_etcd": skipped}),
-    );
-    Ok(resp)
+    ))
 }

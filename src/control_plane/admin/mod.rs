@@ -172,11 +172,8 @@ impl AdminError {
                 | RolloutError::Split(_) => StatusCode::CONFLICT,
                 RolloutError::UnknownPlan(_) | RolloutError::BadPlan(_) => StatusCode::BAD_REQUEST,
                 RolloutError::Stale { .. } => StatusCode::PRECONDITION_FAILED,
-                // Fleet mode: a verb reached a driver whose rollout another
-                // replica took over meanwhile.
-                RolloutError::Control(ControlError::Command(
-                    CommandError::RolloutDrivenElsewhere { .. },
-                )) => StatusCode::CONFLICT,
+                // `Control` never gets here: `From<RolloutError>` makes it
+                // an `AdminError::Control`.
                 RolloutError::Control(_) | RolloutError::DriverGone(_) => {
                     StatusCode::INTERNAL_SERVER_ERROR
                 }
@@ -207,9 +204,11 @@ impl AdminError {
                 CommandError::PoolTakesTraffic { .. } => "pool_takes_traffic",
                 CommandError::StaleGeneration { .. } => "stale_generation",
                 CommandError::NothingToRollBack => "nothing_to_roll_back",
-                CommandError::RolloutActive(_) | CommandError::RolloutDrivenElsewhere { .. } => {
-                    "rollout_active"
-                }
+                CommandError::RolloutActive(_) => "rollout_active",
+                // Fleet mode: a verb reached a driver whose rollout another
+                // replica took over meanwhile (as a verb sent to a replica
+                // that does not drive the rollout).
+                CommandError::RolloutDrivenElsewhere { .. } => "rollout_state",
             },
             AdminError::Control(ControlError::Build(_)) => "build_failed",
             AdminError::Control(ControlError::Persist(p)) => store_code(p),
@@ -228,9 +227,6 @@ impl AdminError {
                 RolloutError::UnknownPlan(_) => "invalid_field",
                 RolloutError::BadPlan(_) => "invalid_plan",
                 RolloutError::Stale { .. } => "stale_generation",
-                RolloutError::Control(ControlError::Command(
-                    CommandError::RolloutDrivenElsewhere { .. },
-                )) => "rollout_state",
                 RolloutError::Control(_) => "persist_failed",
                 RolloutError::DriverGone(_) => "rollout_driver_stopped",
             },
@@ -1028,6 +1024,26 @@ mod tests {
             Ok(Value::Object(m)) => m,
             _ => Map::new(),
         }
+    }
+
+    #[test]
+    fn a_verb_for_a_rollout_driven_elsewhere_is_a_rollout_state_conflict() {
+        // Fleet mode: the rollout was taken over by another replica; the
+        // same answer as a verb sent to a replica that does not drive it.
+        let e: AdminError = RolloutError::Control(ControlError::Command(
+            CommandError::RolloutDrivenElsewhere {
+                id: "web-1".into(),
+                driver: "b".into(),
+            },
+        ))
+        .into();
+        assert_eq!(
+            (e.status(), e.code()),
+            (StatusCode::CONFLICT, "rollout_state")
+        );
+        let active: AdminError =
+            ControlError::Command(CommandError::RolloutActive("web".into())).into();
+        assert_eq!(active.code(), "rollout_active");
     }
 
     #[test]

@@ -316,12 +316,22 @@ pub(crate) async fn verb(
         return match control.rollout_facts(service).await {
             None => Err(RolloutError::UnknownService(service.to_string())),
             Some((_, _, None)) => Err(RolloutError::NoRollout(service.to_string())),
-            // Fleet mode: another replica drives it.
-            Some((_, _, Some(r))) if r.is_active() => Err(RolloutError::Verb(VerbError(format!(
-                "rollout {} is driven by replica {}: send the verb to that replica",
-                r.id,
-                r.driver.as_deref().unwrap_or("(none yet)")
-            )))),
+            Some((_, _, Some(r))) if r.is_active() => {
+                let me = control.fleet().map(|f| f.replica_id());
+                Err(RolloutError::Verb(VerbError(match r.driver.as_deref() {
+                    // Fleet mode: another replica drives it.
+                    Some(d) if Some(d) != me => format!(
+                        "rollout {} is driven by replica {d}: send the verb to that replica",
+                        r.id
+                    ),
+                    // Its driver here is starting (or resuming it after a
+                    // restart or a takeover).
+                    _ => format!(
+                        "rollout {} is being resumed by this replica: retry in a moment",
+                        r.id
+                    ),
+                })))
+            }
             Some((_, _, Some(r))) => Err(RolloutError::Verb(VerbError(format!(
                 "rollout {} already ended ({})",
                 r.id,

@@ -128,6 +128,26 @@ impl Health {
     pub(crate) fn stale(&self) -> bool {
         !self.connected.load(Ordering::Relaxed) || self.silence() > self.stale_after
     }
+
+    /// Seconds of silence while stale, else 0 (the gauge and `/readyz`).
+    fn staleness_seconds(&self) -> f64 {
+        if self.stale() {
+            self.silence().as_secs_f64()
+        } else {
+            0.0
+        }
+    }
+
+    /// The refusal of a write while stale: nothing is queued.
+    pub(crate) fn check_fresh(&self) -> Result<(), StoreError> {
+        if self.stale() {
+            return Err(StoreError::Unavailable(format!(
+                "no answer from etcd for {:.1}s",
+                self.silence().as_secs_f64()
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// The etcd store. See the module docs.
@@ -218,12 +238,7 @@ impl EtcdStore {
                 let Some(me) = me.upgrade() else { return };
                 let stale = me.health.stale();
                 me.metrics.connected.set(if stale { 0.0 } else { 1.0 });
-                let s = if stale {
-                    me.health.silence().as_secs_f64()
-                } else {
-                    0.0
-                };
-                me.metrics.staleness.set(s);
+                me.metrics.staleness.set(me.health.staleness_seconds());
             }
         });
     }
@@ -303,10 +318,11 @@ impl EtcdStore {
             }
             None => Compare::create_revision(key.as_str(), CompareOp::Equal, 0),
         };
-        let txn =
-            Txn::new()
-                .when([compare])
-                .and_then([TxnOp::put(key.as_str(), encode(state)?, None)]);
+        let txn = Txn::new().when([compare]).and_then([TxnOp::put(
+            key.as_str(),
+            encode(service, state)?,
+            None,
+        )]);
         let mut kv = self.client.kv_client();
         Ok(self.timed(kv.txn(txn)).await?.succeeded())
     }
@@ -319,12 +335,7 @@ impl StateStore for EtcdStore {
         changes: &'a [Change],
     ) -> StoreFuture<'a, Vec<Rev>> {
         Box::pin(async move {
-            if self.health.stale() {
-                return Err(StoreError::Unavailable(format!(
-                    "no answer from etcd for {:.1}s",
-                    self.health.silence().as_secs_f64()
-                )));
-            }
+            self.health.check_fresh()?;
             let mut compares = Vec::with_capacity(changes.len());
             let mut ops = Vec::with_capacity(changes.len());
             for c in changes {
@@ -335,7 +346,7 @@ impl StateStore for EtcdStore {
                     Compare::mod_revision(key.as_str(), CompareOp::Equal, c.base)
                 });
                 ops.push(match state.services.get(&c.service) {
-                    Some(s) => TxnOp::put(key.as_str(), encode(s)?, None),
+                    Some(s) => TxnOp::put(key.as_str(), encode(&c.service, s)?, None),
                     None => TxnOp::delete(key.as_str(), None),
                 });
             }
@@ -367,18 +378,28 @@ impl StateStore for EtcdStore {
     }
 }
 
-/// The JSON of a service value: the state with `"schema": 1`.
-pub(crate) fn encode(state: &ServiceState) -> Result<Vec<u8>, StoreError> {
+/// The JSON of `service`'s value: the state with `"schema": 1`. Refused
+/// above the size every replica's [`decode`] accepts, so that a value one
+/// replica wrote is never one the others refuse.
+fn encode(service: &str, state: &ServiceState) -> Result<Vec<u8>, StoreError> {
     let mut v = serde_json::to_value(state)
         .map_err(|e| StoreError::Unavailable(format!("cannot encode the state: {e}")))?;
     if let Some(o) = v.as_object_mut() {
         o.insert("schema".into(), SCHEMA.into());
     }
-    serde_json::to_vec(&v).map_err(|e| StoreError::Unavailable(e.to_string()))
+    let bytes = serde_json::to_vec(&v).map_err(|e| StoreError::Unavailable(e.to_string()))?;
+    if bytes.len() > MAX_VALUE_BYTES {
+        return Err(StoreError::TooLarge {
+            service: service.to_string(),
+            size: bytes.len(),
+            max: MAX_VALUE_BYTES,
+        });
+    }
+    Ok(bytes)
 }
 
 /// A service value read from etcd, or why it is not one.
-pub(crate) fn decode(bytes: &[u8]) -> Result<ServiceState, String> {
+fn decode(bytes: &[u8]) -> Result<ServiceState, String> {
     if bytes.len() > MAX_VALUE_BYTES {
         return Err(format!("{} bytes (at most {MAX_VALUE_BYTES})", bytes.len()));
     }
@@ -657,11 +678,7 @@ async fn announce(store: Arc<EtcdStore>, mut presence: watch::Receiver<Presence>
             if put {
                 let mut p = presence.borrow().clone();
                 p.stale = store.health.stale();
-                p.staleness_seconds = if p.stale {
-                    store.health.silence().as_secs_f64()
-                } else {
-                    0.0
-                };
+                p.staleness_seconds = store.health.staleness_seconds();
                 p.updated_at = SystemTime::now()
                     .duration_since(SystemTime::UNIX_EPOCH)
                     .map_or(0, |d| d.as_secs());
@@ -700,8 +717,23 @@ mod tests {
             SystemTime::UNIX_EPOCH,
         );
         let svc = state.services.values().next().expect("a service");
-        let bytes = encode(svc).expect("encode");
+        let bytes = encode("web", svc).expect("encode");
         assert_eq!(decode(&bytes).as_ref(), Ok(svc));
+        // A value the other replicas would refuse is never written.
+        let mut big = svc.clone();
+        big.pools.blue.backends = vec![svc.pools.blue.backends[0].clone(); 100_000];
+        let e = encode("web", &big).expect_err("over 1 MiB");
+        assert!(
+            matches!(
+                e,
+                StoreError::TooLarge {
+                    max: MAX_VALUE_BYTES,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("service `web`"), "{e}");
         assert!(decode(b"{").is_err());
         assert!(decode(b"[]").expect_err("array").contains("object"));
         let mut v: serde_json::Value = serde_json::from_slice(&bytes).expect("json");

@@ -43,6 +43,10 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<RoutingState, String> {
         ));
     }
     for (name, svc) in &file.state.services {
+        // Names come from a config that checked them; one that fails the
+        // same check (an edited file) would also be an etcd key the
+        // fleet's watch ignores (`ctl state import`).
+        crate::config::check_service_name(name).map_err(|m| format!("service name {m}"))?;
         if svc.generation == 0 {
             return Err(format!("service `{name}`: generation 0"));
         }

@@ -87,6 +87,19 @@ pub enum StoreError {
         /// The service.
         service: String,
     },
+    /// A service's state is larger than a fleet value may be (fleet
+    /// mode); nothing was written.
+    #[error(
+        "service `{service}`'s state is {size} bytes, more than the {max} a value in etcd may hold; nothing was written"
+    )]
+    TooLarge {
+        /// The service.
+        service: String,
+        /// Its encoded size.
+        size: usize,
+        /// The limit.
+        max: usize,
+    },
     /// The shared store cannot be reached (fleet mode). The change may or
     /// may not have been made; the replica learns which from its watch.
     #[error("the state backend is unavailable: {0}")]
