@@ -563,6 +563,18 @@ async fn healthy_canary_succeeds_and_sticky_clients_only_move_to_green() {
     )
     .await;
     let done = Arc::new(AtomicBool::new(false));
+    // New visitors (no cookie kept) keep arriving, as on a real site: with
+    // only 40 returning clients, each drawing its bucket once, none lands
+    // under 5 % in 13 % of runs and the first step never sees a canary
+    // request.
+    let visitors = tokio::spawn(load(
+        p.addr,
+        4,
+        10,
+        u64::MAX,
+        Duration::from_secs(90),
+        Arc::clone(&done),
+    ));
     let mut clients = Vec::new();
     for _ in 0..40 {
         let (addr, done) = (p.addr, Arc::clone(&done));
@@ -611,6 +623,12 @@ async fn healthy_canary_succeeds_and_sticky_clients_only_move_to_green() {
     assert_eq!(v["state"], "succeeded", "{v:#}");
     assert_eq!(green_weight(&v), 100.0);
     assert_eq!(v["impact"]["user_failures"], 0);
+    let seen = visitors.await.unwrap();
+    assert_eq!(
+        (seen.green_5xx, seen.blue_5xx, seen.other_errors),
+        (0, 0, 0),
+        "{seen:?}"
+    );
     let mut sticky = 0;
     for c in clients {
         let (pools, failures) = c.await.unwrap();
