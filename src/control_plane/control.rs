@@ -471,6 +471,11 @@ impl Control {
         // Services whose rollout record alone changed (its driver saved
         // progress, or a replica claimed it): nothing to rebuild.
         let mut records = 0;
+        // Revisions of the values adopted below: recorded only once they
+        // are served. A revision recorded for a value this replica does
+        // not hold would let its next compare-and-swap overwrite that
+        // value, decided on the state it replaced (a lost update).
+        let mut adopted_revs = Vec::new();
         for inc in incoming {
             let held = inner.revs.get(&inc.service).copied().unwrap_or(0);
             if inc.rev <= held {
@@ -491,7 +496,6 @@ impl Control {
                 let snap = self.table.load();
                 state::apply(&next, &inc.service, &cmd, &meta, &**snap).map_err(|e| e.to_string())
             });
-            inner.revs.insert(inc.service.clone(), inc.rev);
             match result {
                 Ok(Outcome::Changed(st)) => {
                     let record_only = next
@@ -499,14 +503,21 @@ impl Control {
                         .get(&inc.service)
                         .is_some_and(|cur| state::rollouts_only(cur, &st));
                     next.services.insert(inc.service.clone(), st);
+                    adopted_revs.push((inc.service.clone(), inc.rev));
                     if record_only {
                         records += 1;
                     } else {
                         changed.push(inc.service);
                     }
                 }
-                Ok(_) => {}
+                // The value is the state served: its revision is ours.
+                Ok(_) => {
+                    inner.revs.insert(inc.service, inc.rev);
+                }
+                // Refused as invalid: the state served stays, and the next
+                // local change may replace the bad value.
                 Err(e) => {
+                    inner.revs.insert(inc.service.clone(), inc.rev);
                     if let Some(f) = &self.fleet {
                         f.store.rejected(&inc.service);
                     }
@@ -516,6 +527,7 @@ impl Control {
         }
         if changed.is_empty() {
             if records > 0 {
+                inner.revs.extend(adopted_revs);
                 inner.state = next;
                 self.settle(&inner);
             }
@@ -525,11 +537,15 @@ impl Control {
         let prepared = match prepare(&config, &self.config_file(), &next, &inner.runtimes) {
             Ok(p) => p,
             Err(errors) => {
+                // Nothing adopted and no revision recorded: a local change
+                // to these services loses its compare-and-swap (412) rather
+                // than overwriting what it never saw.
                 tracing::error!(error = %FileErrors(errors), "cannot build the routing table for the state from etcd");
                 return;
             }
         };
         let snapshot = prepared.commit(&config, &next, &mut inner, &self.metrics);
+        inner.revs.extend(adopted_revs);
         inner.state = next;
         self.publish(snapshot);
         self.settle(&inner);
