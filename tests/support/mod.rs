@@ -134,7 +134,9 @@ impl Upstream {
                         let (h, ok, bad) = (Arc::clone(&h), Arc::clone(&ok), Arc::clone(&bad));
                         async move { Ok::<_, Infallible>(upstream_answer(name, req, h, ok, bad).await) }
                     });
+                    // Takes more header fields than any proxy limit tested.
                     let conn = hyper::server::conn::http1::Builder::new()
+                        .max_headers(300)
                         .serve_connection(TokioIo::new(stream), svc)
                         .with_upgrades();
                     tokio::select! {

@@ -177,19 +177,21 @@ impl Http1Transaction for Server {
         // but we *never* read any of it until after httparse has assigned
         // values into it. By not zeroing out the stack memory, this saves
         // a good ~5% on pipeline benchmarks.
+        //
+        // switchyard patch (see VENDORED.md): as in `Client::parse`, the
+        // inline slots first; the configured `max_headers` (128 in
+        // switchyard) only for a head with more fields than
+        // DEFAULT_MAX_HEADERS, which is then parsed twice.
+        let cap = ctx.h1_max_headers.unwrap_or(DEFAULT_MAX_HEADERS);
+        let mut slots = cap.min(DEFAULT_MAX_HEADERS);
         let mut headers_indices: SmallVec<[MaybeUninit<HeaderIndices>; DEFAULT_MAX_HEADERS]> =
             SmallVec::new();
-        set_uninit_len(
-            &mut headers_indices,
-            ctx.h1_max_headers.unwrap_or(DEFAULT_MAX_HEADERS),
-        );
-        {
+        loop {
+            headers_indices.clear();
+            set_uninit_len(&mut headers_indices, slots);
             let mut headers: SmallVec<[MaybeUninit<httparse::Header<'_>>; DEFAULT_MAX_HEADERS]> =
                 SmallVec::new();
-            set_uninit_len(
-                &mut headers,
-                ctx.h1_max_headers.unwrap_or(DEFAULT_MAX_HEADERS),
-            );
+            set_uninit_len(&mut headers, slots);
             trace!(bytes = buf.len(), "Request.parse");
             let mut req = httparse::Request::new(&mut []);
             let bytes = buf.as_ref();
@@ -225,6 +227,7 @@ impl Http1Transaction for Server {
 
                     record_header_indices(bytes, req.headers, &mut headers_indices)?;
                     headers_len = req.headers.len();
+                    break;
                 }
                 Ok(httparse::Status::Partial) => return Ok(None),
                 // if invalid Token, try to determine if for method or path
@@ -237,6 +240,10 @@ impl Http1Transaction for Server {
                             Parse::Uri
                         }
                     })
+                }
+                Err(httparse::Error::TooManyHeaders) if slots < cap => {
+                    slots = cap;
+                    continue;
                 }
                 Err(err) => return Err(err.into()),
             }
