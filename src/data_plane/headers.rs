@@ -10,7 +10,8 @@
 //! hyper re-frames bodies itself, so dropping `Transfer-Encoding` is safe.
 
 use http::header::{
-    HeaderMap, HeaderName, HeaderValue, CONNECTION, EXPECT, HOST, TE, TRANSFER_ENCODING, UPGRADE,
+    Entry, HeaderMap, HeaderName, HeaderValue, CONNECTION, EXPECT, HOST, TE, TRANSFER_ENCODING,
+    UPGRADE,
 };
 use http::uri::{PathAndQuery, Uri};
 use http::Version;
@@ -156,19 +157,24 @@ fn is_http2_protocol(token: &[u8]) -> bool {
 /// Appends the client address to `X-Forwarded-For`. Several header lines
 /// are one comma-separated list (RFC 9110 §5.3): all are kept, in order.
 pub fn append_forwarded_for(headers: &mut HeaderMap, client_ip: &HeaderValue) {
-    if !headers.contains_key(&X_FORWARDED_FOR) {
-        headers.insert(X_FORWARDED_FOR.clone(), client_ip.clone());
-        return;
-    }
-    let mut v = Vec::new();
-    for prev in headers.get_all(&X_FORWARDED_FOR) {
-        v.extend_from_slice(prev.as_bytes());
-        v.extend_from_slice(b", ");
-    }
-    v.extend_from_slice(client_ip.as_bytes());
-    // Every part was a valid header value, so the join is too.
-    if let Ok(joined) = HeaderValue::from_bytes(&v) {
-        headers.insert(X_FORWARDED_FOR.clone(), joined);
+    // One hashed lookup (`entry`) whether the header is there or not.
+    match headers.entry(X_FORWARDED_FOR.clone()) {
+        Entry::Vacant(e) => {
+            e.insert(client_ip.clone());
+        }
+        Entry::Occupied(mut e) => {
+            let mut v = Vec::new();
+            for prev in e.iter() {
+                v.extend_from_slice(prev.as_bytes());
+                v.extend_from_slice(b", ");
+            }
+            v.extend_from_slice(client_ip.as_bytes());
+            // Every part was a valid header value, so the join is too.
+            // `insert` replaces every line of the header with the join.
+            if let Ok(joined) = HeaderValue::from_bytes(&v) {
+                e.insert(joined);
+            }
+        }
     }
 }
 
@@ -271,21 +277,29 @@ pub(crate) fn prepare_request(
     let upgrade = remove_hop_by_hop(&mut parts.headers);
     // The client's Expect was answered by our own server side (hyper sends
     // 100 Continue when the body is first read).
-    if parts.headers.contains_key(EXPECT) {
+    // (A scan of the few names, with integer compares for standard ones,
+    // is cheaper than a hashed lookup for a header almost never there.)
+    if parts.headers.keys().any(|k| k == EXPECT) {
         parts.headers.remove(EXPECT);
     }
     // HTTP/2 requests carry the host as :authority; HTTP/1.1 backends need Host.
-    if !parts.headers.contains_key(HOST) {
-        if let Some(auth) = parts.uri.authority() {
-            if let Ok(v) = HeaderValue::from_str(auth.as_str()) {
-                parts.headers.insert(HOST, v);
+    let host = match parts.headers.get(HOST) {
+        Some(h) => Some(h.clone()),
+        None => {
+            let v = parts
+                .uri
+                .authority()
+                .and_then(|auth| HeaderValue::from_str(auth.as_str()).ok());
+            if let Some(v) = &v {
+                parts.headers.insert(HOST, v.clone());
             }
+            v
         }
-    }
+    };
     // `forwarded`: the client's address and whether it came over TLS, or
     // None when the forwarding headers are off (`forwarded_headers = false`).
     if let Some((client_ip, tls)) = forwarded {
-        if let Some(h) = parts.headers.get(HOST).cloned() {
+        if let Some(h) = host {
             parts.headers.insert(X_FORWARDED_HOST.clone(), h);
         }
         append_forwarded_for(&mut parts.headers, client_ip);

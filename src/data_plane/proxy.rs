@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
-use http::header::{HeaderValue, CONNECTION, SET_COOKIE, UPGRADE};
+use http::header::{Entry, HeaderValue, CONNECTION, SET_COOKIE, UPGRADE};
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body::Body as _;
 use hyper::body::Incoming;
@@ -244,13 +244,15 @@ impl Proxy {
 /// The request's `x-request-id`: the client's if sane, else a new one,
 /// set in `headers` either way.
 fn ensure_request_id(headers: &mut http::HeaderMap) -> HeaderValue {
-    match headers.get(&X_REQUEST_ID) {
-        Some(v) if valid_request_id(v) => v.clone(),
-        _ => {
+    // One hashed lookup (`entry`) for the read and the write.
+    match headers.entry(X_REQUEST_ID.clone()) {
+        Entry::Occupied(o) if valid_request_id(o.get()) => o.get().clone(),
+        Entry::Occupied(mut o) => {
             let id = new_request_id();
-            headers.insert(X_REQUEST_ID.clone(), id.clone());
+            o.insert(id.clone());
             id
         }
+        Entry::Vacant(v) => v.insert(new_request_id()).clone(),
     }
 }
 
