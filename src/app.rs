@@ -242,6 +242,13 @@ async fn start_fleet(
 /// Starts the proxy described by `config`. Must run inside a tokio runtime.
 pub async fn start(config: Config, opts: StartOptions) -> Result<Running, StartError> {
     let metrics = Arc::new(Metrics::new());
+    match crate::data_plane::conn_limit::raise_open_files_limit() {
+        Ok((before, after)) if before != after => {
+            tracing::info!(before, after, "open-file limit raised to the hard limit");
+        }
+        Ok(_) => {}
+        Err(e) => tracing::debug!(error = %e, "open-file limit left as it is"),
+    }
 
     // 1. Everything that can fail on a file, before binding anything.
     let store = FileStore::new(config.state.path.clone());

@@ -205,10 +205,7 @@ async fn ctl_token_and_admin_from_the_environment() {
     let admin = p.running.as_ref().unwrap().admin_addr;
     // SWITCHYARD_ADMIN stands for --admin (the helper's --admin points at a
     // closed port here, so only the variable can make this succeed).
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let closed = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
     let url = format!("http://{admin}");
     let (code, _, err) = ctl_env(
         closed,
@@ -245,10 +242,7 @@ async fn ctl_token_and_admin_from_the_environment() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ctl_usage_errors_exit_2() {
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let closed = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
     for args in [
         &["switch", "web"][..],
         &["split", "web", "--green", "lots"],
@@ -270,10 +264,7 @@ async fn ctl_usage_errors_exit_2() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ctl_unreachable_admin_exits_3() {
     // Nothing listens: refused.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let closed = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
     let (code, _, err) = ctl(closed, &["switch", "web", "green"]).await;
     assert_eq!(code, 3, "{err}");
     assert!(err.contains("cannot reach the admin API"), "{err}");

@@ -43,11 +43,7 @@ async fn wait_for(out: &Arc<Mutex<String>>, what: impl Fn(&str) -> bool, label: 
 async fn status_watch_prints_every_change_and_survives_a_restart() {
     let blue = Upstream::start("blue").await;
     let green = Upstream::start("green").await;
-    let admin_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let admin_port = free_port();
     let dir = TempDir::new("ctl-watch");
     let text = config_text(dir.path(), "", &[Svc::new("web", &[&blue], &[&green])]).replacen(
         "[admin]\nlisten = \"127.0.0.1:0\"",

@@ -753,10 +753,7 @@ async fn preview_header_reaches_green_or_503_never_blue() {
 async fn preview_to_a_dead_green_pool_never_falls_back_to_blue() {
     let blue = Upstream::start("blue").await;
     // A port nothing listens on.
-    let dead = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap()
-    };
+    let dead = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
     let proxy = TestProxy::start(&[Svc::addrs("web", &[blue.addr], &[dead])]).await;
     let before = blue.hits();
     for _ in 0..12 {

@@ -349,8 +349,10 @@ async fn slowloris_is_cut_at_header_read_timeout_while_others_are_served() {
     let mut slow = Vec::new();
     for _ in 0..10 {
         slow.push(tokio::spawn(async move {
-            let mut s = TcpStream::connect(addr).await.unwrap();
+            // Timed from before the connect: the proxy's deadline runs
+            // from its accept.
             let start = Instant::now();
+            let mut s = TcpStream::connect(addr).await.unwrap();
             s.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n").await.unwrap();
             let mut buf = [0u8; 1024];
             for i in 0..100 {

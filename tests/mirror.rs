@@ -175,6 +175,28 @@ async fn settled(admin: &Admin, sent: u64) -> Value {
     last
 }
 
+/// Waits until no copy is in flight, whatever the number sent: a copy
+/// holds its in-flight slot from its selection (before the live response
+/// returns) until its outcome is recorded, so `sent` read with
+/// `in_flight == 0` is final. (`sent` read right after the last live
+/// response may miss a copy whose task has not run yet.)
+async fn quiet(admin: &Admin) -> Value {
+    let last = Arc::new(Mutex::new(Value::Null));
+    let ok = eventually(Duration::from_secs(30), || {
+        let last = Arc::clone(&last);
+        async move {
+            let c = counters(admin).await;
+            let done = c["in_flight"] == 0;
+            *last.lock().unwrap() = c;
+            done
+        }
+    })
+    .await;
+    let last = last.lock().unwrap().clone();
+    assert!(ok, "copies still in flight: {last}");
+    last
+}
+
 fn sample(m: &str, series: &str) -> f64 {
     metric(m, series).unwrap_or(0.0)
 }
@@ -260,8 +282,9 @@ async fn copies_arrive_marked_with_the_live_request_id_sampled_per_request_id() 
             assert_eq!(s, StatusCode::OK, "round {round} {id}");
         }
     }
-    let sent = counters(&p.admin).await["sent"].as_u64().unwrap();
-    let c = settled(&p.admin, sent).await;
+    let c = quiet(&p.admin).await;
+    let sent = c["sent"].as_u64().unwrap();
+    assert_eq!(green.seen().len() as u64, sent, "every copy sent arrived");
     let mut per_id: HashMap<String, usize> = HashMap::new();
     for copy in green.seen().iter().skip(21) {
         *per_id.entry(copy.request_id.clone().unwrap()).or_default() += 1;
@@ -439,8 +462,8 @@ async fn a_slow_failing_canary_costs_clients_nothing_and_never_sees_more_copies_
             .await;
         assert_eq!(s, StatusCode::OK);
     }
-    let sent = counters(&p.admin).await["sent"].as_u64().unwrap();
-    let c = settled(&p.admin, sent).await;
+    let c = quiet(&p.admin).await;
+    let sent = c["sent"].as_u64().unwrap();
     assert!(
         green.max_active.load(Ordering::SeqCst) <= 4,
         "the canary saw {} copies at once",

@@ -33,8 +33,9 @@ async fn upstream_view(proxy: &TestProxy, headers: &[(&str, &str)]) -> (HeaderMa
 
 /// An address nothing listens on.
 fn closed_port() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
+    // Outside the range `bind(0)` draws from: no later listener of this
+    // test takes it.
+    SocketAddr::from(([127, 0, 0, 1], free_port()))
 }
 
 /// A minimal HTTP/1.1 server answering every request head with `response`

@@ -314,10 +314,8 @@ async fn health_checks_flip_a_backend_and_failover_follows() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connect_failures_are_retried_on_another_backend_for_any_method() {
-    let closed = {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        l.local_addr().unwrap()
-    };
+    // Outside the range `bind(0)` draws from: no later listener takes it.
+    let closed = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
     let good = Upstream::start("good").await;
     let green = Upstream::start("green").await;
     let p = TestProxy::start(&[Svc::addrs("web", &[closed, good.addr], &[green.addr])]).await;
@@ -376,10 +374,11 @@ async fn websocket_stays_across_a_switch_and_is_drained_after_timeout() {
     ws.send(Message::text("before")).await.unwrap();
     assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("before"));
 
+    // Timed from before the call: the drain starts inside it.
+    let switched = std::time::Instant::now();
     p.admin
         .ok("/api/v1/services/web/switch", r#"{"to":"green"}"#)
         .await;
-    let switched = std::time::Instant::now();
     // Still open and still on blue right after the switch.
     ws.send(Message::text("after")).await.unwrap();
     assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("after"));
@@ -451,10 +450,11 @@ async fn graceful_shutdown_finishes_in_flight_requests() {
     )
     .await;
     let addr = p.addr;
-    // Requests in flight when shutdown starts (the upstream takes 300 ms).
+    // Requests in flight when shutdown starts (the upstream takes 2 s, so
+    // they still are on a loaded machine; drain_timeout is 5 s).
     let mut slow = Vec::new();
     for _ in 0..10 {
-        let url = p.url("/sleep/300");
+        let url = p.url("/sleep/2000");
         slow.push(tokio::spawn(async move {
             get(&http1_client(), &url, &[]).await
         }));
@@ -553,6 +553,9 @@ async fn slowloris_is_cut_and_idle_connections_expire() {
 
     // After a request, a keep-alive connection lives idle_timeout, not header_read_timeout.
     let mut ka = TcpStream::connect(p.addr).await.unwrap();
+    // Timed from before the request: the idle time starts after the
+    // response, so this can only overstate it.
+    let t = std::time::Instant::now();
     ka.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
         .await
         .unwrap();
@@ -562,7 +565,6 @@ async fn slowloris_is_cut_and_idle_connections_expire() {
         assert!(n > 0, "closed before the response ended");
         got.extend_from_slice(&buf[..n]);
     }
-    let t = std::time::Instant::now();
     let n = tokio::time::timeout(Duration::from_secs(3), ka.read(&mut buf))
         .await
         .unwrap()

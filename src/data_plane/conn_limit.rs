@@ -190,9 +190,36 @@ impl Drop for ConnSlot {
     }
 }
 
+/// Raises this process's soft limit on open files to its hard limit, as
+/// HAProxy does at start: Debian's default soft limit of 1 024 would cap
+/// the proxy at about 500 proxied connections (each holds a client and an
+/// upstream socket), far below what `max_connections` allows, while the
+/// hard limit (usually 524 288 under systemd) is the administrator's real
+/// ceiling. Returns the soft limit before and after.
+pub(crate) fn raise_open_files_limit() -> std::io::Result<(u64, u64)> {
+    let (before, _) = rlimit::Resource::NOFILE.get()?;
+    let after = rlimit::increase_nofile_limit(u64::MAX)?;
+    Ok((before, after))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The soft limit ends at the hard one (read back from the kernel).
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn open_files_limit_is_raised_to_the_hard_limit() {
+        let (_, after) = raise_open_files_limit().unwrap();
+        let limits = std::fs::read_to_string("/proc/self/limits").unwrap();
+        let line = limits
+            .lines()
+            .find(|l| l.starts_with("Max open files"))
+            .unwrap();
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(fields[3], after.to_string(), "{line}");
+        assert_eq!(fields[3], fields[4], "soft = hard: {line}");
+    }
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()

@@ -490,11 +490,12 @@ impl Pending {
             Err(_) => CopyOutcome::Timeout,
         };
         let elapsed = start.elapsed();
-        drop(slot);
         metrics.requests[outcome.code_index()].inc();
         metrics.duration.observe(elapsed.as_secs_f64());
         stats.pools[pool.index()].record(outcome, elapsed);
         pair.mirror(outcome, &stats, &metrics, pool);
+        // Freed last: `in_flight` at 0 means every copy's figures are in.
+        drop(slot);
         tracing::debug!(backend = %backend.label, ?outcome, "mirror copy done");
     }
 }

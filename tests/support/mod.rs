@@ -401,17 +401,34 @@ impl Svc {
 /// state: for tests that wait for backends to be judged.
 /// A loopback port free right now, for a child process (etcd,
 /// chromedriver) that must be told its port before it binds.
+///
+/// Drawn below Linux's ephemeral range (32768–60999 by default), which
+/// `bind(0)` and outgoing connections take from: a port found free here is
+/// not handed to one of the test's own listeners or clients before the
+/// child binds it (a port from `bind(0)`, closed and passed on, came back
+/// from the next `bind(0)` about once in 14 000). Successive calls in one
+/// process never repeat a port.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    const LOW: usize = 20_000;
+    const SPAN: usize = 12_000;
+    let start = std::process::id() as usize * 7919;
+    for _ in 0..SPAN {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (LOW + (start + n) % SPAN) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in {LOW}..{}", LOW + SPAN);
 }
 
+/// Checks every `interval`; one failed check ejects. The timeout is long:
+/// a killed or failing backend answers at once (refused, 503), and a check
+/// slowed by a loaded machine must not eject a healthy one.
 pub fn health_every(interval: &str) -> String {
     format!(
-        "[service.health]\npath = \"/healthz\"\ninterval = \"{interval}\"\ntimeout = \"500ms\"\nunhealthy_after = 1\nhealthy_after = 1"
+        "[service.health]\npath = \"/healthz\"\ninterval = \"{interval}\"\ntimeout = \"2s\"\nunhealthy_after = 1\nhealthy_after = 1"
     )
 }
 
