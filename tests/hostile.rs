@@ -975,3 +975,56 @@ fn a_second_instance_on_the_same_port_refuses_to_start() {
     first.signal("TERM");
     assert_eq!(first.wait_exit(Duration::from_secs(10)), Some(0));
 }
+
+/// The proxy reads a connection's first bytes to tell HTTP/2 prior
+/// knowledge from HTTP/1, and serves those bytes to the protocol it picked
+/// (no second read). First bytes that come in pieces, and an HTTP/1
+/// request whose first byte is also the preface's (`P`OST), still reach
+/// the right protocol with nothing lost. (The pause between the pieces
+/// only makes it likely that the proxy reads them apart; the answers are
+/// the same either way.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_bytes_in_pieces_reach_the_right_protocol_whole() {
+    let up = Upstream::start("up").await;
+    let proxy = proxy_for("", &up).await;
+
+    // HTTP/1: "P", then the rest of a POST with a body.
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.set_nodelay(true).unwrap();
+    s.write_all(b"P").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    s.write_all(b"OST /p HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi")
+        .await
+        .unwrap();
+    let a = read_to_close(&mut s, Duration::from_secs(5)).await;
+    assert_eq!(a.status(), 200, "{}", a.text);
+    assert!(a.text.ends_with("up"), "{}", a.text);
+
+    // HTTP/2 prior knowledge: the preface in two pieces, then a GET.
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.set_nodelay(true).unwrap();
+    s.write_all(&PREFACE[..5]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let mut out = PREFACE[5..].to_vec();
+    frame(&mut out, SETTINGS, 0, 0, &[]);
+    frame(&mut out, SETTINGS, ACK, 0, &[]);
+    headers(&mut out, 1, &get_block("/", &[]));
+    s.write_all(&out).await.unwrap();
+    let frames = read_frames(&mut s, Duration::from_secs(5), |f| {
+        f.2 == 1 && f.1 & END_STREAM != 0
+    })
+    .await;
+    let head = frames
+        .iter()
+        .find(|f| f.0 == HEADERS && f.2 == 1)
+        .unwrap_or_else(|| panic!("no response head on stream 1: {frames:?}"));
+    // `:status: 200` is HPACK static entry 8: the indexed byte 0x88.
+    assert_eq!(head.3.first(), Some(&0x88), "{frames:?}");
+    let body: Vec<u8> = frames
+        .iter()
+        .filter(|f| f.0 == DATA && f.2 == 1)
+        .flat_map(|f| f.3.clone())
+        .collect();
+    assert_eq!(body, b"up");
+    assert_eq!(up.hits(), 2);
+}

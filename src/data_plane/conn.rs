@@ -238,8 +238,10 @@ pub(crate) struct TrackedIo<T> {
     pub(crate) activity: Arc<ConnActivity>,
     /// HTTP/1 only: strict framing checks before hyper parses.
     pub(crate) guard: Option<H1Guard>,
-    /// Bytes hyper had read but not parsed when the connection was parked;
-    /// served first (already scanned by the guard).
+    /// Bytes read before hyper reads: the connection's first read (taken
+    /// to tell HTTP/2 from HTTP/1), or what hyper had read but not parsed
+    /// when the connection was parked. Served first; already scanned by
+    /// the guard.
     pub(crate) prefix: bytes::Bytes,
 }
 

@@ -32,6 +32,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::BytesMut;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -47,7 +48,7 @@ use crate::data_plane::conn::{
 use crate::data_plane::conn_limit::{ConnLimiter, ConnSlot, Refused};
 use crate::data_plane::drain::DrainToken;
 use crate::data_plane::error::ProxyError;
-use crate::data_plane::h1guard::H1Guard;
+use crate::data_plane::h1guard::{Finding, H1Guard};
 use crate::data_plane::proxy::Proxy;
 use crate::metrics::Metrics;
 
@@ -225,7 +226,7 @@ impl Server {
             // Shutdown before the first byte: no request to finish.
             _ = drain.changed() => return,
         };
-        let proto = match detected {
+        let (proto, first) = match detected {
             Ok(Ok(p)) => p,
             Ok(Err(_)) => return,
             Err(_) => {
@@ -237,7 +238,7 @@ impl Server {
             }
         };
         let client = ClientInfo::new(peer, false, token, slot);
-        self.serve_conn(stream, proto, client, drain).await;
+        self.serve_conn(stream, proto, first, client, drain).await;
     }
 
     async fn serve_tls_conn(
@@ -273,23 +274,33 @@ impl Server {
             Protocol::Http1
         };
         let client = ClientInfo::new(peer, true, token, slot);
-        self.serve_conn(tls, proto, client, drain).await;
+        self.serve_conn(tls, proto, BytesMut::new(), client, drain)
+            .await;
     }
 
-    /// Serves one connection until it ends, times out, or drains.
+    /// Serves one connection until it ends, times out, or drains. `first`:
+    /// bytes already read from it (by [`detect`]), served to hyper first.
     async fn serve_conn<T: Transport>(
         &self,
         io: T,
         proto: Protocol,
+        mut first: BytesMut,
         client: ClientInfo,
         mut drain: watch::Receiver<()>,
     ) {
         let activity = ConnActivity::new();
+        let mut guard = (proto == Protocol::Http1).then(H1Guard::new);
+        if let (Some(g), false) = (&mut guard, first.is_empty()) {
+            // The guard sees these bytes as it sees every later read.
+            if let Finding::BadBody(n) = g.scan(&mut first) {
+                activity.bad_body.store(n, Ordering::Relaxed);
+            }
+        }
         let io = TokioIo::new(TrackedIo {
             inner: io,
             activity: Arc::clone(&activity),
-            guard: (proto == Protocol::Http1).then(H1Guard::new),
-            prefix: bytes::Bytes::new(),
+            guard,
+            prefix: first.freeze(),
         });
         let client = Arc::new(client);
         let proxy = Arc::clone(&self.proxy);
@@ -519,23 +530,37 @@ impl AcceptBackoff {
     }
 }
 
-/// Tells HTTP/2 prior knowledge from HTTP/1 by peeking at the first bytes.
-async fn detect(stream: &TcpStream) -> io::Result<Protocol> {
-    let mut buf = [0u8; 24];
+/// Room for a connection's first read: hyper's own first read size, so
+/// that a request head hyper would have read in one call still comes in one.
+const FIRST_READ: usize = 8192;
+
+/// Reads a connection's first bytes and tells HTTP/2 prior knowledge from
+/// HTTP/1 by them. Returns the bytes read, which hyper is served first
+/// ([`TrackedIo::prefix`]): one `recvfrom` where a peek and then hyper's
+/// read took two on every new connection. The buffer is allocated only once
+/// bytes have arrived: a silent connection holds none.
+async fn detect(stream: &TcpStream) -> io::Result<(Protocol, BytesMut)> {
+    let mut buf = BytesMut::new();
     loop {
-        let n = stream.peek(&mut buf).await?;
-        if n == 0 {
-            return Err(io::ErrorKind::UnexpectedEof.into());
+        stream.readable().await?;
+        if buf.len() == buf.capacity() {
+            buf.reserve(FIRST_READ);
         }
+        match stream.try_read_buf(&mut buf) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+        let n = buf.len().min(H2_PREFACE.len());
         if buf[..n] != H2_PREFACE[..n] {
-            return Ok(Protocol::Http1);
+            return Ok((Protocol::Http1, buf));
         }
         if n == H2_PREFACE.len() {
-            return Ok(Protocol::Http2);
+            return Ok((Protocol::Http2, buf));
         }
-        // A prefix of the preface so far ("P", "PRI *", ...): wait for more.
+        // A prefix of the preface so far ("P", "PRI *", ...): read on.
         // Rare (a real client sends the preface in one segment), and bounded
         // by the caller's timeout.
-        tokio::time::sleep(Duration::from_millis(2)).await;
     }
 }
