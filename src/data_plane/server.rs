@@ -37,6 +37,7 @@ use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use prometheus::IntGauge;
+use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
@@ -216,13 +217,13 @@ impl Server {
 
     async fn serve_plain_conn(
         &self,
-        stream: TcpStream,
+        mut stream: TcpStream,
         peer: SocketAddr,
         mut drain: watch::Receiver<()>,
         (token, slot): (DrainToken, ConnSlot),
     ) {
         let detected = tokio::select! {
-            d = tokio::time::timeout(self.limits.header_read_timeout, detect(&stream)) => d,
+            d = tokio::time::timeout(self.limits.header_read_timeout, detect(&mut stream)) => d,
             // Shutdown before the first byte: no request to finish.
             _ = drain.changed() => return,
         };
@@ -539,18 +540,18 @@ const FIRST_READ: usize = 8192;
 /// ([`TrackedIo::prefix`]): one `recvfrom` where a peek and then hyper's
 /// read took two on every new connection. The buffer is allocated only once
 /// bytes have arrived: a silent connection holds none.
-async fn detect(stream: &TcpStream) -> io::Result<(Protocol, BytesMut)> {
+async fn detect(stream: &mut TcpStream) -> io::Result<(Protocol, BytesMut)> {
     let mut buf = BytesMut::new();
     loop {
         stream.readable().await?;
         if buf.len() == buf.capacity() {
             buf.reserve(FIRST_READ);
         }
-        match stream.try_read_buf(&mut buf) {
-            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
+        // `read_buf` (not `try_read_buf`): after a short read tokio knows
+        // the socket is drained, so hyper's next read waits for readiness
+        // instead of costing an `EAGAIN` syscall.
+        if stream.read_buf(&mut buf).await? == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
         }
         let n = buf.len().min(H2_PREFACE.len());
         if buf[..n] != H2_PREFACE[..n] {
