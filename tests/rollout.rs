@@ -187,6 +187,24 @@ async fn load(
     total
 }
 
+/// The rollout's impact equals what the clients saw: the canary's user
+/// failures are the 5xx from green, its requests every answer from green.
+/// Both figures in one poll: the view of the deciding tick misses the
+/// canary responses that finished while the rollback was persisted (the
+/// driver keeps counting requests in flight at the rollback).
+async fn assert_exact_impact(admin: &Admin, seen: &Seen) {
+    let (exact, last) = poll(admin, Duration::from_secs(15), |v| {
+        v["impact"]["user_failures"].as_u64() == Some(seen.green_5xx)
+            && v["impact"]["canary_requests"].as_u64() == Some(seen.green)
+    })
+    .await;
+    assert!(
+        exact,
+        "impact {} vs clients' {seen:?}: {last:#}",
+        last["impact"]
+    );
+}
+
 async fn rollout(admin: &Admin) -> Value {
     let (s, v) = admin.get("/api/v1/services/web/rollout").await;
     assert_eq!(s, StatusCode::OK, "{v}");
@@ -302,20 +320,7 @@ async fn bad_canary_rolled_back_at_first_step_with_exact_user_impact() {
     }
     let svc = p.admin.service("web").await;
     assert_eq!(svc["weights"]["green"], 0);
-    // Exact: the canary's user failures are the 5xx from green the clients
-    // saw (the driver keeps counting requests in flight at the rollback).
-    // Both figures in one poll: the view of the deciding tick misses the
-    // canary responses that finished while the rollback was persisted.
-    let (exact, last) = poll(&p.admin, Duration::from_secs(15), |v| {
-        v["impact"]["user_failures"].as_u64() == Some(seen.green_5xx)
-            && v["impact"]["canary_requests"].as_u64() == Some(seen.green)
-    })
-    .await;
-    assert!(
-        exact,
-        "impact {} vs clients' {seen:?}: {last:#}",
-        last["impact"]
-    );
+    assert_exact_impact(&p.admin, &seen).await;
     assert!(seen.green_5xx >= 3, "{seen:?}");
     assert_eq!(seen.other_errors, 0, "{seen:?}");
     let m = p.admin.metrics().await;
@@ -541,17 +546,7 @@ async fn a_bad_canary_at_twenty_requests_per_second_is_rolled_back_before_five_p
     assert!(last["canary"]["requests"].as_u64().unwrap() < 200, "{last}");
     assert!(seen.green_5xx >= 3, "{seen:?}");
     assert_eq!(seen.other_errors, 0, "{seen:?}");
-    // The impact the clients saw, exactly.
-    let (exact, last) = poll(&p.admin, Duration::from_secs(15), |v| {
-        v["impact"]["user_failures"].as_u64() == Some(seen.green_5xx)
-            && v["impact"]["canary_requests"].as_u64() == Some(seen.green)
-    })
-    .await;
-    assert!(
-        exact,
-        "impact {} vs clients' {seen:?}: {last:#}",
-        last["impact"]
-    );
+    assert_exact_impact(&p.admin, &seen).await;
     p.shutdown().await;
 }
 
