@@ -21,17 +21,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use crossbeam_queue::ArrayQueue;
-use http::header::UPGRADE;
-use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use hyper::client::conn::{http1, TrySendError};
-use hyper_util::rt::TokioIo;
 use prometheus::IntGauge;
 use tokio::net::TcpStream;
-use tokio_rustls::client::TlsStream;
 
 use crate::config::{BackendAddr, Scheme};
+use crate::data_plane::h1client::{UpstreamConn, UpstreamIo};
 use crate::data_plane::mirror::Tee;
 use crate::data_plane::tls::UpstreamTls;
 
@@ -293,206 +289,6 @@ pub(crate) enum ConnectError {
     /// TLS handshake failed.
     #[error("TLS handshake failed: {0}")]
     Tls(io::Error),
-    /// HTTP/1 handshake failed.
-    #[error("HTTP handshake failed: {0}")]
-    Handshake(hyper::Error),
-}
-
-/// A pooled HTTP/1.1 connection to a backend.
-///
-/// Optimisation (issue 16): the hyper connection is driven inline by the
-/// task that holds it (the request's own task) instead of a task of its
-/// own: [`send`](UpstreamConn::send) polls it while waiting for the response
-/// head, the response body wrapper ([`poll_body`](UpstreamConn::poll_body))
-/// before each body frame, and [`Backend::checkin`] once more at the end so
-/// that hyper marks it idle. That saves the cross-task wake-ups (a channel
-/// hop and a task switch per request and per body frame) and the spawned
-/// task; callgrind measured the gain logged in `benches/load/README.md`.
-/// An idle pooled connection is polled by nobody: [`Backend::checkout`]
-/// polls it once to learn whether the backend closed it meanwhile.
-pub(crate) struct UpstreamConn {
-    /// Send side of the connection.
-    sender: http1::SendRequest<UpstreamBody>,
-    /// The connection itself.
-    driver: Driver,
-    idle_since_ms: u64,
-}
-
-/// The hyper HTTP/1 client connection to a backend.
-type Http1Conn = http1::Connection<TokioIo<UpstreamIo>, UpstreamBody>;
-
-/// Who polls an upstream connection.
-enum Driver {
-    /// Whoever holds the [`UpstreamConn`] (boxed: it is large and moves
-    /// between the pool, the request and its response body).
-    Inline(Box<Http1Conn>),
-    /// A task of its own: requests that may upgrade the connection
-    /// (WebSocket), where hyper hands the stream over from the connection
-    /// future (`with_upgrades`), and connections that had not caught up
-    /// with the end of their response at checkin.
-    Spawned,
-    /// It ended (closed by either side, failed, or upgraded).
-    Ended,
-}
-
-impl Driver {
-    /// Polls an inline connection; false once it has ended. The end of a
-    /// spawned one shows on `sender` instead.
-    fn poll(&mut self, cx: &mut Context<'_>, sender: &http1::SendRequest<UpstreamBody>) -> bool {
-        match self {
-            Driver::Inline(conn) => match conn.poll_without_shutdown(cx) {
-                Poll::Pending => true,
-                Poll::Ready(r) => {
-                    if let Err(e) = r {
-                        tracing::debug!(error = %e, "upstream connection ended with an error");
-                    }
-                    // Dropping it closes the socket and fails whatever it
-                    // still held (a request never sent comes back unsent).
-                    *self = Driver::Ended;
-                    false
-                }
-            },
-            Driver::Spawned => !sender.is_closed(),
-            Driver::Ended => false,
-        }
-    }
-}
-
-impl UpstreamConn {
-    /// Sends `req` and waits for the response head, driving the connection
-    /// meanwhile. An error gives the request back if it was never sent.
-    pub(crate) async fn send(
-        &mut self,
-        req: Request<UpstreamBody>,
-    ) -> Result<Response<Incoming>, TrySendError<Request<UpstreamBody>>> {
-        if matches!(self.driver, Driver::Inline(_)) && req.headers().contains_key(UPGRADE) {
-            // The backend may switch protocols: hyper hands the upgraded
-            // stream over only from a connection future run to its end,
-            // so this one gets a task of its own (the fallback the inline
-            // driving allows for; upgrades are rare and long-lived).
-            self.spawn();
-        }
-        let mut resp = std::pin::pin!(self.sender.try_send_request(req));
-        let (driver, sender) = (&mut self.driver, &self.sender);
-        std::future::poll_fn(|cx| {
-            // The connection first: it writes the request and reads the
-            // head, which readies the response future in the same poll.
-            driver.poll(cx, sender);
-            if matches!(driver, Driver::Inline(_)) && tokio::task::coop::has_budget_remaining() {
-                // Only this task's polls of the connection (above, woken by
-                // its socket) can ready the response, so it needs no waker;
-                // with ours, delivering the head would wake this task for a
-                // pointless extra poll of the client connection. (Out of
-                // budget, the response future could be pending for that
-                // reason alone: then it gets the real waker.)
-                resp.as_mut()
-                    .poll(&mut Context::from_waker(std::task::Waker::noop()))
-            } else {
-                resp.as_mut().poll(cx)
-            }
-        })
-        .await
-    }
-
-    /// Polls the response body `body` of this connection, driving the
-    /// connection when the body has nothing buffered (it reads what the
-    /// body then yields). A body already read whole (a small response
-    /// arrives with its head) costs no poll of the connection.
-    pub(crate) fn poll_body(
-        &mut self,
-        body: &mut Incoming,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        if let Poll::Ready(frame) = Pin::new(&mut *body).poll_frame(cx) {
-            return Poll::Ready(frame);
-        }
-        // Ended or not, the body then has what the connection read.
-        self.driver.poll(cx, &self.sender);
-        Pin::new(body).poll_frame(cx)
-    }
-
-    /// Moves an inline connection into a task of its own.
-    fn spawn(&mut self) {
-        if let Driver::Inline(conn) = std::mem::replace(&mut self.driver, Driver::Spawned) {
-            tokio::spawn(async move {
-                if let Err(e) = conn.with_upgrades().await {
-                    tracing::debug!(error = %e, "upstream connection ended with an error");
-                }
-            });
-        }
-    }
-
-    /// Polls it once (`cx` may be a no-op waker's) and says whether it can
-    /// take a request now: not closed by the backend, idle.
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> bool {
-        self.driver.poll(cx, &self.sender) && self.sender.is_ready()
-    }
-}
-
-/// An upstream byte stream: plain TCP, or TLS over it.
-pub(crate) enum UpstreamIo {
-    /// `http://`.
-    Plain(TcpStream),
-    /// `https://`.
-    Tls(Box<TlsStream<TcpStream>>),
-}
-
-impl tokio::io::AsyncRead for UpstreamIo {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            UpstreamIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            UpstreamIo::Tls(s) => Pin::new(&mut **s).poll_read(cx, buf),
-        }
-    }
-}
-
-impl tokio::io::AsyncWrite for UpstreamIo {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            UpstreamIo::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            UpstreamIo::Tls(s) => Pin::new(&mut **s).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            UpstreamIo::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            UpstreamIo::Tls(s) => Pin::new(&mut **s).poll_write_vectored(cx, bufs),
-        }
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            UpstreamIo::Plain(s) => s.is_write_vectored(),
-            UpstreamIo::Tls(s) => s.is_write_vectored(),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            UpstreamIo::Plain(s) => Pin::new(s).poll_flush(cx),
-            UpstreamIo::Tls(s) => Pin::new(&mut **s).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            UpstreamIo::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            UpstreamIo::Tls(s) => Pin::new(&mut **s).poll_shutdown(cx),
-        }
-    }
 }
 
 /// One backend of one pool of one service.
@@ -750,16 +546,12 @@ impl Backend {
         let now = now_ms();
         let idle = self.idle_here();
         while let Some(mut conn) = idle.pop() {
-            if now.saturating_sub(conn.idle_since_ms) < MAX_IDLE_AGE_MS {
-                // Nobody polled it while it was idle: one poll reads the
-                // backend's close (EOF or reset) if one came meanwhile. A
-                // close racing the request is covered by the retry of an
-                // unsent request. No waker: the request sent next polls it
-                // with this task's at once; with it, queueing that request
-                // would wake this task for a pointless extra poll.
-                if conn.poll_ready(&mut Context::from_waker(std::task::Waker::noop())) {
-                    return Ok((conn, true));
-                }
+            // Nobody read it while it was idle: one read attempt sees the
+            // backend's close (EOF or reset) if one came meanwhile. A close
+            // racing the request is covered by the retry of an unsent
+            // request, or the replay of an idempotent one.
+            if now.saturating_sub(conn.idle_since_ms) < MAX_IDLE_AGE_MS && conn.is_open() {
+                return Ok((conn, true));
             }
             // Closed by the backend, or too old: drop it.
         }
@@ -770,47 +562,15 @@ impl Backend {
         Ok((conn, false))
     }
 
-    /// Returns a connection whose exchange ended cleanly to the pool.
-    pub(crate) fn checkin(self: &Arc<Self>, mut conn: UpstreamConn) {
-        if self.is_retired() || conn.sender.is_closed() {
+    /// Returns a connection whose exchange ended cleanly to the pool
+    /// (unless the backend left its pool, or the connection cannot carry
+    /// another exchange).
+    pub(crate) fn checkin(&self, mut conn: UpstreamConn) {
+        if self.is_retired() || !conn.is_reusable() {
             return;
         }
         conn.idle_since_ms = now_ms();
-        // Usually the poll that read the end of the response also made the
-        // connection idle; if not, one more poll so that hyper marks it
-        // ready. No waker: nobody polls a pooled connection; checkout polls
-        // it with the next request's.
-        if conn.sender.is_ready()
-            || conn.poll_ready(&mut Context::from_waker(std::task::Waker::noop()))
-        {
-            let _ = self.idle_here().push(conn);
-            return;
-        }
-        if matches!(conn.driver, Driver::Ended) {
-            return;
-        }
-        // The connection has not caught up with the end of the response
-        // yet (hyper yields after 16 rounds of IO in one poll); pool it
-        // once it has (or drop it if it fails).
-        let me = Arc::clone(self);
-        tokio::spawn(async move {
-            let ready = tokio::time::timeout(
-                Duration::from_secs(5),
-                std::future::poll_fn(|cx| {
-                    if conn.poll_ready(cx) {
-                        Poll::Ready(true)
-                    } else if matches!(conn.driver, Driver::Ended) {
-                        Poll::Ready(false)
-                    } else {
-                        Poll::Pending
-                    }
-                }),
-            )
-            .await;
-            if matches!(ready, Ok(true)) && !me.is_retired() {
-                let _ = me.idle_here().push(conn);
-            }
-        });
+        let _ = self.idle_here().push(conn);
     }
 
     async fn connect(
@@ -858,31 +618,18 @@ impl Backend {
                         .connect(&self.addr.host, tcp)
                         .await
                         .map_err(ConnectError::Tls)?;
-                    handshake(UpstreamIo::Tls(Box::new(stream)), max_headers).await
+                    Ok(UpstreamConn::new(
+                        UpstreamIo::Tls(Box::new(stream)),
+                        max_headers,
+                    ))
                 }
-                _ => handshake(UpstreamIo::Plain(tcp), max_headers).await,
+                _ => Ok(UpstreamConn::new(UpstreamIo::Plain(tcp), max_headers)),
             }
         };
         tokio::time::timeout(connect_timeout, fut)
             .await
             .map_err(|_| ConnectError::Timeout)?
     }
-}
-
-async fn handshake(io: UpstreamIo, max_headers: usize) -> Result<UpstreamConn, ConnectError> {
-    let (sender, conn) = http1::Builder::new()
-        .writev(true)
-        // hyper's default is 100; up to 100 the parser keeps the header
-        // index on the stack, above it allocates per response head.
-        .max_headers(max_headers)
-        .handshake(TokioIo::new(io))
-        .await
-        .map_err(ConnectError::Handshake)?;
-    Ok(UpstreamConn {
-        sender,
-        driver: Driver::Inline(Box::new(conn)),
-        idle_since_ms: 0,
-    })
 }
 
 /// Counts one request against its backend until dropped (at the end of the

@@ -11,6 +11,7 @@ use http::{Response, StatusCode};
 use crate::color::Color;
 use crate::data_plane::backend::ConnectError;
 use crate::data_plane::exchange::{pool_header, Exchange, ProxyBody};
+use crate::data_plane::h1client::UpstreamError;
 use crate::data_plane::headers::{X_REQUEST_ID, X_SWITCHYARD_POOL};
 use crate::data_plane::routing::Settings;
 use crate::metrics::{Metrics, UpstreamErrorKind};
@@ -44,8 +45,8 @@ pub(crate) enum ProxyError {
     Upstream {
         /// The backend.
         backend: String,
-        /// hyper's error.
-        source: hyper::Error,
+        /// What went wrong.
+        source: UpstreamError,
         /// The connection broke (reset, closed early), as opposed to the
         /// backend answering garbage: a retry may help.
         reset: bool,
@@ -66,8 +67,8 @@ pub(crate) enum ProxyError {
     HeadTooLarge {
         /// The backend.
         backend: String,
-        /// hyper's error.
-        source: hyper::Error,
+        /// What went wrong.
+        source: UpstreamError,
     },
     /// The response body broke off before its end (after the head was
     /// sent to the client).
@@ -75,8 +76,8 @@ pub(crate) enum ProxyError {
     Truncated {
         /// The backend.
         backend: String,
-        /// hyper's error.
-        source: hyper::Error,
+        /// What went wrong.
+        source: UpstreamError,
     },
     /// The response body was silent for longer than `upstream_read_timeout`.
     #[error("backend {backend} sent nothing of the response body for {timeout:?}")]
@@ -130,9 +131,7 @@ impl ProxyError {
             ProxyError::Connect { source, .. } => Some(match source {
                 ConnectError::Timeout => UpstreamErrorKind::Timeout,
                 ConnectError::Tls(_) => UpstreamErrorKind::Tls,
-                ConnectError::Resolve { .. } | ConnectError::Io(_) | ConnectError::Handshake(_) => {
-                    UpstreamErrorKind::Connect
-                }
+                ConnectError::Resolve { .. } | ConnectError::Io(_) => UpstreamErrorKind::Connect,
             }),
             ProxyError::Upstream { .. } | ProxyError::UnexpectedUpgrade { .. } => {
                 Some(UpstreamErrorKind::Reset)

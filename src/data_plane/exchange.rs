@@ -16,11 +16,11 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::{HeaderValue, Method, Uri};
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 
 use crate::color::Color;
-use crate::data_plane::backend::{Backend, InFlight, UpstreamConn};
+use crate::data_plane::backend::{Backend, InFlight};
 use crate::data_plane::conn::ActiveRequest;
+use crate::data_plane::h1client::{ResponseBody, UpstreamConn, UpstreamError};
 use crate::data_plane::outcomes::Outcome;
 use crate::data_plane::routing::{Decision, PoolChoice, Route, Service, Snapshot};
 
@@ -32,7 +32,7 @@ pub(crate) type BodyError = Box<dyn std::error::Error + Send + Sync>;
 #[derive(Debug)]
 pub(crate) enum BodyFailure {
     /// It broke off (closed or reset early, bad framing).
-    Broke(hyper::Error),
+    Broke(UpstreamError),
     /// Nothing came for `upstream_read_timeout`.
     Silent(Duration),
 }
@@ -238,17 +238,17 @@ pub(crate) struct ProxyBody {
     /// Was the last poll of the upstream body pending?
     waiting: bool,
     /// The upstream body's error, held back for one poll (see `poll_frame`).
-    broke: Option<hyper::Error>,
+    broke: Option<UpstreamError>,
 }
 
 enum Inner {
-    Upstream(Incoming),
+    Upstream(ResponseBody),
     Full(Option<Bytes>),
 }
 
 impl ProxyBody {
     /// Streams the backend's body.
-    pub(crate) fn upstream(body: Incoming, exchange: Exchange) -> ProxyBody {
+    pub(crate) fn upstream(body: ResponseBody, exchange: Exchange) -> ProxyBody {
         ProxyBody {
             inner: Inner::Upstream(body),
             exchange: Some(exchange),
@@ -332,7 +332,9 @@ impl Body for ProxyBody {
             // The upstream connection is driven here, in the client's task
             // (see `UpstreamConn`): it reads what the body then yields.
             (Inner::Upstream(b), Some(conn)) => conn.poll_body(b, cx),
-            (Inner::Upstream(b), None) => Pin::new(b).poll_frame(cx),
+            // No connection (a 101's empty body): nothing more to read.
+            (Inner::Upstream(b), None) if b.is_end_stream() => Poll::Ready(None),
+            (Inner::Upstream(_), None) => Poll::Ready(Some(Err(UpstreamError::Incomplete))),
             (Inner::Full(b), _) => Poll::Ready(b.take().map(|d| Ok(Frame::data(d)))),
         };
         match polled {

@@ -11,6 +11,7 @@ pub(crate) mod conn_limit;
 pub(crate) mod drain;
 pub(crate) mod error;
 pub(crate) mod exchange;
+pub(crate) mod h1client;
 pub(crate) mod h1guard;
 pub(crate) mod headers;
 pub(crate) mod health;

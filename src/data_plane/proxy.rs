@@ -19,6 +19,7 @@ use crate::data_plane::backend::UpstreamBody;
 use crate::data_plane::conn::{ActiveRequest, ClientInfo};
 use crate::data_plane::error::ProxyError;
 use crate::data_plane::exchange::{pool_header, Exchange, LogFields, ProxyBody, Streamed};
+use crate::data_plane::h1client::ResponseBody;
 use crate::data_plane::headers::{
     check_framing, new_request_id, prepare_request, remove_hop_by_hop, request_host,
     valid_request_id, X_REQUEST_ID, X_SWITCHYARD_POOL,
@@ -106,7 +107,7 @@ impl Proxy {
         client: &Arc<ClientInfo>,
         ex: &mut Exchange,
         copy: &mut Option<mirror::LiveSide>,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> Result<Response<ResponseBody>, ProxyError> {
         let (mut parts, body) = req.into_parts();
 
         // 1. Request id: keep a sane one, else make one. First, so that the
@@ -198,7 +199,7 @@ impl Proxy {
                 Some(client_side) => {
                     upgrade::bridge(
                         client_side,
-                        &mut resp,
+                        conn.into_upgraded(),
                         backend.start_request(),
                         upgrade::Watch {
                             table: Arc::clone(&self.table),

@@ -9,15 +9,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
-use hyper::Response;
 use hyper_util::rt::TokioIo;
 use tokio::sync::watch;
 
 use crate::color::Color;
 use crate::data_plane::backend::InFlight;
 use crate::data_plane::conn::ClientInfo;
+use crate::data_plane::h1client::Upgraded;
 use crate::data_plane::routing::Snapshot;
 use crate::metrics::Metrics;
 
@@ -53,21 +52,19 @@ impl Watch {
 /// Joins the client's and the backend's upgraded streams in a task.
 pub(crate) fn bridge(
     client: OnUpgrade,
-    resp: &mut Response<Incoming>,
+    mut upstream: Upgraded,
     in_flight: InFlight,
     mut watch: Watch,
 ) {
-    let upstream = hyper::upgrade::on(resp);
     tokio::spawn(async move {
-        let (client, upstream) = match tokio::try_join!(client, upstream) {
-            Ok(pair) => pair,
+        let client = match client.await {
+            Ok(client) => client,
             Err(e) => {
                 tracing::debug!(error = %e, "upgrade failed");
                 return;
             }
         };
         let mut client = TokioIo::new(client);
-        let mut upstream = TokioIo::new(upstream);
         let copy = tokio::io::copy_bidirectional(&mut client, &mut upstream);
         tokio::pin!(copy);
         // Armed once the pool stops taking traffic.

@@ -13,12 +13,12 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, Uri, Version};
-use hyper::body::Incoming;
 
 use crate::color::Color;
-use crate::data_plane::backend::{now_ms, Backend, ClientWaits, UpstreamBody, UpstreamConn};
+use crate::data_plane::backend::{now_ms, Backend, ClientWaits, UpstreamBody};
 use crate::data_plane::error::ProxyError;
 use crate::data_plane::exchange::{pool_header, BodyError, BodyFailure, Exchange};
+use crate::data_plane::h1client::{ResponseBody, UpstreamConn};
 use crate::data_plane::headers::X_SWITCHYARD_POOL;
 use crate::data_plane::routing::{pick_backend, Pool, PoolChoice, Route, Settings};
 
@@ -192,7 +192,7 @@ pub(crate) async fn send(
     mut req: Request<UpstreamBody>,
     replay: Option<Replay>,
     ex: &mut Exchange,
-) -> Result<(Response<Incoming>, UpstreamConn, Arc<Backend>), ProxyError> {
+) -> Result<(Response<ResponseBody>, UpstreamConn, Arc<Backend>), ProxyError> {
     let svc = &route.service;
     let mut attempts = Attempts::new(replay.is_some());
     let mut last_err = None;
@@ -257,7 +257,7 @@ pub(crate) async fn send(
                         "malformed or incomplete request body",
                     ));
                 }
-                if unsent.is_none() && source.is_parse_too_large() {
+                if unsent.is_none() && source.is_head_too_large() {
                     // Too many header fields: the backend is not sick, and
                     // the same request would get the same head.
                     let err = ProxyError::HeadTooLarge {
@@ -267,7 +267,7 @@ pub(crate) async fn send(
                     upstream_error(route, &backend, choice.color, &err);
                     return Err(err);
                 }
-                let reset = unsent.is_some() || is_reset(&source);
+                let reset = unsent.is_some() || source.is_reset();
                 let err = ProxyError::Upstream {
                     backend: backend.label.clone(),
                     source,
@@ -351,6 +351,12 @@ pub(crate) fn body_failed(
     failure: BodyFailure,
 ) -> BodyError {
     let err = match failure {
+        // The client's own upload broke while the response streamed (full
+        // duplex): the exchange ends, and the backend is not to blame.
+        BodyFailure::Broke(source) if source.is_user() => {
+            tracing::debug!(service = %route.service.name, error = %source, "request body failed");
+            return Box::new(source);
+        }
         BodyFailure::Broke(source) => ProxyError::Truncated {
             backend: backend.label.clone(),
             source,
@@ -430,27 +436,6 @@ pub(crate) fn record_failure(route: &Route, backend: &Arc<Backend>, color: Color
             "backend ejected after consecutive failures"
         );
     }
-}
-
-/// Did the connection break (reset, closed early), as opposed to time out
-/// or answer garbage?
-fn is_reset(err: &hyper::Error) -> bool {
-    if err.is_incomplete_message() || err.is_closed() || err.is_canceled() {
-        return true;
-    }
-    let mut source = std::error::Error::source(err);
-    while let Some(e) = source {
-        if let Some(io) = e.downcast_ref::<std::io::Error>() {
-            return matches!(
-                io.kind(),
-                std::io::ErrorKind::ConnectionReset
-                    | std::io::ErrorKind::BrokenPipe
-                    | std::io::ErrorKind::ConnectionAborted
-            );
-        }
-        source = e.source();
-    }
-    false
 }
 
 #[cfg(test)]
