@@ -38,6 +38,8 @@ use crate::data_plane::exchange::BodyError;
 /// Header slots parsed on the stack; more (up to the configured
 /// `max_response_headers`) cost one allocation for that response.
 const INLINE_HEADERS: usize = 100;
+/// Fields the proxy may add to a response head.
+const EXTRA_FIELDS: usize = 4;
 /// Largest response head accepted (hyper's default buffer limit).
 pub(crate) const MAX_HEAD_BYTES: usize = 8192 + 4096 * 100;
 /// Read size for heads and small bodies.
@@ -541,7 +543,9 @@ impl UpstreamConn {
             }
         }
         let head = self.rbuf.split_to(len).freeze();
-        let mut headers = HeaderMap::with_capacity(n);
+        // Room for the fields the proxy adds (pool, request id, cookie)
+        // without growing the map (a rehash and a reallocation each).
+        let mut headers = HeaderMap::with_capacity(n + EXTRA_FIELDS);
         for &(ns, nl, vs, vl) in spans.iter() {
             let (ns, nl, vs, vl) = (ns as usize, nl as usize, vs as usize, vl as usize);
             let name = HeaderName::from_bytes(&head[ns..ns + nl])
