@@ -33,7 +33,9 @@
 //!    (preview header, targeting rules, sticky bucket, weights), backend
 //!    (balance, failover).
 //! 4. `data_plane::upstream`: the attempt loop (retries under a budget,
-//!    checkout from [`data_plane::backend`], ejection, failover accounting).
+//!    checkout from [`data_plane::backend`], ejection, failover accounting);
+//!    the exchange itself is the proxy's own HTTP/1.1 client,
+//!    `data_plane::h1client`, driven by the request's task.
 //! 5. [`data_plane::exchange`]: the response body streams back; when it ends,
 //!    metrics, access log and the pooled connection are settled.
 //!

@@ -107,23 +107,14 @@ impl UpstreamError {
     }
 }
 
-/// A failed [`UpstreamConn::send`]: the error, and the request if none of
-/// it was written (so it may go on another connection as it is).
+/// A failed [`UpstreamConn::send`]: the error, and whether nothing of the
+/// request was written (so it may go on another connection as it is).
+#[derive(Debug)]
 pub(crate) struct SendError {
-    unsent: Option<Request<UpstreamBody>>,
-    error: UpstreamError,
-}
-
-impl SendError {
-    /// The request, if nothing of it reached the backend.
-    pub(crate) fn take_message(&mut self) -> Option<Request<UpstreamBody>> {
-        self.unsent.take()
-    }
-
-    /// The error.
-    pub(crate) fn into_error(self) -> UpstreamError {
-        self.error
-    }
+    /// Nothing of the request reached the backend.
+    pub(crate) unsent: bool,
+    /// What went wrong.
+    pub(crate) error: UpstreamError,
 }
 
 /// An upstream byte stream: plain TCP, or TLS over it.
@@ -279,15 +270,20 @@ impl UpstreamConn {
     /// Sends `req` and reads the response head. The body, if any, is then
     /// read with [`poll_body`](Self::poll_body). A 101 response leaves the
     /// connection to [`into_upgraded`](Self::into_upgraded).
+    ///
+    /// The request is only borrowed: a streamed body is taken from it, a
+    /// body held in memory (and the head) stay, so that an idempotent
+    /// request can be sent again after a reset without a copy made in
+    /// advance (which every request would pay for).
     pub(crate) async fn send(
         &mut self,
-        req: Request<UpstreamBody>,
+        req: &mut Request<UpstreamBody>,
     ) -> Result<Response<ResponseBody>, SendError> {
         // Reusable again only once a response says so.
         self.reusable = false;
         self.head_scan = None;
         let head_only = req.method() == Method::HEAD;
-        let upload = self.encode_head(&req);
+        let upload = self.encode_head(req);
         let held = match (upload, req.body()) {
             (Upload::Raw, UpstreamBody::Full(Some(b))) => Some(b.clone()),
             _ => None,
@@ -301,14 +297,14 @@ impl UpstreamConn {
         .await;
         if let Err(e) = wrote {
             return Err(SendError {
-                unsent: (off == 0).then_some(req),
+                unsent: off == 0,
                 error: UpstreamError::Io(e),
             });
         }
         let mut up = match (upload, held) {
             (Upload::None, _) | (_, Some(_)) => None,
             (upload, None) => Some(Box::new(Uploading {
-                body: req.into_body(),
+                body: std::mem::replace(req.body_mut(), UpstreamBody::empty()),
                 out: Outgoing::default(),
                 chunked: upload == Upload::Chunked,
             })),
@@ -329,7 +325,7 @@ impl UpstreamConn {
         })
         .await
         .map_err(|error| SendError {
-            unsent: None,
+            unsent: false,
             error,
         })
     }

@@ -533,15 +533,10 @@ async fn exchange(
         let Ok((mut conn, reused)) = backend.checkout(connect_timeout, max_headers).await else {
             return CopyOutcome::Error;
         };
-        let resp = match conn.send(req).await {
+        let resp = match conn.send(&mut req).await {
             Ok(resp) => resp,
-            Err(mut failed) => match failed.take_message() {
-                Some(unsent) if reused => {
-                    req = unsent;
-                    continue;
-                }
-                _ => return CopyOutcome::Error,
-            },
+            Err(failed) if failed.unsent && reused => continue,
+            Err(_) => return CopyOutcome::Error,
         };
         let status = resp.status();
         let mut body = resp.into_body();

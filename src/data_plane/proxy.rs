@@ -25,7 +25,7 @@ use crate::data_plane::headers::{
     valid_request_id, X_REQUEST_ID, X_SWITCHYARD_POOL,
 };
 use crate::data_plane::routing::{choose_pool, RequestFacts, Snapshot};
-use crate::data_plane::upstream::{self, Replay};
+use crate::data_plane::upstream;
 use crate::data_plane::{mirror, upgrade};
 use crate::metrics::Metrics;
 
@@ -150,7 +150,7 @@ impl Proxy {
         let client_upgrade = prepare_request(&mut parts, forwarded);
         // Traffic mirroring (SPEC §9): when off, this one branch.
         let timeout = snap.settings.request_timeout;
-        let (body, replay) = match route.mirror.as_deref() {
+        let (body, replayable) = match route.mirror.as_deref() {
             None => upstream_body(&parts, body, timeout).await?,
             Some(m) => {
                 // A client's claim to be a copy is not passed on.
@@ -168,11 +168,11 @@ impl Proxy {
                 let pending = ex.request_id.as_ref().and_then(|id| {
                     m.select(route, &parts, &choice, id, len, client_upgrade.is_some())
                 });
-                let (mut body, replay) = upstream_body(&parts, body, timeout).await?;
+                let (mut body, replayable) = upstream_body(&parts, body, timeout).await?;
                 if let Some(pending) = pending {
                     *copy = Some(pending.launch(&mut body, &snap.settings));
                 }
-                (body, replay)
+                (body, replayable)
             }
         };
         let req = Request::from_parts(parts, body);
@@ -180,7 +180,7 @@ impl Proxy {
         // 5. Send, with bounded retries.
         let settings = &snap.settings;
         let (mut resp, conn, backend) =
-            upstream::send(route, settings, &mut choice, req, replay, ex).await?;
+            upstream::send(route, settings, &mut choice, req, replayable, ex).await?;
         route.service.retry_budget.earn();
         ex.answered = true;
 
@@ -261,22 +261,20 @@ fn ensure_request_id(headers: &mut http::HeaderMap) -> HeaderValue {
 /// be sent again after a reset.
 const REPLAY_BODY_MAX: u64 = 64 * 1024;
 
-/// The body to send upstream, and, for idempotent requests whose body is
-/// empty or small and of known length, what is needed to send it again.
+/// The body to send upstream, and whether the request may be sent again
+/// after it went out: idempotent, with a body empty or small and of known
+/// length (then read whole and held).
 async fn upstream_body(
     parts: &http::request::Parts,
     body: Incoming,
     client_silence: std::time::Duration,
-) -> Result<(UpstreamBody, Option<Replay>), ProxyError> {
+) -> Result<(UpstreamBody, bool), ProxyError> {
     let idempotent = matches!(
         parts.method,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
     );
     if body.is_end_stream() {
-        return Ok((
-            UpstreamBody::empty(),
-            idempotent.then(|| Replay::of(parts, None)),
-        ));
+        return Ok((UpstreamBody::empty(), idempotent));
     }
     if idempotent
         && body
@@ -291,8 +289,7 @@ async fn upstream_body(
         .await
         .map_err(|_| ProxyError::BadRequest("could not read the request body"))?
         .to_bytes();
-        let replay = Replay::of(parts, Some(bytes.clone()));
-        return Ok((UpstreamBody::Full(Some(bytes)), Some(replay)));
+        return Ok((UpstreamBody::Full(Some(bytes)), true));
     }
-    Ok((UpstreamBody::streamed(body, client_silence), None))
+    Ok((UpstreamBody::streamed(body, client_silence), false))
 }

@@ -11,8 +11,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::{Method, Request, Response, Uri, Version};
+use http::{Request, Response};
 
 use crate::color::Color;
 use crate::data_plane::backend::{now_ms, Backend, ClientWaits, UpstreamBody};
@@ -152,49 +151,22 @@ impl Attempts {
     }
 }
 
-/// What is needed to send an idempotent request again.
-pub(crate) struct Replay {
-    method: Method,
-    uri: Uri,
-    headers: http::HeaderMap,
-    body: Option<Bytes>,
-}
-
-impl Replay {
-    /// A copy of the request head `parts` with `body`.
-    pub(crate) fn of(parts: &http::request::Parts, body: Option<Bytes>) -> Replay {
-        Replay {
-            method: parts.method.clone(),
-            uri: parts.uri.clone(),
-            headers: parts.headers.clone(),
-            body,
-        }
-    }
-
-    fn rebuild(&self) -> Request<UpstreamBody> {
-        let mut req = Request::new(UpstreamBody::Full(self.body.clone()));
-        *req.method_mut() = self.method.clone();
-        *req.uri_mut() = self.uri.clone();
-        *req.headers_mut() = self.headers.clone();
-        *req.version_mut() = Version::HTTP_11;
-        req
-    }
-}
-
 /// Sends `req` to a backend of the chosen pool and waits for the response
 /// head, with the retries [`Attempts`] allows. Retries stay in the pool the
 /// request was routed to (after a failover, the other one). Timeouts are
-/// never retried.
+/// never retried. `replayable`: the request is idempotent and its body is
+/// held in memory, so it may be sent again after it went out
+/// ([`UpstreamConn::send`] leaves such a request intact).
 pub(crate) async fn send(
     route: &Route,
     settings: &Settings,
     choice: &mut PoolChoice,
     mut req: Request<UpstreamBody>,
-    replay: Option<Replay>,
+    replayable: bool,
     ex: &mut Exchange,
 ) -> Result<(Response<ResponseBody>, UpstreamConn, Arc<Backend>), ProxyError> {
     let svc = &route.service;
-    let mut attempts = Attempts::new(replay.is_some());
+    let mut attempts = Attempts::new(replayable);
     let mut last_err = None;
     loop {
         let picked = if attempts.made == 0 {
@@ -233,10 +205,10 @@ pub(crate) async fn send(
                 let waits = req.body().client_waits();
                 let sent = tokio::select! {
                     biased;
-                    r = conn.send(req) => Ok(r),
+                    r = conn.send(&mut req) => Ok(r),
                     () = head_deadline(settings.request_timeout, waits) => Err(()),
                 };
-                let mut failed = match sent {
+                let failed = match sent {
                     Ok(Ok(resp)) => return Ok((resp, conn, backend)),
                     Ok(Err(failed)) => failed,
                     Err(()) => {
@@ -248,16 +220,15 @@ pub(crate) async fn send(
                         return Err(err);
                     }
                 };
-                let unsent = failed.take_message();
-                let source = failed.into_error();
-                if unsent.is_none() && source.is_user() {
+                let (unsent, source) = (failed.unsent, failed.error);
+                if !unsent && source.is_user() {
                     // The client's body broke (malformed chunk, client gone
                     // mid-upload): not the backend's fault.
                     return Err(ProxyError::BadRequest(
                         "malformed or incomplete request body",
                     ));
                 }
-                if unsent.is_none() && source.is_head_too_large() {
+                if !unsent && source.is_head_too_large() {
                     // Too many header fields: the backend is not sick, and
                     // the same request would get the same head.
                     let err = ProxyError::HeadTooLarge {
@@ -267,24 +238,20 @@ pub(crate) async fn send(
                     upstream_error(route, &backend, choice.color, &err);
                     return Err(err);
                 }
-                let reset = unsent.is_some() || source.is_reset();
+                let reset = unsent || source.is_reset();
                 let err = ProxyError::Upstream {
                     backend: backend.label.clone(),
                     source,
                     reset,
                     stale: reused && reset,
                 };
-                match unsent {
-                    Some(unsent) => {
-                        req = unsent;
-                        (err, Failed::Unsent { reused })
-                    }
-                    None => {
-                        // Only a replay can follow: the request is gone.
-                        req = Request::new(UpstreamBody::empty());
-                        let retryable = err.is_retryable();
-                        (err, Failed::Sent { retryable })
-                    }
+                if unsent {
+                    (err, Failed::Unsent { reused })
+                } else {
+                    // Only a replay can follow, of the request left intact
+                    // (a streamed body is gone, and is never replayed).
+                    let retryable = err.is_retryable();
+                    (err, Failed::Sent { retryable })
                 }
             }
         };
@@ -296,10 +263,9 @@ pub(crate) async fn send(
             || svc.retry_budget.try_spend(),
             |excluded| pool.pick(svc.balance, now_ms(), excluded).is_some(),
         );
-        match (next, &replay) {
-            (Next::Retry, _) => {}
-            (Next::Replay, Some(r)) => req = r.rebuild(),
-            (Next::GiveUp, _) | (Next::Replay, None) => return Err(err),
+        match next {
+            Next::Retry | Next::Replay => {}
+            Next::GiveUp => return Err(err),
         }
         svc.pool_metrics(choice.color).retries.inc();
         last_err = Some(err);
