@@ -34,6 +34,7 @@ use tokio_rustls::client::TlsStream;
 
 use crate::data_plane::backend::UpstreamBody;
 use crate::data_plane::exchange::BodyError;
+use crate::data_plane::headers::decimal;
 
 /// Header slots parsed on the stack; more (up to the configured
 /// `max_response_headers`) cost one allocation for that response.
@@ -41,7 +42,7 @@ const INLINE_HEADERS: usize = 100;
 /// Fields the proxy may add to a response head.
 const EXTRA_FIELDS: usize = 4;
 /// Largest response head accepted (hyper's default buffer limit).
-pub(crate) const MAX_HEAD_BYTES: usize = 8192 + 4096 * 100;
+const MAX_HEAD_BYTES: usize = 8192 + 4096 * 100;
 /// Read size for heads and small bodies.
 const READ_CHUNK: usize = 8192;
 /// Below this much free room the read buffer is grown before a read.
@@ -359,7 +360,7 @@ impl UpstreamConn {
             Upload::Raw
         } else if let UpstreamBody::Full(Some(b)) = body {
             w.extend_from_slice(b"content-length: ");
-            push_decimal(w, b.len() as u64);
+            w.extend_from_slice(decimal(b.len() as u64, &mut [0; 20]));
             w.extend_from_slice(b"\r\n");
             Upload::Raw
         } else {
@@ -915,21 +916,6 @@ fn poll_write_all(
             Err(e) => return Poll::Ready(Err(e)),
         }
     }
-}
-
-/// Appends `n` in decimal.
-fn push_decimal(w: &mut Vec<u8>, mut n: u64) {
-    let mut buf = [0u8; 20];
-    let mut i = buf.len();
-    loop {
-        i -= 1;
-        buf[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    w.extend_from_slice(&buf[i..]);
 }
 
 /// The backend's side of an upgraded connection: what it sent after the

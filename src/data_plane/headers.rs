@@ -37,6 +37,21 @@ static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection"
 /// upstream (SPEC §14), so it is always dropped.
 static HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
 
+/// `n` in decimal, written into `buf` (no allocation, no formatter): for
+/// the lengths and numbers the proxy writes into heads on the request path.
+pub(crate) fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    &buf[i..]
+}
+
 /// Removes hop-by-hop headers, including those named in `Connection`.
 /// Returns the `Upgrade` value if the message asked for an upgrade
 /// (`Connection: upgrade` + `Upgrade`), so the caller can pass it on.
@@ -335,6 +350,13 @@ pub(crate) fn prepare_request(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn decimals() {
+        for n in [0, 7, 10, 9999, 604_800, u64::MAX] {
+            assert_eq!(decimal(n, &mut [0; 20]), n.to_string().as_bytes());
+        }
+    }
 
     fn parts(req: http::Request<()>) -> http::request::Parts {
         req.into_parts().0

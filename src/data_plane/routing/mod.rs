@@ -169,18 +169,10 @@ impl Service {
         const ATTRS: &[u8] = b"; Path=/; Max-Age=604800; HttpOnly; SameSite=Lax";
         let mut v = bytes::BytesMut::with_capacity(self.cookie_prefix.len() + 4 + ATTRS.len());
         v.extend_from_slice(self.cookie_prefix.as_bytes());
-        let mut digits = [0u8; 5];
-        let mut n = bucket;
-        let mut i = digits.len();
-        loop {
-            i -= 1;
-            digits[i] = b'0' + (n % 10) as u8;
-            n /= 10;
-            if n == 0 {
-                break;
-            }
-        }
-        v.extend_from_slice(&digits[i..]);
+        v.extend_from_slice(crate::data_plane::headers::decimal(
+            u64::from(bucket),
+            &mut [0; 20],
+        ));
         v.extend_from_slice(ATTRS);
         HeaderValue::from_maybe_shared(v.freeze()).unwrap_or_else(|_| HeaderValue::from_static(""))
     }
