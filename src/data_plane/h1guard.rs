@@ -31,6 +31,9 @@ pub struct H1Guard {
     state: State,
     /// Index (0-based) of the request whose head or body is being read.
     request: u64,
+    /// Take whole heads in one pass ([`whole_head`]); off only in the
+    /// tests that compare both paths.
+    fast: bool,
 }
 
 #[derive(Debug)]
@@ -137,6 +140,7 @@ impl H1Guard {
         H1Guard {
             state: State::Head(Head::new()),
             request: 0,
+            fast: true,
         }
     }
 
@@ -164,6 +168,18 @@ impl H1Guard {
                         self.state = State::DataCr;
                     }
                     continue;
+                }
+                // A head that starts here and is clean and whole in this
+                // read (the usual case): one pass over its lines.
+                State::Head(h) if self.fast && h.is_fresh() => {
+                    if let Some((len, next)) = whole_head(&buf[i..]) {
+                        self.state = next;
+                        if matches!(self.state, State::Head(_)) {
+                            self.request += 1;
+                        }
+                        i += len;
+                        continue;
+                    }
                 }
                 // Most of a head is bytes nothing depends on (the rest of
                 // the request line, header values other than
@@ -280,6 +296,59 @@ impl H1Guard {
     }
 }
 
+/// The fast path of [`H1Guard::scan`]: a whole head at the start of `buf`
+/// whose lines all end in CRLF and whose framing fields are consistent,
+/// read a line at a time (one SIMD search per line; only lines whose name
+/// starts like `Content-Length`, `Transfer-Encoding` or `Upgrade` are
+/// looked at further). Returns its length and the state after it, exactly
+/// as the byte-by-byte path would; `None` (nothing changed) for a head
+/// that is not all here, or has anything the byte-by-byte path must see
+/// and refuse: a bare LF or CR, `Content-Length` with
+/// `Transfer-Encoding`, empty lines before the request line.
+fn whole_head(buf: &[u8]) -> Option<(usize, State)> {
+    if matches!(buf.first(), None | Some(b'\r' | b'\n')) {
+        return None;
+    }
+    let mut head = Head::new();
+    let mut pos = 0;
+    let mut request_line = true;
+    loop {
+        let end = pos + memchr::memchr2(b'\r', b'\n', &buf[pos..])?;
+        if buf[end] != b'\r' || buf.get(end + 1) != Some(&b'\n') {
+            return None;
+        }
+        let line = &buf[pos..end];
+        pos = end + 2;
+        if line.is_empty() {
+            return Some((pos, head.body()));
+        }
+        if request_line {
+            let n = line.len().min(head.method.len());
+            head.method[..n].copy_from_slice(&line[..n]);
+            head.method_len = n;
+            request_line = false;
+        } else if matches!(line[0] | 0x20, b'c' | b't' | b'u') {
+            let Some(colon) = memchr::memchr(b':', line) else {
+                continue;
+            };
+            let name = &line[..colon];
+            if name.eq_ignore_ascii_case(b"content-length") {
+                if head.chunked {
+                    return None;
+                }
+                head.length_value(&line[colon + 1..]);
+            } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+                if head.content_length.is_some() || head.length_invalid {
+                    return None;
+                }
+                head.chunked = true;
+            } else if name.eq_ignore_ascii_case(b"upgrade") {
+                head.upgrade = true;
+            }
+        }
+    }
+}
+
 fn remaining(avail: usize, left: u64) -> usize {
     usize::try_from(left).map_or(avail, |l| l.min(avail))
 }
@@ -301,6 +370,41 @@ impl Head {
         Head {
             line_empty: true,
             ..Head::default()
+        }
+    }
+
+    /// Nothing of this head seen yet.
+    #[inline]
+    fn is_fresh(&self) -> bool {
+        self.lines == 0 && self.line_empty && !self.cr && self.method_len == 0
+    }
+
+    /// A `Content-Length` value, by the rules `header_byte` and `end_line`
+    /// apply to it byte by byte.
+    fn length_value(&mut self, value: &[u8]) {
+        let mut digits: Option<u64> = None;
+        for &b in value {
+            match b {
+                b'0'..=b'9' => {
+                    let d = u64::from(b - b'0');
+                    match digits
+                        .unwrap_or(0)
+                        .checked_mul(10)
+                        .and_then(|v| v.checked_add(d))
+                    {
+                        Some(v) => digits = Some(v),
+                        None => self.length_invalid = true,
+                    }
+                }
+                b' ' | b'\t' => {}
+                _ => self.length_invalid = true,
+            }
+        }
+        match (digits, self.content_length) {
+            (None, _) => self.length_invalid = true,
+            (Some(n), None) => self.content_length = Some(n),
+            (Some(n), Some(prev)) if n != prev => self.length_invalid = true,
+            (Some(_), Some(_)) => {}
         }
     }
 
@@ -581,6 +685,97 @@ mod tests {
                 [Finding::BadBody(1)],
                 "{body:?}"
             );
+        }
+    }
+
+    /// Scans `input` in pieces of `step` bytes with the whole-head path on
+    /// or off; returns everything observable.
+    fn scan_path(input: &[u8], step: usize, fast: bool) -> (Vec<Finding>, Vec<u8>, String) {
+        let mut g = H1Guard::new();
+        g.fast = fast;
+        let mut out = input.to_vec();
+        let mut findings = Vec::new();
+        for piece in out.chunks_mut(step.max(1)) {
+            let f = g.scan(piece);
+            if f != Finding::Clean {
+                findings.push(f);
+            }
+        }
+        let end = format!("{} {:?}", g.request, g.state);
+        (findings, out, end)
+    }
+
+    /// The whole-head path decides exactly as the byte-by-byte one, for
+    /// heads clean and not, whole and in pieces, pipelined and with bodies.
+    #[test]
+    fn whole_heads_are_read_as_byte_by_byte() {
+        const FIRST: &[&str] = &[
+            "GET / HTTP/1.1",
+            "POST /upload HTTP/1.1",
+            "CONNECT a:443 HTTP/1.1",
+            "CONNEC",
+            "GET http://a:80/x HTTP/1.1",
+        ];
+        const FIELDS: &[&str] = &[
+            "Host: a",
+            "Content-Length: 5",
+            "content-length: 5",
+            "CONTENT-LENGTH:  5 ",
+            "Content-Length: 6",
+            "Content-Length: 1 2",
+            "Content-Length: x",
+            "Content-Length:",
+            "Content-Length: 99999999999999999999999",
+            "Content-Length : 5",
+            " Content-Length: 5",
+            "Transfer-Encoding: chunked",
+            "transfer-encoding: gzip, chunked",
+            "Upgrade: websocket",
+            "Connection: upgrade",
+            "TE: trailers",
+            "Cookie: a=b; c=d",
+            "content-lengthx: 4",
+            "Content-Type text",
+            "User-Agent: x\ry",
+            "u",
+        ];
+        const ENDS: &[&str] = &["\r\n", "\r\n", "\r\n", "\r\n", "\n", "\r"];
+        const BODIES: &[&str] = &[
+            "",
+            "hello",
+            "5\r\nhello\r\n0\r\n\r\n",
+            "5;x=y\r\nhel\nl\r\n0\r\nT: 1\r\n\r\n",
+            "zz\r\n",
+            "\r\n",
+        ];
+        let mut rng = fastrand::Rng::with_seed(16);
+        for _ in 0..3000 {
+            let mut input = String::new();
+            if rng.u8(0..20) == 0 {
+                input.push_str("\r\n");
+            }
+            for _ in 0..rng.usize(1..4) {
+                input.push_str(FIRST[rng.usize(0..FIRST.len())]);
+                input.push_str("\r\n");
+                for _ in 0..rng.usize(0..6) {
+                    input.push_str(FIELDS[rng.usize(0..FIELDS.len())]);
+                    input.push_str(if rng.u8(0..8) == 0 {
+                        ENDS[rng.usize(0..ENDS.len())]
+                    } else {
+                        "\r\n"
+                    });
+                }
+                input.push_str(if rng.u8(0..12) == 0 { "\n" } else { "\r\n" });
+                input.push_str(BODIES[rng.usize(0..BODIES.len())]);
+            }
+            let bytes = input.as_bytes();
+            for step in [bytes.len(), 1, 2, 7, rng.usize(1..bytes.len().max(2))] {
+                assert_eq!(
+                    scan_path(bytes, step, true),
+                    scan_path(bytes, step, false),
+                    "{input:?} in pieces of {step}"
+                );
+            }
         }
     }
 
