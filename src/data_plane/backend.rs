@@ -570,6 +570,7 @@ impl Backend {
             return;
         }
         conn.idle_since_ms = now_ms();
+        conn.shed();
         let _ = self.idle_here().push(conn);
     }
 

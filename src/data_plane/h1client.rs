@@ -49,6 +49,11 @@ const READ_CHUNK: usize = 8192;
 const MIN_READ: usize = 2048;
 /// Largest read for a long body of known length.
 const READ_MAX: usize = 64 * 1024;
+/// Largest first read of a response (its head and the start of its body),
+/// see [`UpstreamConn::head_read`].
+const HEAD_READ_MAX: usize = READ_MAX + READ_CHUNK;
+/// Room asked beyond the bytes a read is expected to bring.
+const SLACK: u64 = 512;
 /// Longest chunk-size line (with extensions) and trailer section accepted.
 const MAX_CHUNK_LINE: usize = 4096;
 const MAX_TRAILERS: usize = 16 * 1024;
@@ -205,6 +210,14 @@ pub(crate) struct UpstreamConn {
     head_scan: Option<usize>,
     /// When it went idle ([`crate::data_plane::backend::now_ms`]).
     pub(crate) idle_since_ms: u64,
+    /// Room for the first read of the next response: the size of the last
+    /// one when its length was known (head and body, at most
+    /// [`HEAD_READ_MAX`]), else [`READ_CHUNK`]. A backend that answers
+    /// 64 KiB bodies has them read with one `recvfrom` instead of an 8 KiB
+    /// read, a second read and often an `EAGAIN`; small responses keep
+    /// sharing one small buffer. [`shed`](Self::shed) gives a large
+    /// buffer back when the connection goes idle.
+    head_read: usize,
 }
 
 /// How the request body goes upstream.
@@ -231,6 +244,7 @@ impl UpstreamConn {
             upload: None,
             head_scan: None,
             idle_since_ms: 0,
+            head_read: READ_CHUNK,
         }
     }
 
@@ -238,6 +252,16 @@ impl UpstreamConn {
     /// with keep-alive, nothing unread left over.
     pub(crate) fn is_reusable(&self) -> bool {
         self.reusable && self.rbuf.is_empty() && self.upload.is_none()
+    }
+
+    /// Before the connection goes idle: a read buffer grown past two
+    /// small reads' worth (a large response, see `head_read`) is let go,
+    /// so that idle connections hold small buffers or none; the next
+    /// exchange allocates what it needs, as a large response must anyway.
+    pub(crate) fn shed(&mut self) {
+        if self.rbuf.is_empty() && self.rbuf.capacity() > 2 * READ_CHUNK {
+            self.rbuf = BytesMut::new();
+        }
     }
 
     /// Room for a read of at least `want` bytes: the buffer is grown (or
@@ -433,7 +457,7 @@ impl UpstreamConn {
             if self.rbuf.len() >= MAX_HEAD_BYTES {
                 return Poll::Ready(Err(UpstreamError::HeadTooLarge));
             }
-            self.make_room(READ_CHUNK);
+            self.make_room(self.head_read);
             match std::task::ready!(tokio_util::io::poll_read_buf(
                 Pin::new(&mut self.io),
                 cx,
@@ -574,6 +598,15 @@ impl UpstreamConn {
             Framing::Close
         };
         self.reusable = !close && framing != Framing::Close;
+        self.head_read = match framing {
+            // `SLACK` more: a read that fills its buffer exactly leaves
+            // tokio's readiness set, and the next read pays an `EAGAIN`.
+            Framing::Length(n) => (len as u64 + SLACK)
+                .saturating_add(n)
+                .clamp(READ_CHUNK as u64, HEAD_READ_MAX as u64)
+                as usize,
+            _ => READ_CHUNK,
+        };
         let mut resp = Response::new(ResponseBody { framing });
         *resp.status_mut() = status;
         *resp.version_mut() = if http11 {
@@ -610,7 +643,10 @@ impl UpstreamConn {
                         let data = self.rbuf.split_to(take).freeze();
                         return Poll::Ready(Some(Ok(Frame::data(data))));
                     }
-                    read_hint = (*left).clamp(READ_CHUNK as u64, READ_MAX as u64) as usize;
+                    read_hint = (*left)
+                        .saturating_add(SLACK)
+                        .clamp(READ_CHUNK as u64, READ_MAX as u64)
+                        as usize;
                 }
                 Framing::Close => {
                     if !self.rbuf.is_empty() {
