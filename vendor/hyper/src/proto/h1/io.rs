@@ -29,6 +29,10 @@ pub(crate) const DEFAULT_MAX_BUFFER_SIZE: usize = 8192 + 4096 * 100;
 /// forces a flush if the queue gets this big.
 const MAX_BUF_LIST_BUFFERS: usize = 16;
 
+/// switchyard: below this much free room the read buffer is grown (or
+/// reclaimed) before a read; see `poll_read_from_io`.
+const MIN_READ_ROOM: usize = 2048;
+
 pub(crate) struct Buffered<T, B> {
     flush_pipeline: bool,
     io: T,
@@ -238,7 +242,14 @@ where
                 .max()
                 .saturating_sub(self.read_buf.len()),
         );
-        if self.read_buf_remaining_mut() < next {
+        // switchyard (VENDORED.md, fourth change): reserve only when little
+        // room is left. hyper reserved whenever less than `next` (8 KiB)
+        // was free, which is always true once a head has been split off;
+        // and its speculative keep-alive read runs while that head (shared
+        // with the request's header values) is still alive, so every
+        // request paid a fresh 8 KiB allocation. Now many small heads share
+        // one buffer, as in switchyard's own upstream client.
+        if self.read_buf_remaining_mut() < cmp::min(next, MIN_READ_ROOM) {
             self.read_buf.reserve(next);
         }
 
