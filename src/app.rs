@@ -356,6 +356,7 @@ pub async fn start(config: Config, opts: StartOptions) -> Result<Running, StartE
         limits,
         conn_limits,
         Arc::clone(&accept_errors),
+        &opts.workers,
     ));
     {
         let (server, watcher, token) = (Arc::clone(&server), drain.watcher(), drain.token());

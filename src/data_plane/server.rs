@@ -51,6 +51,7 @@ use crate::data_plane::drain::DrainToken;
 use crate::data_plane::error::ProxyError;
 use crate::data_plane::h1guard::{Finding, H1Guard};
 use crate::data_plane::proxy::Proxy;
+use crate::data_plane::workers::{Balance, Counted, Placed};
 use crate::metrics::Metrics;
 
 /// The HTTP/2 connection preface.
@@ -77,6 +78,8 @@ pub(crate) struct Server {
     accept_errors: Arc<AcceptErrors>,
     http1: http1::Builder,
     http2: http2::Builder<TokioExecutor>,
+    /// With two workers or more: keeps their connection counts even.
+    balance: Option<Arc<Balance>>,
 }
 
 impl Server {
@@ -87,6 +90,7 @@ impl Server {
         limits: Limits,
         limiter: Arc<ConnLimiter>,
         accept_errors: Arc<AcceptErrors>,
+        workers: &[tokio::runtime::Handle],
     ) -> Server {
         let mut h1 = http1::Builder::new();
         h1.timer(TokioTimer::new())
@@ -115,6 +119,7 @@ impl Server {
             accept_errors,
             http1: h1,
             http2: h2,
+            balance: Balance::new(workers),
         }
     }
 
@@ -186,12 +191,14 @@ impl Server {
                 }
             };
             let _ = stream.set_nodelay(true);
+            let placed = self.balance.as_ref().and_then(Balance::place);
             let me = Arc::clone(&self);
             let conn_drain = drain.clone();
             let conn_token = token.clone();
             let tls = tls.clone();
-            let task = async move {
+            let serve = move |stream: TcpStream, counted: Option<Counted>| async move {
                 let hold = (conn_token, slot);
+                let _counted = counted;
                 match tls {
                     None => me.serve_plain_conn(stream, peer, conn_drain, hold).await,
                     // Boxed: a TLS connection's future is several times
@@ -202,7 +209,34 @@ impl Server {
                     }
                 }
             };
-            tokio::spawn(task);
+            match placed {
+                // Another worker serves it (see `Balance`): the socket
+                // leaves this worker's IO driver for that one's.
+                Some(Placed {
+                    move_to: Some(handle),
+                    counted,
+                }) => match stream.into_std() {
+                    Ok(std) => {
+                        handle.spawn(async move {
+                            match TcpStream::from_std(std) {
+                                Ok(stream) => serve(stream, Some(counted)).await,
+                                Err(e) => {
+                                    tracing::warn!(client = %peer, error = %e, "cannot move a connection to another worker");
+                                }
+                            }
+                        });
+                    }
+                    Err(e) => {
+                        tracing::warn!(client = %peer, error = %e, "cannot move a connection to another worker");
+                    }
+                },
+                Some(Placed { counted, .. }) => {
+                    tokio::spawn(serve(stream, Some(counted)));
+                }
+                None => {
+                    tokio::spawn(serve(stream, None));
+                }
+            }
         }
         // Dropping the listener here stops the kernel accepting for us.
         drop(listener);
