@@ -98,6 +98,8 @@ async fn bind(addr: SocketAddr, what: &'static str) -> Result<TcpListener, Start
     }
     .map_err(err)?;
     socket.set_reuseaddr(true).map_err(err)?;
+    // Inherited by every accepted socket (the accept loop relies on it and
+    // does not set it again per connection).
     socket.set_nodelay(true).map_err(err)?;
     socket.bind(addr).map_err(err)?;
     socket.listen(4096).map_err(err)
@@ -474,5 +476,27 @@ async fn serve_admin(
                 }
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The accept loop does not set TCP_NODELAY per connection: accepted
+    /// sockets must inherit it from listeners made here, on either path.
+    #[tokio::test]
+    async fn accepted_sockets_inherit_nodelay() {
+        let any: SocketAddr = "127.0.0.1:0".parse().expect("address");
+        let here = bind(any, "test").await.expect("bind");
+        let shared = bind_shared(any, "test", 1).await.expect("bind shared");
+        let shared = TcpListener::from_std(shared.into_iter().next().expect("one"))
+            .expect("register");
+        for l in [here, shared] {
+            let addr = l.local_addr().expect("address");
+            let _client = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            let (accepted, _) = l.accept().await.expect("accept");
+            assert!(accepted.nodelay().expect("getsockopt"));
+        }
     }
 }

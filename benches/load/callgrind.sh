@@ -6,6 +6,8 @@
 #   benches/load/callgrind.sh                 # target/perf/switchyard
 #   SY=/tmp/old-switchyard benches/load/callgrind.sh
 #   REQUESTS=20000 WORKLOAD=big benches/load/callgrind.sh
+#   WORKLOAD=close benches/load/callgrind.sh  # a new connection per request
+#                                             # (wrk, CLOSE_SECONDS=20)
 #   CONFIG=lean benches/load/callgrind.sh     # request id, forwarding and
 #                                             # pool headers, sticky cookie off
 #   ROLLOUT=1 benches/load/callgrind.sh       # the same 90/10 weights, set by
@@ -96,10 +98,19 @@ path=/
 [ "$WORKLOAD" = big ] && path=/64k
 h2load --h1 -n 2000 -c 16 "http://127.0.0.1:18080$path" >"$OUT/warmup.txt"
 callgrind_control -i on "$VG" >/dev/null
-h2load --h1 -n "$REQUESTS" -c 16 "http://127.0.0.1:18080$path" >"$OUT/load.txt"
+if [ "$WORKLOAD" = close ]; then
+  # A new connection per request: wrk (which reconnects) for CLOSE_SECONDS;
+  # REQUESTS becomes the number it completed.
+  wrk -t1 -c16 -d"${CLOSE_SECONDS:-20}" -H "Connection: close" "http://127.0.0.1:18080/" >"$OUT/load.txt"
+  REQUESTS=$(awk '/requests in/ {print $1}' "$OUT/load.txt")
+  ok=$REQUESTS
+  grep -q "Non-2xx\|Socket errors" "$OUT/load.txt" && ok="$REQUESTS (with errors, see load.txt)"
+else
+  h2load --h1 -n "$REQUESTS" -c 16 "http://127.0.0.1:18080$path" >"$OUT/load.txt"
+fi
 callgrind_control -d "$VG" >/dev/null
 callgrind_control -i off "$VG" >/dev/null
-ok=$(awk '/^status codes:/ {print $3}' "$OUT/load.txt")
+[ "$WORKLOAD" = close ] || ok=$(awk '/^status codes:/ {print $3}' "$OUT/load.txt")
 if [ "${ROLLOUT:-0}" = 1 ]; then
   curl -fsS http://127.0.0.1:18901/api/v1/services/web/rollout >"$OUT/rollout.json"
   grep -Eq '"state": *"progressing"' "$OUT/rollout.json" || {

@@ -190,7 +190,9 @@ impl Server {
                     continue;
                 }
             };
-            let _ = stream.set_nodelay(true);
+            // No `set_nodelay` here: every listener is made with
+            // TCP_NODELAY (app.rs), and Linux copies it to the sockets it
+            // accepts; one `setsockopt` less per connection.
             let placed = self.balance.as_ref().and_then(Balance::place);
             let me = Arc::clone(&self);
             let conn_drain = drain.clone();
