@@ -211,6 +211,10 @@ impl Server {
                     }
                 }
             };
+            // The connection's future is several KB (hyper's connection
+            // state inline): spawned as is, tokio moved it three times
+            // (into the task, then its cell, and once more when it ends).
+            // Boxed, it is moved once; the task holds a pointer.
             match placed {
                 // Another worker serves it (see `Balance`): the socket
                 // leaves this worker's IO driver for that one's.
@@ -221,7 +225,7 @@ impl Server {
                     Ok(std) => {
                         handle.spawn(async move {
                             match TcpStream::from_std(std) {
-                                Ok(stream) => serve(stream, Some(counted)).await,
+                                Ok(stream) => Box::pin(serve(stream, Some(counted))).await,
                                 Err(e) => {
                                     tracing::warn!(client = %peer, error = %e, "cannot move a connection to another worker");
                                 }
@@ -233,10 +237,10 @@ impl Server {
                     }
                 },
                 Some(Placed { counted, .. }) => {
-                    tokio::spawn(serve(stream, Some(counted)));
+                    tokio::spawn(Box::pin(serve(stream, Some(counted))));
                 }
                 None => {
-                    tokio::spawn(serve(stream, None));
+                    tokio::spawn(Box::pin(serve(stream, None)));
                 }
             }
         }
