@@ -66,8 +66,7 @@ impl ClientInfo {
         drain: DrainToken,
         slot: ConnSlot,
     ) -> ClientInfo {
-        let ip = HeaderValue::from_str(&addr.ip().to_string())
-            .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+        let ip = ip_header(addr.ip());
         ClientInfo {
             addr,
             ip,
@@ -76,6 +75,33 @@ impl ClientInfo {
             _slot: slot,
         }
     }
+}
+
+/// The client's address as a header value (`X-Forwarded-For`). An IPv4
+/// address is written digit by digit: `Ipv4Addr`'s `Display` (through
+/// `to_string`, with its padding support) cost ~1 500 instructions, about
+/// 3 % of a `Connection: close` request.
+fn ip_header(ip: std::net::IpAddr) -> HeaderValue {
+    let v4 = match ip {
+        std::net::IpAddr::V4(v4) => v4,
+        std::net::IpAddr::V6(v6) => {
+            return HeaderValue::from_str(&v6.to_string())
+                .unwrap_or_else(|_| HeaderValue::from_static("unknown"))
+        }
+    };
+    let mut out = [0u8; 15];
+    let mut len = 0;
+    for (i, octet) in v4.octets().into_iter().enumerate() {
+        if i > 0 {
+            out[len] = b'.';
+            len += 1;
+        }
+        let mut buf = [0u8; 20];
+        let digits = crate::data_plane::headers::decimal(u64::from(octet), &mut buf);
+        out[len..len + digits.len()].copy_from_slice(digits);
+        len += digits.len();
+    }
+    HeaderValue::from_bytes(&out[..len]).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
 }
 
 /// What the per-connection timer reads.
@@ -361,6 +387,23 @@ impl Transport for tokio_rustls::server::TlsStream<TcpStream> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn client_addresses_as_header_values() {
+        for ip in [
+            "0.0.0.0",
+            "127.0.0.1",
+            "10.20.30.40",
+            "255.255.255.255",
+            "1.0.100.9",
+            "::1",
+            "2001:db8::7",
+        ] {
+            let parsed: std::net::IpAddr = ip.parse().expect("address");
+            assert_eq!(ip_header(parsed), ip);
+        }
+    }
+
     use super::*;
 
     fn limits() -> Limits {
