@@ -50,6 +50,9 @@ fn set_uninit_len<T>(v: &mut SmallVec<[MaybeUninit<T>; DEFAULT_MAX_HEADERS]>, le
 const AVERAGE_HEADER_SIZE: usize = 30; // totally scientific
 #[cfg(feature = "server")]
 const MAX_URI_LEN: usize = (u16::MAX - 1) as usize;
+/// switchyard: fields its proxy adds to every request head.
+#[cfg(feature = "server")]
+const PROXY_FIELDS: usize = 4;
 
 macro_rules! header_name {
     ($bytes:expr) => {{
@@ -290,7 +293,10 @@ impl Http1Transaction for Server {
         let mut headers = ctx.cached_headers.take().unwrap_or_default();
         let mut saw_connection_close = false;
 
-        headers.reserve(headers_len);
+        // switchyard (VENDORED.md, fifth change): room for the fields a
+        // proxy adds to a request (request id, three forwarding headers),
+        // so the first request of a connection does not grow its map twice.
+        headers.reserve(headers_len + PROXY_FIELDS);
 
         for header in &headers_indices[..headers_len] {
             // SAFETY: array is valid up to `headers_len`
