@@ -490,8 +490,8 @@ mod tests {
         let any: SocketAddr = "127.0.0.1:0".parse().expect("address");
         let here = bind(any, "test").await.expect("bind");
         let shared = bind_shared(any, "test", 1).await.expect("bind shared");
-        let shared = TcpListener::from_std(shared.into_iter().next().expect("one"))
-            .expect("register");
+        let shared =
+            TcpListener::from_std(shared.into_iter().next().expect("one")).expect("register");
         for l in [here, shared] {
             let addr = l.local_addr().expect("address");
             let _client = tokio::net::TcpStream::connect(addr).await.expect("connect");

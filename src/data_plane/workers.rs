@@ -238,7 +238,9 @@ mod tests {
         let fifth = b.place_from(2).expect("on worker 2");
         assert!(fifth.move_to.is_none());
         // Large counts may drift by an eighth before anything moves.
-        let many: Vec<_> = (0..40).map(|_| b.place_from(2).expect("on worker 2")).collect();
+        let many: Vec<_> = (0..40)
+            .map(|_| b.place_from(2).expect("on worker 2"))
+            .collect();
         let moved = many.iter().filter(|p| p.move_to.is_some()).count();
         assert!((15..=25).contains(&moved), "{moved} of 40 moved");
         drop(many);
