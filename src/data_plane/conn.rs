@@ -387,6 +387,7 @@ impl Transport for tokio_rustls::server::TlsStream<TcpStream> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
 
     #[test]
     fn client_addresses_as_header_values() {
@@ -403,8 +404,6 @@ mod tests {
             assert_eq!(ip_header(parsed), ip);
         }
     }
-
-    use super::*;
 
     fn limits() -> Limits {
         Limits {

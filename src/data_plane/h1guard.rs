@@ -379,28 +379,36 @@ impl Head {
         self.lines == 0 && self.line_empty && !self.cr && self.method_len == 0
     }
 
-    /// A `Content-Length` value, by the rules `header_byte` and `end_line`
-    /// apply to it byte by byte.
+    /// A whole `Content-Length` value (the fast path): the same rules, in
+    /// the same two steps, as byte by byte.
     fn length_value(&mut self, value: &[u8]) {
-        let mut digits: Option<u64> = None;
+        self.length_digits = None;
         for &b in value {
-            match b {
-                b'0'..=b'9' => {
-                    let d = u64::from(b - b'0');
-                    match digits
-                        .unwrap_or(0)
-                        .checked_mul(10)
-                        .and_then(|v| v.checked_add(d))
-                    {
-                        Some(v) => digits = Some(v),
-                        None => self.length_invalid = true,
-                    }
-                }
-                b' ' | b'\t' => {}
-                _ => self.length_invalid = true,
-            }
+            self.length_byte(b);
         }
-        match (digits, self.content_length) {
+        self.length_end();
+    }
+
+    /// One byte of a `Content-Length` value: digits (no overflow), blanks.
+    fn length_byte(&mut self, b: u8) {
+        match b {
+            b'0'..=b'9' => {
+                let d = u64::from(b - b'0');
+                let v = self.length_digits.unwrap_or(0);
+                match v.checked_mul(10).and_then(|v| v.checked_add(d)) {
+                    Some(v) => self.length_digits = Some(v),
+                    None => self.length_invalid = true,
+                }
+            }
+            b' ' | b'\t' => {}
+            _ => self.length_invalid = true,
+        }
+    }
+
+    /// The end of a `Content-Length` line: no digits, or a value that
+    /// differs from an earlier one, make the length invalid.
+    fn length_end(&mut self) {
+        match (self.length_digits, self.content_length) {
             (None, _) => self.length_invalid = true,
             (Some(n), None) => self.content_length = Some(n),
             (Some(n), Some(prev)) if n != prev => self.length_invalid = true,
@@ -465,18 +473,7 @@ impl Head {
     fn header_byte(&mut self, b: u8) -> HeadStep {
         if self.in_value {
             if self.field == Field::ContentLength {
-                match b {
-                    b'0'..=b'9' => {
-                        let d = u64::from(b - b'0');
-                        let v = self.length_digits.unwrap_or(0);
-                        match v.checked_mul(10).and_then(|v| v.checked_add(d)) {
-                            Some(v) => self.length_digits = Some(v),
-                            None => self.length_invalid = true,
-                        }
-                    }
-                    b' ' | b'\t' => {}
-                    _ => self.length_invalid = true,
-                }
+                self.length_byte(b);
             }
             return HeadStep::More;
         }
@@ -515,12 +512,7 @@ impl Head {
             return HeadStep::Done;
         }
         if self.field == Field::ContentLength {
-            match (self.length_digits, self.content_length) {
-                (None, _) => self.length_invalid = true,
-                (Some(n), None) => self.content_length = Some(n),
-                (Some(n), Some(prev)) if n != prev => self.length_invalid = true,
-                (Some(_), Some(_)) => {}
-            }
+            self.length_end();
         }
         self.lines = self.lines.saturating_add(1);
         self.line_empty = true;
@@ -593,15 +585,7 @@ mod tests {
     /// Scans `input` split into pieces of `step` bytes; returns the findings
     /// and the bytes as hyper would see them.
     fn scan(input: &[u8], step: usize) -> (Vec<Finding>, Vec<u8>) {
-        let mut g = H1Guard::new();
-        let mut out = input.to_vec();
-        let mut findings = Vec::new();
-        for piece in out.chunks_mut(step.max(1)) {
-            let f = g.scan(piece);
-            if f != Finding::Clean {
-                findings.push(f);
-            }
-        }
+        let (findings, out, _) = scan_path(input, step, true);
         (findings, out)
     }
 

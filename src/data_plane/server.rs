@@ -51,7 +51,7 @@ use crate::data_plane::drain::DrainToken;
 use crate::data_plane::error::ProxyError;
 use crate::data_plane::h1guard::{Finding, H1Guard};
 use crate::data_plane::proxy::Proxy;
-use crate::data_plane::workers::{Balance, Counted, Placed};
+use crate::data_plane::workers::{Balance, Counted};
 use crate::metrics::Metrics;
 
 /// The HTTP/2 connection preface.
@@ -215,33 +215,26 @@ impl Server {
             // state inline): spawned as is, tokio moved it three times
             // (into the task, then its cell, and once more when it ends).
             // Boxed, it is moved once; the task holds a pointer.
-            match placed {
-                // Another worker serves it (see `Balance`): the socket
-                // leaves this worker's IO driver for that one's.
-                Some(Placed {
-                    move_to: Some(handle),
-                    counted,
-                }) => match stream.into_std() {
-                    Ok(std) => {
-                        handle.spawn(async move {
-                            match TcpStream::from_std(std) {
-                                Ok(stream) => Box::pin(serve(stream, Some(counted))).await,
-                                Err(e) => {
-                                    tracing::warn!(client = %peer, error = %e, "cannot move a connection to another worker");
-                                }
-                            }
-                        });
+            let (move_to, counted) = match placed {
+                Some(p) => (p.move_to, Some(p.counted)),
+                None => (None, None),
+            };
+            let Some(handle) = move_to else {
+                tokio::spawn(Box::pin(serve(stream, counted)));
+                continue;
+            };
+            // Another worker serves it (see `Balance`): the socket leaves
+            // this worker's IO driver for that one's.
+            let moved = stream.into_std().map(|std| {
+                handle.spawn(async move {
+                    match TcpStream::from_std(std) {
+                        Ok(stream) => Box::pin(serve(stream, counted)).await,
+                        Err(e) => tracing::warn!(client = %peer, error = %e, "cannot register a connection moved to another worker"),
                     }
-                    Err(e) => {
-                        tracing::warn!(client = %peer, error = %e, "cannot move a connection to another worker");
-                    }
-                },
-                Some(Placed { counted, .. }) => {
-                    tokio::spawn(Box::pin(serve(stream, Some(counted))));
-                }
-                None => {
-                    tokio::spawn(Box::pin(serve(stream, None)));
-                }
+                })
+            });
+            if let Err(e) = moved {
+                tracing::warn!(client = %peer, error = %e, "cannot move a connection to another worker");
             }
         }
         // Dropping the listener here stops the kernel accepting for us.
