@@ -22,6 +22,9 @@ use crate::config::{BackendAddr, Config, ServiceConfig};
 use crate::control_plane::rollout::machine::Rollout;
 use crate::weights::{Live, Weights};
 
+mod history;
+pub(crate) use history::History;
+
 /// How many history entries a service keeps (oldest dropped first).
 pub(crate) const HISTORY_LIMIT: usize = 500;
 
@@ -169,7 +172,7 @@ pub struct ServiceState {
     /// Oldest first (the API shows newest first). May be left out of a
     /// value written to etcd by hand.
     #[serde(default)]
-    pub(crate) history: VecDeque<HistoryEntry>,
+    pub(crate) history: History,
     /// Targeting rules (absent from state files written before them).
     #[serde(default)]
     pub(crate) rules: RulesState,
@@ -644,10 +647,7 @@ pub(crate) fn apply(
 }
 
 pub(crate) fn push_history(state: &mut ServiceState, entry: HistoryEntry) {
-    state.history.push_back(entry);
-    while state.history.len() > HISTORY_LIMIT {
-        state.history.pop_front();
-    }
+    state.history.push(entry);
 }
 
 /// Brings `state` in line with `config`: services new to the config start
@@ -834,7 +834,7 @@ fn initial_state(svc: &ServiceConfig, at: SystemTime) -> ServiceState {
             blue: pool(Color::Blue),
             green: pool(Color::Green),
         },
-        history: VecDeque::new(),
+        history: History::default(),
         rules: RulesState {
             rules: svc.rules.clone(),
             config: svc.rules.clone(),
@@ -959,7 +959,7 @@ mod tests {
                     config: vec![addr("127.0.0.1:2")],
                 },
             },
-            history: VecDeque::new(),
+            history: History::default(),
             rules: RulesState::default(),
             mirror: None,
             rollouts: VecDeque::new(),

@@ -7,6 +7,8 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -58,12 +60,19 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<RoutingState, String> {
 #[derive(Debug, Clone)]
 pub(crate) struct FileStore {
     path: PathBuf,
+    /// The size of the last file written: the next one is about the same,
+    /// so its buffer is made that large at once instead of growing
+    /// (and being copied) a dozen times.
+    last_len: Arc<AtomicUsize>,
 }
 
 impl FileStore {
     /// A store at `path` (the directory is created on first save).
     pub(crate) fn new(path: impl Into<PathBuf>) -> FileStore {
-        FileStore { path: path.into() }
+        FileStore {
+            path: path.into(),
+            last_len: Arc::default(),
+        }
     }
 
     /// Moves an unreadable file aside (`NAME.corrupt-UNIXTIME`) so that
@@ -85,7 +94,6 @@ impl FileStore {
             Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
             _ => PathBuf::from("."),
         };
-        fs::create_dir_all(&dir)?;
         let file_name = self.path.file_name().ok_or_else(|| {
             io::Error::new(io::ErrorKind::InvalidInput, "state path has no file name")
         })?;
@@ -94,11 +102,22 @@ impl FileStore {
         tmp_name.push(format!(".tmp-{}", std::process::id()));
         let tmp = dir.join(tmp_name);
         let result = (|| {
-            let mut f = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&tmp)?;
+            let open = || {
+                OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .open(&tmp)
+            };
+            // The directory is made on the first save (or if it vanished),
+            // not tried again on every one.
+            let mut f = match open() {
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    fs::create_dir_all(&dir)?;
+                    open()?
+                }
+                other => other?,
+            };
             f.write_all(bytes)?;
             f.sync_all()?;
             drop(f);
@@ -140,11 +159,13 @@ impl FileStore {
             version: FORMAT_VERSION,
             state,
         };
-        let mut bytes = serde_json::to_vec_pretty(&file).map_err(|e| StoreError::Write {
+        let mut bytes = Vec::with_capacity(self.last_len.load(Ordering::Relaxed) + 4096);
+        serde_json::to_writer_pretty(&mut bytes, &file).map_err(|e| StoreError::Write {
             path: self.path.clone(),
             source: io::Error::other(e),
         })?;
         bytes.push(b'\n');
+        self.last_len.store(bytes.len(), Ordering::Relaxed);
         Ok(bytes)
     }
 
