@@ -120,6 +120,8 @@ pub struct Metrics {
     pub(crate) upgrades_drained: IntCounter,
     /// Connections cut by the header read or idle timeout, by reason.
     pub(crate) timeouts: IntCounterVec,
+    /// Connections handed to another worker at accept (`Balance`).
+    pub(crate) connections_moved: IntCounter,
     /// `switchyard_connections_refused_total{reason}` (SPEC §14).
     pub(crate) connections_refused: IntCounterVec,
     /// Idle HTTP/1 client connections parked (no hyper state held).
@@ -248,6 +250,11 @@ impl Metrics {
             "Client connections closed by a timeout: header_read, idle.",
             &["kind"],
         );
+        let connections_moved = must(IntCounter::new(
+            "switchyard_connections_moved_total",
+            "Client connections a worker handed to a less loaded worker at accept (workers >= 2).",
+        ));
+        must(registry.register(Box::new(connections_moved.clone())));
         let parked = must(IntGauge::new(
             "switchyard_parked_connections",
             "Idle HTTP/1 client connections parked without buffers.",
@@ -324,6 +331,7 @@ impl Metrics {
             unmatched,
             upgrades_drained,
             timeouts,
+            connections_moved,
             parked,
             retries,
             ejections,

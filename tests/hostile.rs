@@ -1010,9 +1010,9 @@ async fn keep_alive_get(s: &mut TcpStream) -> (u16, String) {
 
 /// With two workers, a worker that serves more connections than the other
 /// hands new ones over (SO_REUSEPORT alone spreads them blind to load):
-/// the socket leaves its IO driver for the other worker's. Sixteen
-/// keep-alive connections opened one after another (a run of hash picks
-/// that never needs a move is ~0.5 % likely) all answer, then all answer
+/// the socket leaves its IO driver for the other worker's. Keep-alive
+/// connections opened one after another until `switchyard_connections_moved_total`
+/// says one was handed over (at least 16) all answer, then all answer
 /// again once every one of them is open: a handed-over socket serves on
 /// its new worker.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1027,13 +1027,25 @@ async fn connections_handed_between_workers_keep_serving() {
     let config = dir.join("switchyard.toml");
     std::fs::write(&config, text).unwrap();
     let mut proxy = ProxyProcess::spawn(&config, &[]).expect("the proxy starts");
+    let admin = Admin::new(proxy.admin);
+    let moved = || async { metric(&admin.metrics().await, "switchyard_connections_moved_total") };
+    assert_eq!(moved().await, Some(0.0), "the counter exists at 0");
+    // Open connections (each answering once) until the balance has moved
+    // some: the kernel's hash makes that certain long before 256.
     let mut conns = Vec::new();
-    for _ in 0..16 {
+    while conns.len() < 16 || (moved().await == Some(0.0) && conns.len() < 256) {
         let mut s = TcpStream::connect(proxy.proxy).await.unwrap();
         let (status, body) = keep_alive_get(&mut s).await;
         assert_eq!((status, body.as_str()), (200, "up"));
         conns.push(s);
     }
+    let n = moved().await.unwrap_or(0.0);
+    assert!(
+        n >= 1.0,
+        "no connection was moved in {} accepts",
+        conns.len()
+    );
+    // Every connection, moved or not, keeps serving.
     for s in &mut conns {
         let (status, body) = keep_alive_get(s).await;
         assert_eq!((status, body.as_str()), (200, "up"));

@@ -233,8 +233,11 @@ impl Server {
                     }
                 })
             });
-            if let Err(e) = moved {
-                tracing::warn!(client = %peer, error = %e, "cannot move a connection to another worker");
+            match moved {
+                Ok(_) => self.metrics.connections_moved.inc(),
+                Err(e) => {
+                    tracing::warn!(client = %peer, error = %e, "cannot move a connection to another worker")
+                }
             }
         }
         // Dropping the listener here stops the kernel accepting for us.
