@@ -6,6 +6,7 @@
 //! the work and returns `Result`; `handle` is the only place an error turns
 //! into a response.
 
+use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -51,12 +52,22 @@ impl Proxy {
     }
 
     /// Serves one request. Never fails: errors become responses here.
+    /// `bad_framing`: the HTTP/1 framing guard found the request's body
+    /// malformed; it is refused, and nothing of it is sent upstream.
+    ///
+    /// Takes what it uses by value, so that this future is the one hyper
+    /// holds per request (see `serve_conn`).
     pub(crate) async fn handle(
-        &self,
+        self: Arc<Self>,
         req: Request<Incoming>,
-        client: &Arc<ClientInfo>,
+        client: Arc<ClientInfo>,
         active: ActiveRequest,
-    ) -> Response<ProxyBody> {
+        bad_framing: bool,
+    ) -> Result<Response<ProxyBody>, Infallible> {
+        if bad_framing {
+            let err = ProxyError::BadRequest("malformed request body framing");
+            return Ok(self.refuse(err, active));
+        }
         let start = Instant::now();
         // An HTTP/1 request with `Upgrade` stops the framing guard reading
         // the connection (it may leave HTTP). If it does not (the upgrade
@@ -77,7 +88,7 @@ impl Proxy {
             }));
         }
         let mut copy = None;
-        let mut resp = match self.forward(&snap, req, client, &mut ex, &mut copy).await {
+        let mut resp = match self.forward(&snap, req, &client, &mut ex, &mut copy).await {
             Ok(resp) => resp.map(|body| ProxyBody::upstream(body, ex)),
             Err(err) => err.into_response(ex, &snap.settings, &self.metrics),
         };
@@ -88,13 +99,12 @@ impl Proxy {
             resp.headers_mut()
                 .insert(CONNECTION, HeaderValue::from_static("close"));
         }
-        resp
+        Ok(resp)
     }
 
-    /// Answers a request the connection refused before it reached
-    /// [`Proxy::handle`] (the HTTP/1 framing guard's verdict), through the
-    /// same error site.
-    pub(crate) fn refuse(&self, err: ProxyError, active: ActiveRequest) -> Response<ProxyBody> {
+    /// Answers a request the HTTP/1 framing guard refused, through the
+    /// same error site as every other error.
+    fn refuse(&self, err: ProxyError, active: ActiveRequest) -> Response<ProxyBody> {
         let snap = self.table.load();
         let ex = Exchange::new(Instant::now(), active);
         err.into_response(ex, &snap.settings, &self.metrics)

@@ -24,7 +24,6 @@
 //! holds a [`DrainToken`], and shutdown waits until all are gone or
 //! `drain_timeout` passes.
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
@@ -50,7 +49,6 @@ use crate::data_plane::conn::{
 };
 use crate::data_plane::conn_limit::{ConnLimiter, ConnSlot, Refused};
 use crate::data_plane::drain::DrainToken;
-use crate::data_plane::error::ProxyError;
 use crate::data_plane::h1guard::{Finding, H1Guard};
 use crate::data_plane::proxy::Proxy;
 use crate::data_plane::workers::{Balance, Counted};
@@ -350,14 +348,10 @@ impl Server {
             let client = Arc::clone(&client);
             let bad = http1 && next_request_is_bad(&act);
             let active = act.begin();
-            async move {
-                if bad {
-                    // Nothing of it is sent upstream.
-                    let err = ProxyError::BadRequest("malformed request body framing");
-                    return Ok::<_, Infallible>(proxy.refuse(err, active));
-                }
-                Ok::<_, Infallible>(proxy.handle(req, &client, active).await)
-            }
+            // The request's future is `handle`'s own, not wrapped in
+            // another: hyper moves it into its slot, and a wrapper would
+            // have copied it (~3 KB) once more per request.
+            proxy.handle(req, client, active, bad)
         });
         let track_heads = http1;
         let parkable = http1 && io.inner().inner.parkable();
