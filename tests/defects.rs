@@ -167,6 +167,56 @@ async fn slow_backend_after_the_upload_still_times_out() {
     assert!(head.starts_with("HTTP/1.1 504"), "{head}");
 }
 
+// The timer bounding the wait for a response head belongs to the upstream
+// connection and is re-armed for each exchange on it: moved forward after
+// quick answers, set again after it fired while the connection sat idle in
+// the pool. Either way it must bound the next exchange on that connection,
+// and no earlier than `request_timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reused_upstream_connection_still_times_out_its_next_request() {
+    let g = Upstream::start("green").await;
+    let up = Upstream::start("sleepy").await;
+    let p = TestProxy::start_with(
+        "request_timeout = \"300ms\"",
+        &[Svc::new("web", &[&up], &[&g])],
+    )
+    .await;
+    // Quick answers: the timer is moved forward each time.
+    for _ in 0..5 {
+        assert_eq!(p.get("/").await.0, StatusCode::OK);
+    }
+    assert_eq!(up.open_connections(), 1, "one pooled connection");
+    // Slower than the last quick answer, faster than the limit: not cut.
+    assert_eq!(p.get("/sleep/150").await.0, StatusCode::OK);
+    let started = std::time::Instant::now();
+    let (s, _, body) = p.get("/sleep/3000").await;
+    assert_eq!(s, StatusCode::GATEWAY_TIMEOUT, "{body}");
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(290) && took < Duration::from_millis(2500),
+        "{took:?}"
+    );
+
+    // Again after the timer fired on the idle connection: the test's
+    // subject is that time passes, so this waits.
+    assert_eq!(p.get("/").await.0, StatusCode::OK);
+    let pooled = up.open_connections();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(p.get("/sleep/150").await.0, StatusCode::OK);
+    assert!(
+        up.open_connections() <= pooled,
+        "the pooled connection served it"
+    );
+    let started = std::time::Instant::now();
+    let (s, _, body) = p.get("/sleep/3000").await;
+    assert_eq!(s, StatusCode::GATEWAY_TIMEOUT, "{body}");
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(290) && took < Duration::from_millis(2500),
+        "{took:?}"
+    );
+}
+
 // Item 3: a body cut off mid-way counted as a 2xx success.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn truncated_body_is_an_upstream_error_and_counts_towards_ejection() {

@@ -17,7 +17,7 @@ use crate::color::Color;
 use crate::data_plane::backend::{now_ms, Backend, ClientWaits, UpstreamBody};
 use crate::data_plane::error::ProxyError;
 use crate::data_plane::exchange::{pool_header, BodyError, BodyFailure, Exchange};
-use crate::data_plane::h1client::{ResponseBody, UpstreamConn};
+use crate::data_plane::h1client::{HeadTimer, ResponseBody, UpstreamConn};
 use crate::data_plane::headers::X_SWITCHYARD_POOL;
 use crate::data_plane::routing::{pick_backend, Pool, PoolChoice, Route, Settings};
 
@@ -203,11 +203,14 @@ pub(crate) async fn send(
             }
             Ok((mut conn, reused)) => {
                 let waits = req.body().client_waits();
+                // Out of `conn` while `send` borrows it; back in below.
+                let mut timer = std::mem::take(&mut conn.head_timer);
                 let sent = tokio::select! {
                     biased;
                     r = conn.send(&mut req) => Ok(r),
-                    () = head_deadline(settings.request_timeout, waits) => Err(()),
+                    () = head_deadline(settings.request_timeout, waits, &mut timer) => Err(()),
                 };
+                conn.head_timer = timer;
                 let failed = match sent {
                     Ok(Ok(resp)) => return Ok((resp, conn, backend)),
                     Ok(Err(failed)) => failed,
@@ -275,18 +278,19 @@ pub(crate) async fn send(
 /// Resolves when the backend has had `limit` to answer, not counting the
 /// time the request body spent waiting on the client: a slow upload never
 /// makes the backend time out (the client's own silence is bounded in
-/// [`UpstreamBody::streamed`]).
-async fn head_deadline(limit: Duration, waits: Option<Arc<ClientWaits>>) {
+/// [`UpstreamBody::streamed`]). `timer`: the upstream connection's own,
+/// re-armed here ([`HeadTimer`]).
+async fn head_deadline(limit: Duration, waits: Option<Arc<ClientWaits>>, timer: &mut HeadTimer) {
     let start = tokio::time::Instant::now();
-    let mut until = start + limit;
+    let mut sleep = timer.arm(start + limit);
     loop {
-        tokio::time::sleep_until(until).await;
+        sleep.as_mut().await;
         let Some(w) = &waits else { return };
         let due = start + limit + w.total();
         if due <= tokio::time::Instant::now() {
             return;
         }
-        until = due;
+        sleep.as_mut().reset(due);
     }
 }
 
