@@ -177,7 +177,7 @@ async fn a_reused_upstream_connection_still_times_out_its_next_request() {
     let g = Upstream::start("green").await;
     let up = Upstream::start("sleepy").await;
     let p = TestProxy::start_with(
-        "request_timeout = \"300ms\"",
+        "request_timeout = \"500ms\"",
         &[Svc::new("web", &[&up], &[&g])],
     )
     .await;
@@ -187,13 +187,13 @@ async fn a_reused_upstream_connection_still_times_out_its_next_request() {
     }
     assert_eq!(up.open_connections(), 1, "one pooled connection");
     // Slower than the last quick answer, faster than the limit: not cut.
-    assert_eq!(p.get("/sleep/150").await.0, StatusCode::OK);
+    assert_eq!(p.get("/sleep/100").await.0, StatusCode::OK);
     let started = std::time::Instant::now();
     let (s, _, body) = p.get("/sleep/3000").await;
     assert_eq!(s, StatusCode::GATEWAY_TIMEOUT, "{body}");
     let took = started.elapsed();
     assert!(
-        took >= Duration::from_millis(290) && took < Duration::from_millis(2500),
+        took >= Duration::from_millis(490) && took < Duration::from_millis(2500),
         "{took:?}"
     );
 
@@ -201,8 +201,8 @@ async fn a_reused_upstream_connection_still_times_out_its_next_request() {
     // subject is that time passes, so this waits.
     assert_eq!(p.get("/").await.0, StatusCode::OK);
     let pooled = up.open_connections();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(p.get("/sleep/150").await.0, StatusCode::OK);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(p.get("/sleep/100").await.0, StatusCode::OK);
     assert!(
         up.open_connections() <= pooled,
         "the pooled connection served it"
@@ -212,7 +212,7 @@ async fn a_reused_upstream_connection_still_times_out_its_next_request() {
     assert_eq!(s, StatusCode::GATEWAY_TIMEOUT, "{body}");
     let took = started.elapsed();
     assert!(
-        took >= Duration::from_millis(290) && took < Duration::from_millis(2500),
+        took >= Duration::from_millis(490) && took < Duration::from_millis(2500),
         "{took:?}"
     );
 }
