@@ -235,7 +235,8 @@ pub(crate) struct UpstreamConn {
 /// the new deadline when the old one comes). The price: on a connection
 /// gone idle in the pool the timer still fires once, `request_timeout`
 /// after its last exchange, and wakes the task that last waited on it for
-/// nothing.
+/// nothing; until then it holds that task's waker, and so its allocation
+/// if the task has ended (at most one per pooled connection).
 #[derive(Default)]
 pub(crate) struct HeadTimer(Option<Pin<Box<tokio::time::Sleep>>>);
 
