@@ -46,6 +46,10 @@ fn script(method: &str, path: &str) -> (&'static [u8], bool) {
             b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\nConnection: close\r\n\r\nclosed",
             true,
         ),
+        ("GET", "/dated") => (
+            b"HTTP/1.1 200 OK\r\nDate: Sun, 06 Nov 1994 08:49:37 GMT\r\nContent-Length: 2\r\n\r\nok",
+            false,
+        ),
         ("HEAD", "/length") => (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", false),
         ("GET", "/no-content") => (b"HTTP/1.1 204 No Content\r\n\r\n", false),
         ("GET", "/two-lengths") => (
@@ -205,6 +209,51 @@ async fn every_response_framing_arrives_whole_in_one_piece() {
 #[tokio::test]
 async fn every_response_framing_arrives_whole_byte_by_byte() {
     every_framing_arrives_whole(1).await;
+}
+
+/// The `Date` header (RFC 9110 §6.6.1): the backend's is passed on as it
+/// is; a response without one gets the proxy's, current, and moving on as
+/// the seconds do (the vendored hyper reads its cached date's clock only
+/// when it writes one: vendor/hyper/VENDORED.md, sixth change).
+#[tokio::test]
+async fn a_response_carries_the_backends_date_or_a_current_one() {
+    let (addr, _) = scripted_backend(usize::MAX).await;
+    let proxy = TestProxy::start(&[Svc::addrs("web", &[addr], &[addr])]).await;
+    let client = http1_client();
+    let (status, headers, _) = request(&client, &proxy, Method::GET, "/dated").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers["date"], "Sun, 06 Nov 1994 08:49:37 GMT");
+
+    let date_of = |headers: &http::HeaderMap| {
+        let text = headers["date"].to_str().expect("an ASCII date").to_owned();
+        let when = httpdate::parse_http_date(&text).unwrap_or_else(|e| panic!("{text}: {e}"));
+        (text, when)
+    };
+    let (status, headers, _) = request(&client, &proxy, Method::GET, "/length").await;
+    assert_eq!(status, StatusCode::OK);
+    let (first, when) = date_of(&headers);
+    let now = std::time::SystemTime::now();
+    let skew = now.duration_since(when).unwrap_or_else(|e| e.duration());
+    assert!(
+        skew < Duration::from_secs(3),
+        "{first} is {skew:?} off the clock"
+    );
+    // The next second's responses carry the next second's date (bounded:
+    // at most ~1 s of requests on one keep-alive connection).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, headers, _) = request(&client, &proxy, Method::GET, "/length").await;
+        let (text, later) = date_of(&headers);
+        if text != first {
+            assert!(later > when, "{text} follows {first}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the date stayed {first}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test]
