@@ -216,7 +216,7 @@ impl ProxyError {
     ) -> Response<ProxyBody> {
         let status = self.status();
         ex.status = status.as_u16();
-        if ex.service.is_none() {
+        if ex.routed.is_none() {
             ex.count_unmatched(Arc::clone(metrics));
         }
         tracing::debug!(error = %self, status = ex.status, "proxy answered itself");

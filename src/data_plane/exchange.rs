@@ -22,7 +22,8 @@ use crate::data_plane::backend::{Backend, InFlight};
 use crate::data_plane::conn::ActiveRequest;
 use crate::data_plane::h1client::{ResponseBody, UpstreamConn, UpstreamError};
 use crate::data_plane::outcomes::Outcome;
-use crate::data_plane::routing::{Decision, PoolChoice, Route, Service, Snapshot};
+use crate::data_plane::routing::{Decision, PoolChoice, Route};
+use crate::data_plane::snap_ref::SnapRef;
 
 /// The error a response body ends with (hyper closes an HTTP/1 connection
 /// before the declared end, or resets the HTTP/2 stream).
@@ -43,12 +44,24 @@ pub(crate) enum BodyFailure {
 /// exchange needs no knowledge of the ejection policy.
 pub(crate) type OnBodyFailure = fn(&Route, &Arc<Backend>, Color, BodyFailure) -> BodyError;
 
-/// What a streamed response needs to blame its backend if the body fails.
-pub(crate) struct Streamed {
-    /// The snapshot the request was routed on, and its route's index.
-    pub(crate) snap: Arc<Snapshot>,
+/// The route a request matched, in the snapshot it was routed on.
+pub(crate) struct Routed {
+    /// The snapshot, held until the exchange ends.
+    pub(crate) snap: SnapRef,
     /// Index in `snap.routes`.
     pub(crate) route: usize,
+}
+
+impl Routed {
+    /// The route.
+    pub(crate) fn route(&self) -> &Route {
+        &self.snap.routes[self.route]
+    }
+}
+
+/// What a streamed response needs to blame its backend if the body fails
+/// (with the exchange's [`Routed`]).
+pub(crate) struct Streamed {
     /// Counts the failure.
     pub(crate) on_failure: OnBodyFailure,
     /// `upstream_read_timeout` (`Duration::ZERO`: never).
@@ -72,8 +85,8 @@ pub(crate) struct LogFields {
 /// The bookkeeping of one exchange, settled on drop.
 pub(crate) struct Exchange {
     start: Instant,
-    /// The service that matched (metrics), if any.
-    pub(crate) service: Option<Arc<Service>>,
+    /// The route (and service) that matched, if any: metrics, access log.
+    pub(crate) routed: Option<Routed>,
     /// The pool choice (metrics and access log).
     pub(crate) choice: Option<PoolChoice>,
     /// Response status.
@@ -103,7 +116,7 @@ impl Exchange {
     pub(crate) fn new(start: Instant, active: ActiveRequest) -> Exchange {
         Exchange {
             start,
-            service: None,
+            routed: None,
             choice: None,
             status: 0,
             request_id: None,
@@ -123,12 +136,15 @@ impl Exchange {
     /// The upstream body failed: count it, blame the backend once, log it.
     fn body_failed(&mut self, failure: BodyFailure) -> BodyError {
         self.broke = true;
-        let (Some(streamed), Some(choice), Some(flight)) =
-            (self.streamed.take(), &self.choice, &self.in_flight)
-        else {
+        let (Some(streamed), Some(routed), Some(choice), Some(flight)) = (
+            self.streamed.take(),
+            &self.routed,
+            &self.choice,
+            &self.in_flight,
+        ) else {
             return Box::new(std::io::Error::other(format!("{failure:?}")));
         };
-        let route = &streamed.snap.routes[streamed.route];
+        let route = routed.route();
         let err = (streamed.on_failure)(route, flight.backend(), choice.color, failure);
         if let Some(log) = &mut self.log {
             log.error = Some(err.to_string());
@@ -145,8 +161,9 @@ impl Exchange {
 impl Drop for Exchange {
     fn drop(&mut self) {
         let elapsed = self.start.elapsed();
-        match (&self.service, &self.choice) {
-            (Some(svc), Some(choice)) => {
+        match (&self.routed, &self.choice) {
+            (Some(routed), Some(choice)) => {
+                let svc = &routed.route().service;
                 let pool = svc.pool_metrics(choice.color);
                 pool.observe(self.status, elapsed.as_secs_f64());
                 // Rollout analysis: the final answer the client got from
@@ -181,7 +198,10 @@ impl Drop for Exchange {
             }
         }
         if let Some(log) = &self.log {
-            let service = self.service.as_ref().map_or("-", |s| &s.name);
+            let service = self
+                .routed
+                .as_ref()
+                .map_or("-", |r| &r.route().service.name);
             let (pool, decision, bucket) = match &self.choice {
                 Some(c) => (
                     c.color.as_str(),

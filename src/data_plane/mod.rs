@@ -20,6 +20,7 @@ pub(crate) mod outcomes;
 pub(crate) mod proxy;
 pub(crate) mod routing;
 pub(crate) mod server;
+pub(crate) mod snap_ref;
 pub(crate) mod tls;
 pub(crate) mod upgrade;
 pub(crate) mod upstream;

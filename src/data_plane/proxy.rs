@@ -1,8 +1,9 @@
 //! The request path, top to bottom. Read this first.
 //!
-//! `handle` loads the routing snapshot once and keeps that `Arc` for the
-//! whole exchange, so a switch that lands mid-request cannot change where
-//! this request goes; the next request sees the new table. `forward` does
+//! The connection loads the routing snapshot once per request and the
+//! request keeps it (a [`SnapRef`]) for the whole exchange, so a switch
+//! that lands mid-request cannot change where this request goes; the next
+//! request sees the new table. `forward` does
 //! the work and returns `Result`; `handle` is the only place an error turns
 //! into a response.
 
@@ -19,13 +20,14 @@ use hyper::body::Incoming;
 use crate::data_plane::backend::UpstreamBody;
 use crate::data_plane::conn::{ActiveRequest, ClientInfo};
 use crate::data_plane::error::ProxyError;
-use crate::data_plane::exchange::{pool_header, Exchange, LogFields, ProxyBody, Streamed};
+use crate::data_plane::exchange::{pool_header, Exchange, LogFields, ProxyBody, Routed, Streamed};
 use crate::data_plane::h1client::ResponseBody;
 use crate::data_plane::headers::{
     check_framing, new_request_id, prepare_request, remove_hop_by_hop, request_host,
     valid_request_id, X_REQUEST_ID, X_SWITCHYARD_POOL,
 };
 use crate::data_plane::routing::{choose_pool, RequestFacts, Snapshot};
+use crate::data_plane::snap_ref::{Downstream, SnapRef};
 use crate::data_plane::upstream;
 use crate::data_plane::{mirror, upgrade};
 use crate::metrics::Metrics;
@@ -51,22 +53,30 @@ impl Proxy {
         }
     }
 
-    /// Serves one request. Never fails: errors become responses here.
-    /// `bad_framing`: the HTTP/1 framing guard found the request's body
-    /// malformed; it is refused, and nothing of it is sent upstream.
+    /// The routing table.
+    pub(crate) fn table(&self) -> &ArcSwap<Snapshot> {
+        &self.table
+    }
+
+    /// Serves one request, routed on `snap`, from the client connection
+    /// `conn`. Never fails: errors become responses here. `bad_framing`:
+    /// the HTTP/1 framing guard found the request's body malformed; it is
+    /// refused, and nothing of it is sent upstream.
     ///
     /// Takes what it uses by value, so that this future is the one hyper
     /// holds per request (see `serve_conn`).
     pub(crate) async fn handle(
-        self: Arc<Self>,
+        conn: Arc<Downstream>,
+        snap: SnapRef,
         req: Request<Incoming>,
-        client: Arc<ClientInfo>,
         active: ActiveRequest,
         bad_framing: bool,
     ) -> Result<Response<ProxyBody>, Infallible> {
+        let this = &*conn.proxy;
         if bad_framing {
             let err = ProxyError::BadRequest("malformed request body framing");
-            return Ok(self.refuse(err, active));
+            let ex = Exchange::new(Instant::now(), active);
+            return Ok(err.into_response(ex, &snap.settings, &this.metrics));
         }
         let start = Instant::now();
         // An HTTP/1 request with `Upgrade` stops the framing guard reading
@@ -74,23 +84,20 @@ impl Proxy {
         // was refused, or was to h2c, which is never passed on), nothing
         // more is read from it: the connection closes after this response.
         let unguarded = req.version() <= Version::HTTP_11 && req.headers().contains_key(UPGRADE);
-        // One load per request; the Arc keeps this table alive (and this
-        // request on it) until the exchange ends.
-        let snap = self.table.load_full();
         let mut ex = Exchange::new(start, active);
         if snap.settings.access_log {
             ex.log = Some(Box::new(LogFields {
                 method: req.method().clone(),
                 uri: req.uri().clone(),
-                client: client.addr,
+                client: conn.client.addr,
                 error: None,
                 rule: None,
             }));
         }
         let mut copy = None;
-        let mut resp = match self.forward(&snap, req, &client, &mut ex, &mut copy).await {
+        let mut resp = match this.forward(&snap, req, &conn, &mut ex, &mut copy).await {
             Ok(resp) => resp.map(|body| ProxyBody::upstream(body, ex)),
-            Err(err) => err.into_response(ex, &snap.settings, &self.metrics),
+            Err(err) => err.into_response(ex, &snap.settings, &this.metrics),
         };
         if let Some(live) = copy {
             live.live(resp.status());
@@ -102,23 +109,16 @@ impl Proxy {
         Ok(resp)
     }
 
-    /// Answers a request the HTTP/1 framing guard refused, through the
-    /// same error site as every other error.
-    fn refuse(&self, err: ProxyError, active: ActiveRequest) -> Response<ProxyBody> {
-        let snap = self.table.load();
-        let ex = Exchange::new(Instant::now(), active);
-        err.into_response(ex, &snap.settings, &self.metrics)
-    }
-
     async fn forward(
         &self,
-        snap: &Arc<Snapshot>,
+        snap: &SnapRef,
         req: Request<Incoming>,
-        client: &Arc<ClientInfo>,
+        down: &Arc<Downstream>,
         ex: &mut Exchange,
         copy: &mut Option<mirror::LiveSide>,
     ) -> Result<Response<ResponseBody>, ProxyError> {
         let (mut parts, body) = req.into_parts();
+        let client: &ClientInfo = &down.client;
 
         // 1. Request id: keep a sane one, else make one. First, so that the
         //    proxy's own errors (400, 404) carry it too.
@@ -136,7 +136,10 @@ impl Proxy {
             snap.find_index(host, path).ok_or(ProxyError::NoRoute)?
         };
         let route = &snap.routes[route_index];
-        ex.service = Some(Arc::clone(&route.service));
+        ex.routed = Some(Routed {
+            snap: snap.clone(),
+            route: route_index,
+        });
 
         // 3. Which pool: preview header, targeting rules, sticky bucket,
         //    weights.
@@ -218,7 +221,7 @@ impl Proxy {
                             color: choice.color,
                             drain_timeout: settings.drain_timeout,
                             metrics: Arc::clone(&self.metrics),
-                            _client: Arc::clone(client),
+                            _client: Arc::clone(down),
                         },
                     );
                 }
@@ -232,8 +235,6 @@ impl Proxy {
             remove_hop_by_hop(resp.headers_mut());
             ex.upstream = Some(conn);
             ex.streamed = Some(Streamed {
-                snap: Arc::clone(snap),
-                route: route_index,
                 on_failure: upstream::body_failed,
                 read_timeout: settings.upstream_read_timeout,
             });

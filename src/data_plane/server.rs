@@ -51,6 +51,7 @@ use crate::data_plane::conn_limit::{ConnLimiter, ConnSlot, Refused};
 use crate::data_plane::drain::DrainToken;
 use crate::data_plane::h1guard::{Finding, H1Guard};
 use crate::data_plane::proxy::Proxy;
+use crate::data_plane::snap_ref::{Downstream, SnapCache};
 use crate::data_plane::workers::{Balance, Counted};
 use crate::metrics::Metrics;
 
@@ -339,19 +340,24 @@ impl Server {
             guard,
             prefix: first.freeze(),
         });
-        let client = Arc::new(client);
-        let proxy = Arc::clone(&self.proxy);
+        let conn = Arc::new(Downstream {
+            proxy: Arc::clone(&self.proxy),
+            client,
+        });
+        let snaps = SnapCache::default();
         let act = Arc::clone(&activity);
         let http1 = proto == Protocol::Http1;
         let service = service_fn(move |req| {
-            let proxy = Arc::clone(&proxy);
-            let client = Arc::clone(&client);
+            // Per request: a count only this worker touches, and one load
+            // of the routing table (snap_ref.rs).
+            let conn = Arc::clone(&conn);
+            let snap = snaps.load(conn.proxy.table());
             let bad = http1 && next_request_is_bad(&act);
             let active = act.begin();
             // The request's future is `handle`'s own, not wrapped in
             // another: hyper moves it into its slot, and a wrapper would
             // have copied it (~3 KB) once more per request.
-            proxy.handle(req, client, active, bad)
+            Proxy::handle(conn, snap, req, active, bad)
         });
         let track_heads = http1;
         let parkable = http1 && io.inner().inner.parkable();

@@ -15,9 +15,9 @@ use tokio::sync::watch;
 
 use crate::color::Color;
 use crate::data_plane::backend::InFlight;
-use crate::data_plane::conn::ClientInfo;
 use crate::data_plane::h1client::Upgraded;
 use crate::data_plane::routing::Snapshot;
+use crate::data_plane::snap_ref::Downstream;
 use crate::metrics::Metrics;
 
 /// What an upgraded connection watches to know when to drain.
@@ -37,7 +37,7 @@ pub(crate) struct Watch {
     /// The client connection: keeps shutdown waiting, and keeps the
     /// connection counted (open-connections gauge, connection limits), while
     /// the upgraded stream lives.
-    pub(crate) _client: Arc<ClientInfo>,
+    pub(crate) _client: Arc<Downstream>,
 }
 
 impl Watch {
