@@ -201,9 +201,9 @@ impl Proxy {
         let status = resp.status();
         ex.status = status.as_u16();
         if status.is_server_error() {
-            upstream::record_failure(route, &backend, choice.color);
+            upstream::record_failure(route, backend, choice.color);
         } else if status == StatusCode::SWITCHING_PROTOCOLS {
-            upstream::record_success(&backend);
+            upstream::record_success(backend);
         }
         // Otherwise the success is recorded when the body ends cleanly
         // (exchange.rs): a body cut short is a failure.

@@ -157,14 +157,18 @@ impl Attempts {
 /// never retried. `replayable`: the request is idempotent and its body is
 /// held in memory, so it may be sent again after it went out
 /// ([`UpstreamConn::send`] leaves such a request intact).
-pub(crate) async fn send(
-    route: &Route,
+///
+/// The backend is returned borrowed from `route`: the request holds its
+/// snapshot anyway, and a clone of the `Arc` would write a count that
+/// every worker writes (the in-flight guard holds the one clone).
+pub(crate) async fn send<'r>(
+    route: &'r Route,
     settings: &Settings,
     choice: &mut PoolChoice,
     mut req: Request<UpstreamBody>,
     replayable: bool,
     ex: &mut Exchange,
-) -> Result<(Response<ResponseBody>, UpstreamConn, Arc<Backend>), ProxyError> {
+) -> Result<(Response<ResponseBody>, UpstreamConn, &'r Arc<Backend>), ProxyError> {
     let svc = &route.service;
     let mut attempts = Attempts::new(replayable);
     let mut last_err = None;
@@ -181,7 +185,7 @@ pub(crate) async fn send(
                 .pool(choice.color)
                 .pick(svc.balance, now_ms(), attempts.excluded())
         };
-        let Some(backend) = picked.cloned() else {
+        let Some(backend) = picked else {
             return Err(last_err.unwrap_or(ProxyError::NoHealthyBackend(choice.color)));
         };
         ex.choice = Some(*choice);
@@ -219,7 +223,7 @@ pub(crate) async fn send(
                             backend: backend.label.clone(),
                             timeout: settings.request_timeout,
                         };
-                        upstream_error(route, &backend, choice.color, &err);
+                        upstream_error(route, backend, choice.color, &err);
                         return Err(err);
                     }
                 };
@@ -238,7 +242,7 @@ pub(crate) async fn send(
                         backend: backend.label.clone(),
                         source,
                     };
-                    upstream_error(route, &backend, choice.color, &err);
+                    upstream_error(route, backend, choice.color, &err);
                     return Err(err);
                 }
                 let reset = unsent || source.is_reset();
@@ -258,10 +262,10 @@ pub(crate) async fn send(
                 }
             }
         };
-        upstream_error(route, &backend, choice.color, &err);
+        upstream_error(route, backend, choice.color, &err);
         let pool = route.pool(choice.color);
         let next = attempts.after_failure(
-            &backend,
+            backend,
             failed,
             || svc.retry_budget.try_spend(),
             |excluded| pool.pick(svc.balance, now_ms(), excluded).is_some(),
