@@ -3,9 +3,8 @@
 //! The connection loads the routing snapshot once per request and the
 //! request keeps it (a [`SnapRef`]) for the whole exchange, so a switch
 //! that lands mid-request cannot change where this request goes; the next
-//! request sees the new table. `forward` does
-//! the work and returns `Result`; `handle` is the only place an error turns
-//! into a response.
+//! request sees the new table. `forward` does the work and returns
+//! `Result`; `handle` is the only place an error turns into a response.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -74,6 +73,7 @@ impl Proxy {
     ) -> Result<Response<ProxyBody>, Infallible> {
         let this = &*conn.proxy;
         if bad_framing {
+            // Through the same error site as every other error.
             let err = ProxyError::BadRequest("malformed request body framing");
             let ex = Exchange::new(Instant::now(), active);
             return Ok(err.into_response(ex, &snap.settings, &this.metrics));
