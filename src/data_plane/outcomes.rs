@@ -5,8 +5,9 @@
 //! The request path makes at most three relaxed atomic adds here per
 //! request (requests, the latency bucket, and a failure counter only when
 //! it failed), on its worker's own copy of the counters: no lock, no
-//! allocation, no cache line shared with another worker. The counters only grow; the rollout
-//! driver (one task per service) reads them every tick and works on the
+//! allocation, no cache line shared with another worker. The counters
+//! only grow; the rollout driver (one task per service) reads them every
+//! tick and works on the
 //! differences, so it can cut them into per-second (or per-tick) slots and
 //! trailing windows itself, away from the request path, and no count is
 //! ever lost to a slot being reset under a concurrent add. That is what
@@ -275,7 +276,7 @@ mod tests {
         assert_eq!(
             c.latency[latency_bucket(100)],
             n,
-            "100-106 µs share a bucket"
+            "every request took 100 µs"
         );
         assert_eq!(o.pool(Color::Blue).read(), PoolCounts::default());
     }

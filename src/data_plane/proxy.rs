@@ -57,6 +57,11 @@ impl Proxy {
         &self.table
     }
 
+    /// The metrics.
+    pub(crate) fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
     /// Serves one request, routed on `snap`, from the client connection
     /// `conn`. Never fails: errors become responses here. `bad_framing`:
     /// the HTTP/1 framing guard found the request's body malformed; it is
@@ -215,13 +220,11 @@ impl Proxy {
                         conn.into_upgraded(),
                         backend.start_request(),
                         upgrade::Watch {
-                            table: Arc::clone(&self.table),
                             changes: self.changes.clone(),
                             service: Arc::clone(&route.service.name),
                             color: choice.color,
                             drain_timeout: settings.drain_timeout,
-                            metrics: Arc::clone(&self.metrics),
-                            _client: Arc::clone(down),
+                            conn: Arc::clone(down),
                         },
                     );
                 }

@@ -47,9 +47,10 @@ impl SnapRef {
 }
 
 /// A connection's last [`SnapRef`], reused while the table still holds
-/// that snapshot. It lives in the connection's service (an HTTP/1
+/// that snapshot. It lives in the connection's service: an HTTP/1
 /// connection's is dropped when it parks, so an idle client pins no old
-/// snapshot); a clone starts empty.
+/// snapshot; an HTTP/2 connection holds at most one until its next
+/// request or its end. A clone starts empty.
 #[derive(Default)]
 pub(crate) struct SnapCache(RefCell<Option<SnapRef>>);
 

@@ -8,7 +8,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::sync::watch;
@@ -16,14 +15,10 @@ use tokio::sync::watch;
 use crate::color::Color;
 use crate::data_plane::backend::InFlight;
 use crate::data_plane::h1client::Upgraded;
-use crate::data_plane::routing::Snapshot;
 use crate::data_plane::snap_ref::Downstream;
-use crate::metrics::Metrics;
 
 /// What an upgraded connection watches to know when to drain.
 pub(crate) struct Watch {
-    /// The routing table.
-    pub(crate) table: Arc<ArcSwap<Snapshot>>,
     /// Ticks whenever the table is swapped.
     pub(crate) changes: watch::Receiver<()>,
     /// The service it belongs to.
@@ -32,18 +27,17 @@ pub(crate) struct Watch {
     pub(crate) color: Color,
     /// Grace after its pool stops taking traffic; 0 = never close.
     pub(crate) drain_timeout: Duration,
-    /// For `switchyard_upgrades_drained_total`.
-    pub(crate) metrics: Arc<Metrics>,
-    /// The client connection: keeps shutdown waiting, and keeps the
-    /// connection counted (open-connections gauge, connection limits), while
-    /// the upgraded stream lives.
-    pub(crate) _client: Arc<Downstream>,
+    /// The client connection and its proxy (the routing table, and
+    /// `switchyard_upgrades_drained_total`): keeps shutdown waiting, and
+    /// keeps the connection counted (open-connections gauge, connection
+    /// limits), while the upgraded stream lives.
+    pub(crate) conn: Arc<Downstream>,
 }
 
 impl Watch {
     /// Does its pool still take traffic in the current table?
     fn pool_is_live(&self) -> bool {
-        let snap = self.table.load();
+        let snap = self.conn.proxy.table().load();
         snap.route(&self.service)
             .is_some_and(|r| r.weights.takes_traffic(self.color))
     }
@@ -97,7 +91,7 @@ pub(crate) fn bridge(
                     }
                 }
                 () = &mut deadline, if armed => {
-                    watch.metrics.upgrades_drained.inc();
+                    watch.conn.proxy.metrics().upgrades_drained.inc();
                     tracing::info!(
                         service = %watch.service,
                         pool = %watch.color,
